@@ -1,0 +1,225 @@
+"""A target host as the library sees it: one SSH connection, scripts over stdin, a report.
+
+Every command the library runs on a host is a shell script fed to ``/bin/sh -s``
+on its standard input, so nothing in it (secrets included) ever appears in a
+process's arguments. As a non-root user the script runs under ``sudo -S``;
+the sudo password, when one is needed, goes in on the same stdin.
+
+:class:`Host` counts SSH round trips, masks secrets in everything it prints and
+collects a :class:`Report`. Tasks open one with :func:`session`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from invoke.exceptions import Exit
+from paramiko import RejectPolicy, SSHException
+
+from . import settings as settings_mod
+
+MASK = "********"
+PROBE_MARK = "@@fabstack-probe@@"
+
+
+class StepFailed(Exception):
+    """A step could not be completed on the host; ``what`` names the step."""
+
+    def __init__(self, what: str, message: str):
+        super().__init__(f"{what}: {message}")
+        self.what = what
+        self.message = message
+
+
+@dataclass
+class Result:
+    stdout: str
+    stderr: str
+    exited: int
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+
+@dataclass
+class Report:
+    """What one run did to one host: every step's outcome, printed as it happens."""
+
+    host: str
+    check: bool = False
+    out: object = None  # None: sys.stdout at the time of printing
+    lines: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, status: str, what: str, message: str, diff: str = "") -> None:
+        self.lines.append((status, what, message))
+        shown = "would change" if (self.check and status == "changed") else status
+        out = self.out or sys.stdout
+        print(f"[{self.host}] {shown:<12} {what}: {message}", file=out, flush=True)
+        if diff:
+            print("".join(f"    {line}\n" for line in diff.splitlines()), end="",
+                  file=out, flush=True)
+
+    def count(self, status: str) -> int:
+        return sum(1 for line in self.lines if line[0] == status)
+
+    @property
+    def changes(self) -> list[str]:
+        return [f"{what}: {message}" for status, what, message in self.lines
+                if status == "changed"]
+
+    def summary(self, title: str, seconds: float, round_trips: int) -> str:
+        verb = "would change" if self.check else "changed"
+        return (f"[{self.host}] {title}: {self.count('changed')} {verb}, {self.count('ok')} ok, "
+                f"{self.count('failed')} failed in {seconds:.2f} s ({round_trips} SSH round trips)")
+
+
+class Host:
+    """One target host: runs scripts, batches probes, masks secrets, keeps the report."""
+
+    def __init__(self, conn, settings: settings_mod.Settings, check: bool = False,
+                 sudo_password: str | None = None, out=None):
+        self.conn = conn
+        self.settings = settings
+        self.check = check
+        self.sudo_password = sudo_password
+        self.name = getattr(conn, "original_host", None) or conn.host
+        self.report = Report(self.name, check=check, out=out)
+        self.round_trips = 0
+        self._sudo: str | None = None  # "root", "nopasswd" or "password"
+        self._secrets = sorted(_secret_forms(settings.secrets), key=len, reverse=True)
+        self.facts: dict[str, str] = {}
+
+    # -- output -------------------------------------------------------------
+    def mask(self, text: str) -> str:
+        """``text`` with every secret value (and its URL-encoded form) replaced by ****."""
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def ok(self, what: str, message: str) -> None:
+        self.report.add("ok", what, self.mask(message))
+
+    def changed(self, what: str, message: str, diff: str = "") -> None:
+        self.report.add("changed", what, self.mask(message), self.mask(diff))
+
+    def failed(self, what: str, message: str) -> None:
+        self.report.add("failed", what, self.mask(message))
+
+    # -- commands -----------------------------------------------------------
+    def _raw(self, command: str, stdin: str) -> Result:
+        self.round_trips += 1
+        res = self.conn.run(command, in_stream=io.StringIO(stdin), hide=True, warn=True,
+                            pty=False)
+        return Result(res.stdout, res.stderr, res.exited)
+
+    def _privilege(self) -> str:
+        if self._sudo is None:
+            if self.conn.user == "root":
+                self._sudo = "root"
+            elif self._raw("sudo -k -n true", "").ok:
+                self._sudo = "nopasswd"
+            elif self.sudo_password is None:
+                raise StepFailed("sudo", f"user {self.conn.user} needs a sudo password: run fab "
+                                 "with --prompt-for-sudo-password")
+            elif self._raw("sudo -k -S -p '' true", self.sudo_password + "\n").ok:
+                self._sudo = "password"
+            else:
+                raise StepFailed("sudo", f"sudo refused the password given for {self.conn.user}")
+        return self._sudo
+
+    def run(self, script: str, what: str = "command", check: bool = True) -> Result:
+        """Run ``script`` as root with ``/bin/sh``; raise StepFailed if it fails and ``check``."""
+        mode = self._privilege()
+        if mode == "root":
+            res = self._raw("/bin/sh -s", script)
+        elif mode == "nopasswd":
+            res = self._raw("sudo -n /bin/sh -s", script)
+        else:
+            res = self._raw("sudo -k -S -p '' /bin/sh -s", self.sudo_password + "\n" + script)
+        if check and not res.ok:
+            detail = (res.stderr.strip() or res.stdout.strip() or "no output")[-2000:]
+            raise StepFailed(what, self.mask(f"exit {res.exited}: {detail}"))
+        return res
+
+    def probe(self, snippets: list[str]) -> list[str]:
+        """Run read-only shell ``snippets`` in one round trip; return each one's stdout."""
+        if not snippets:
+            return []
+        script = "".join(f"echo '{PROBE_MARK}{i}'\n{snippet}\n"
+                         for i, snippet in enumerate(snippets))
+        res = self.run(script, what="probe host state", check=False)
+        parts = res.stdout.split(PROBE_MARK)[1:]
+        if len(parts) != len(snippets):
+            raise StepFailed("probe host state", self.mask(
+                f"expected {len(snippets)} answers, got {len(parts)}: {res.stderr.strip()}"))
+        return [part.split("\n", 1)[1] if "\n" in part else "" for part in parts]
+
+
+def _secret_forms(secrets: list[str]) -> set[str]:
+    forms: set[str] = set()
+    for secret in secrets:
+        if len(secret) < 4:
+            continue
+        forms.update({secret, quote(secret, safe=""), shlex.quote(secret)})
+    return forms
+
+
+def _check_host_keys(c) -> None:
+    """Make ``c`` verify the server's host key (Fabric alone accepts any key).
+
+    Known keys come from ~/.ssh/known_hosts and the ``UserKnownHostsFile`` of the
+    host's ssh_config entry; an unknown or changed key refuses the connection.
+    """
+    client = getattr(c, "client", None)
+    if client is None:
+        return
+    client.set_missing_host_key_policy(RejectPolicy())
+    client.load_system_host_keys()
+    for path in c.ssh_config.get("userknownhostsfile", "").split():
+        path = os.path.expanduser(path)
+        if os.path.isfile(path):
+            client.load_host_keys(path)
+
+
+@contextmanager
+def session(c, title: str, check: bool | None = None):
+    """Open a :class:`Host` for task ``title`` on connection ``c`` and print its report.
+
+    Settings are loaded and validated first (before any connection is opened);
+    failures become a non-zero exit with the step and reason named.
+    """
+    cfg = c.config.get("fabstack", {})
+    check = bool(cfg.get("check", False)) if check is None else check
+    try:
+        settings = settings_mod.load(cfg.get("env_file", ".env"))
+        from . import primitives  # noqa: PLC0415 - primitives imports this module
+
+        primitives.prerender(settings)
+    except (settings_mod.SettingsError, primitives.TemplateError) as exc:
+        raise Exit(f"error: {exc}\nNothing was changed on any host.", code=2) from None
+    _check_host_keys(c)
+    host = Host(c, settings, check=check,
+                sudo_password=c.config.get("sudo", {}).get("password"))
+    started = time.monotonic()
+    failure = None
+    try:
+        yield host
+    except StepFailed as exc:
+        host.failed(exc.what, exc.message)
+        failure = exc
+    except (OSError, EOFError, SSHException) as exc:  # refused, unknown key, lost connection
+        host.failed("connection", f"cannot talk to {host.name}: {exc or type(exc).__name__}")
+        failure = exc
+    finally:
+        print(host.report.summary(title, time.monotonic() - started, host.round_trips),
+              flush=True)
+    if failure is not None:
+        raise Exit(code=1)

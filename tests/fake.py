@@ -1,0 +1,53 @@
+"""A recording fake of a Fabric connection, for fast unit tests of the library's logic.
+
+Scripts reach a real host on stdin; the fake receives them the same way. Probe
+scripts (split at their markers) are answered snippet by snippet from
+``answers``: a list of ``(regex, output)`` tried in order, first match wins,
+no match answers "". Every other script is recorded in ``applied`` and
+succeeds (or fails, when it matches a regex in ``failing``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from tasks.host import PROBE_MARK
+
+
+@dataclass
+class FakeResult:
+    stdout: str
+    stderr: str = ""
+    exited: int = 0
+
+
+@dataclass
+class FakeConnection:
+    answers: list[tuple[str, str]] = field(default_factory=list)
+    failing: list[str] = field(default_factory=list)
+    host: str = "fakehost"
+    user: str = "root"
+    commands: list[str] = field(default_factory=list)
+    scripts: list[str] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+
+    def run(self, command, in_stream=None, **_kwargs):
+        script = in_stream.read() if in_stream is not None else ""
+        self.commands.append(command)
+        self.scripts.append(script)
+        if PROBE_MARK in script:
+            return FakeResult(self._answer_probe(script))
+        self.applied.append(script)
+        if any(re.search(pattern, script) for pattern in self.failing):
+            return FakeResult("", "simulated failure", 1)
+        return FakeResult("")
+
+    def _answer_probe(self, script: str) -> str:
+        chunks = re.split(rf"^echo '{re.escape(PROBE_MARK)}(\d+)'\n", script, flags=re.M)
+        out = []
+        for index, snippet in zip(chunks[1::2], chunks[2::2], strict=True):
+            answer = next((text for pattern, text in self.answers
+                           if re.search(pattern, snippet)), "")
+            out.append(f"{PROBE_MARK}{index}\n{answer}")
+        return "".join(out)
