@@ -1,0 +1,99 @@
+"""The sandbox target host: image fix-up and naming offline, then one real boot cycle (root only).
+
+The real-host test uses a sandbox of its own ("smoke", subnet 10.213.45) so that it never touches
+the default "fabstack" sandbox of the demo and the other real-host tests.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from tasks.sandbox import Sandbox, SandboxError, _wait_gone, fix_image
+
+
+def test_names_must_fit_interface_names():
+    with pytest.raises(SandboxError):
+        Sandbox(name="much-too-long")
+    with pytest.raises(SandboxError):
+        Sandbox(name="No_Caps")
+    assert Sandbox(name="a-1").alias == "a-1-sandbox"
+
+
+def test_info_describes_the_addresses(tmp_path):
+    info = Sandbox(name="t", subnet="10.9.8", base_dir=tmp_path).info()
+    assert (info.ip, info.host_ip, info.proxy_url) == ("10.9.8.2", "10.9.8.1", "http://10.9.8.1:8888")
+    assert info.ssh_config == tmp_path / "t" / "ssh_config"
+    assert info.root == tmp_path / "t" / "root"
+
+
+def test_fix_image_makes_a_plain_debian_server(tmp_path):
+    for sub in ("etc/apt/sources.list.d", "etc/ssh/sshd_config.d", "var/cache/apt/archives"):
+        (tmp_path / sub).mkdir(parents=True)
+    (tmp_path / "etc/apt/sources.list").write_text("deb http://deb.debian.org/debian trixie main\n")
+    (tmp_path / "etc/ssh/ssh_host_ed25519_key").write_text("secret")
+    (tmp_path / "etc/machine-id").write_text("0123\n")
+    (tmp_path / "var/cache/apt/archives/x.deb").write_text("")
+
+    fix_image(tmp_path, "trixie")
+
+    sources = (tmp_path / "etc/apt/sources.list.d/debian.sources").read_text()
+    assert "Suites: trixie trixie-updates\n" in sources
+    assert "Suites: trixie-security\n" in sources
+    assert "Proxy" not in sources
+    assert not (tmp_path / "etc/apt/sources.list").exists()
+    assert not list((tmp_path / "etc/ssh").glob("ssh_host_*"))
+    assert (tmp_path / "etc/machine-id").read_text() == ""
+    assert "PermitRootLogin prohibit-password" in (
+        tmp_path / "etc/ssh/sshd_config.d/sandbox.conf").read_text()
+    assert not list((tmp_path / "var/cache/apt/archives").iterdir())
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(tool) for tool in (
+        "systemd-nspawn", "debootstrap", "tinyproxy", "ip", "ssh")),
+    reason="needs root and systemd-nspawn, debootstrap, tinyproxy, iproute2, openssh-client")
+
+
+@pytest.mark.realhost
+@needs_root
+def test_up_reboot_crash_down():
+    box = Sandbox(name="smoke", subnet="10.213.45")
+
+    def ssh(command):
+        info = box.info()
+        return subprocess.run(["ssh", "-F", str(info.ssh_config), "-o", "BatchMode=yes",
+                               info.alias, command],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
+    try:
+        info = box.up(fresh=True)
+        assert box.running()
+        assert ssh("systemctl is-system-running").strip() == "running"
+        assert ssh("hostname").strip() == info.alias
+        assert "127.0.0.1\tlocalhost" in ssh("cat /etc/hosts")
+        # The proxy answers on the host end; nothing else is reachable from the target.
+        ssh(f"python3 -c 'import socket; socket.create_connection((\"{info.host_ip}\", 8888), 5)'")
+        assert ssh("ip route").split()[0] != "default"
+
+        # A reboot keeps the disk; up() on a running sandbox reuses it.
+        ssh("touch /root/marker")
+        box.reboot()
+        assert box.up() == info
+        ssh("test -e /root/marker")
+
+        # A crash (nspawn and the proxy killed) is cleaned up by the next up().
+        crashed = box._nspawn_pids() + box._proxy_pids()
+        for pid in crashed:
+            os.kill(pid, signal.SIGKILL)
+        assert _wait_gone(crashed, 5)
+        assert not box.running()
+        box.up()
+        assert ssh("systemctl is-system-running").strip() == "running"
+    finally:
+        box.down()
+    box.down()
+    assert not box.running()
+    assert sorted(p.name for p in box.dir.iterdir()) == ["id_ed25519", "id_ed25519.pub"]
