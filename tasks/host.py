@@ -11,10 +11,10 @@ collects a :class:`Report`. Tasks open one with :func:`session`.
 
 from __future__ import annotations
 
-import io
 import os
 import shlex
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,10 +23,12 @@ from urllib.parse import quote
 from invoke.exceptions import Exit
 from paramiko import RejectPolicy, SSHException
 
+from . import primitives
 from . import settings as settings_mod
 
 MASK = "********"
 PROBE_MARK = "@@fabstack-probe@@"
+DIFF_LINES = 40  # longer diffs are cut in the report
 
 
 class StepFailed(Exception):
@@ -64,8 +66,10 @@ class Report:
         out = self.out or sys.stdout
         print(f"[{self.host}] {shown:<12} {what}: {message}", file=out, flush=True)
         if diff:
-            print("".join(f"    {line}\n" for line in diff.splitlines()), end="",
-                  file=out, flush=True)
+            lines = diff.splitlines()
+            if len(lines) > DIFF_LINES:
+                lines = lines[:DIFF_LINES] + [f"... ({len(lines) - DIFF_LINES} more lines)"]
+            print("".join(f"    {line}\n" for line in lines), end="", file=out, flush=True)
 
     def count(self, status: str) -> int:
         return sum(1 for line in self.lines if line[0] == status)
@@ -85,8 +89,9 @@ class Host:
     """One target host: runs scripts, batches probes, masks secrets, keeps the report."""
 
     def __init__(self, conn, settings: settings_mod.Settings, check: bool = False,
-                 sudo_password: str | None = None, out=None):
+                 sudo_password: str | None = None, out=None, executor=None):
         self.conn = conn
+        self._exec = executor or (lambda command, stdin: ssh_exec(conn, command, stdin))
         self.settings = settings
         self.check = check
         self.sudo_password = sudo_password
@@ -115,10 +120,9 @@ class Host:
 
     # -- commands -----------------------------------------------------------
     def _raw(self, command: str, stdin: str) -> Result:
+        res = self._exec(command, stdin)
         self.round_trips += 1
-        res = self.conn.run(command, in_stream=io.StringIO(stdin), hide=True, warn=True,
-                            pty=False)
-        return Result(res.stdout, res.stderr, res.exited)
+        return res
 
     def _privilege(self) -> str:
         if self._sudo is None:
@@ -163,6 +167,40 @@ class Host:
         return [part.split("\n", 1)[1] if "\n" in part else "" for part in parts]
 
 
+def ssh_exec(conn, command: str, stdin: str) -> Result:
+    """Run ``command`` on Fabric connection ``conn`` with ``stdin`` as its input: one round trip.
+
+    Goes straight to a paramiko channel: Invoke's stdin pump feeds a byte per
+    10 ms, far too slow for scripts.
+    """
+    conn.open()
+    chan = conn.transport.open_session()
+    try:
+        chan.exec_command(command)
+        stderr = bytearray()
+
+        def feed():
+            chan.sendall(stdin.encode())
+            chan.shutdown_write()
+
+        def drain_stderr():
+            with chan.makefile_stderr("rb") as f:
+                stderr.extend(f.read())
+
+        threads = [threading.Thread(target=feed, daemon=True),
+                   threading.Thread(target=drain_stderr, daemon=True)]
+        for t in threads:
+            t.start()
+        with chan.makefile("rb") as f:
+            stdout = f.read()
+        for t in threads:
+            t.join()
+        code = chan.recv_exit_status()
+    finally:
+        chan.close()
+    return Result(stdout.decode(errors="replace"), stderr.decode(errors="replace"), code)
+
+
 def _secret_forms(secrets: list[str]) -> set[str]:
     forms: set[str] = set()
     for secret in secrets:
@@ -190,18 +228,16 @@ def _check_host_keys(c) -> None:
 
 
 @contextmanager
-def session(c, title: str, check: bool | None = None):
+def session(c, title: str, check: bool = False):
     """Open a :class:`Host` for task ``title`` on connection ``c`` and print its report.
 
     Settings are loaded and validated first (before any connection is opened);
     failures become a non-zero exit with the step and reason named.
     """
     cfg = c.config.get("fabstack", {})
-    check = bool(cfg.get("check", False)) if check is None else check
+    check = check or bool(cfg.get("check", False))
     try:
         settings = settings_mod.load(cfg.get("env_file", ".env"))
-        from . import primitives  # noqa: PLC0415 - primitives imports this module
-
         primitives.prerender(settings)
     except (settings_mod.SettingsError, primitives.TemplateError) as exc:
         raise Exit(f"error: {exc}\nNothing was changed on any host.", code=2) from None

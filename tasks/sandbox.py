@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -553,6 +554,35 @@ class Sandbox:
                     entry.unlink()
 
 
+# -- settings for the library ---------------------------------------------------------------
+
+SANDBOX_SETTINGS = {"DOMAIN": "ratemyderp.test", "ADMIN_EMAIL": "ops@ratemyderp.test"}
+
+
+def write_settings(info: SandboxInfo, path: Path | None = None) -> Path:
+    """Write a complete .env for the library to provision this sandbox; return its path.
+
+    Proxy and CA come from the sandbox; secrets are random (kept when the file exists
+    already, so re-running the demo does not rotate them); other keys keep their
+    defaults. The file is readable by root only.
+    """
+    from dotenv import dotenv_values
+
+    from . import settings
+
+    path = path or info.root.parent / "sandbox.env"
+    old = dotenv_values(path, interpolate=False) if path.exists() else {}
+    values = dict(SANDBOX_SETTINGS, HTTP_PROXY=info.proxy_url,
+                  EXTRA_CA_CERT=str(info.ca_bundle or ""))
+    for key in settings.KEYS:
+        if key.secret and key.name not in values:
+            values[key.name] = old.get(key.name) or secrets.token_urlsafe(48)
+    path.touch(mode=0o600)
+    path.write_text("# Settings for the sandbox host, written by `fab sandbox.up`.\n"
+                    + "".join(f"{name}='{value}'\n" for name, value in values.items()))
+    return path
+
+
 # -- fab tasks ----------------------------------------------------------------------------------
 
 NAME_HELP = "sandbox name (default: fabstack); one per subnet"
@@ -574,6 +604,7 @@ def up(c, name="fabstack", suite="bookworm", fresh=False):
     started = time.monotonic()
     with _task_errors():
         info = Sandbox(name=name, suite=suite).up(fresh=fresh)
+        env_file = write_settings(info)
     print(f"{info.alias} is up ({time.monotonic() - started:.0f}s): root@{info.ip}, "
           f"Debian {info.suite}")
     print(f"  ssh:   ssh -F {info.ssh_config} {info.alias}")
@@ -582,6 +613,9 @@ def up(c, name="fabstack", suite="bookworm", fresh=False):
     if info.ca_bundle:
         print(f"  CA:    {info.ca_bundle} (extra CA certificates the egress needs)")
     print(f"  info:  {info.root.parent / 'info.json'}")
+    print(f"  settings for the library: {env_file}; provision it with:\n"
+          f"    FABRIC_FABSTACK_ENV_FILE={env_file} fab -S {info.ssh_config} -H {info.alias} "
+          "provision")
 
 
 @task(help={"name": NAME_HELP})

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from dotenv import dotenv_values
 
@@ -24,6 +24,24 @@ _APP_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})+$")
 _EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
+_PG_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,62}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_REDIS_SIZE = re.compile(r"^[1-9][0-9]*(b|k|kb|m|mb|g|gb)?$", re.I)
+REDIS_POLICIES = ("noeviction", "volatile-lru", "allkeys-lru", "volatile-lfu", "allkeys-lfu",
+                  "volatile-random", "allkeys-random", "volatile-ttl")
+BOOLEANS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+# Extra variables for the app's environment file: APP_ENV_FOO=x in .env becomes FOO=x.
+EXTRA_PREFIX = "APP_ENV_"
+# Variables fabstack writes into the app's environment file itself (see app_environment).
+MANAGED_ENV = (
+    "PYTHONPATH", "DJANGO_SETTINGS_MODULE", "DJANGO_SECURE_SSL_REDIRECT", "DJANGO_STATIC_DIR",
+    "DJANGO_MEDIA_DIR", "DJANGO_SECRET_KEY", "DJANGO_ADMIN_URL", "DJANGO_ALLOWED_HOSTS",
+    "DATABASE_URL", "CELERY_BROKER_URL", "REDIS_URL", "INFLUX_TOKEN", "INFLUX_BUCKET",
+    "INFLUX_ORG", "INFLUX_URL", "MAILGUN_API_KEY", "MAILGUN_DOMAIN",
+)
+REDIS_BROKER_URL = "redis://localhost:6379/0"
+REDIS_CACHE_URL = "redis://localhost:6379/1"
 
 
 class SettingsError(Exception):
@@ -77,6 +95,70 @@ def check_positive_int(value: str) -> str | None:
     return None
 
 
+def check_pg_name(value: str) -> str | None:
+    if value and not _PG_NAME.match(value):
+        return ("must be empty (the app's name) or a PostgreSQL name: lowercase letter or '_' "
+                "first, then lowercase letters, digits, '_' or '-', at most 63 characters")
+    return None
+
+
+def check_min_length(minimum: int) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if len(value) < minimum:
+            return f"must be at least {minimum} characters long"
+        return None
+    return check
+
+
+def check_pg_version(value: str) -> str | None:
+    if value and not (value.isdigit() and 10 <= int(value) <= 99):
+        return "must be empty (the distro's PostgreSQL) or a major version such as 16"
+    return None
+
+
+def check_redis_size(value: str) -> str | None:
+    if not _REDIS_SIZE.match(value):
+        return "must be a size such as 256mb, 1gb or 100000000 (bytes)"
+    return None
+
+
+def check_redis_policy(value: str) -> str | None:
+    if value not in REDIS_POLICIES:
+        return f"must be one of {', '.join(REDIS_POLICIES)}"
+    return None
+
+
+def check_bool(value: str) -> str | None:
+    if value.lower() not in BOOLEANS:
+        return "must be True or False"
+    return None
+
+
+def check_dotted(value: str) -> str | None:
+    if not _DOTTED.match(value):
+        return "must be a dotted Python module path such as config.settings.production"
+    return None
+
+
+def check_admin_url(value: str) -> str | None:
+    if not value.endswith("/") or value.startswith("/") or any(c.isspace() for c in value):
+        return "must be a path without spaces that ends with '/' and does not start with it"
+    return None
+
+
+def check_optional_domain(value: str) -> str | None:
+    return check_domain(value) if value else None
+
+
+def env_quote(value: str) -> str:
+    """``value`` as one double-quoted word that systemd's EnvironmentFile= and sh read alike.
+
+    Inside double quotes both readers take a backslash before ``\\ " $ ` `` as an escape and
+    keep every other character (newlines, ``'``, ``#``, ``=``, spaces) as it is.
+    """
+    return '"' + "".join("\\" + c if c in '\\"$`' else c for c in value) + '"'
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -103,6 +185,41 @@ KEYS: tuple[Key, ...] = (
         "(empty: direct)", "", check_url),
     Key("EXTRA_CA_CERT", "Local path of a PEM file with extra CA certificates the host must "
         "trust, e.g. a corporate proxy's (empty: none)", "", check_local_file),
+    Key("POSTGRES_VERSION", "PostgreSQL major version from the PostgreSQL (PGDG) apt repository, "
+        "e.g. 16 (empty: the distro's PostgreSQL). Choose it before the first provision: moving "
+        "a host to another major version is an upgrade (pg_upgradecluster), not done here", "",
+        check_pg_version),
+    Key("DB_NAME", "Name of the app's PostgreSQL database (empty: APP_NAME)", "", check_pg_name),
+    Key("DB_USER", "PostgreSQL login role that owns the app's database (empty: APP_NAME)", "",
+        check_pg_name),
+    Key("DB_PASSWORD", "Password of the app's PostgreSQL role (any characters, at least 16); "
+        "changing it changes the role's password on the next provision",
+        check=check_min_length(16), secret=True),
+    Key("REDIS_MAXMEMORY", "Memory limit of Redis, e.g. 256mb or 1gb", "256mb", check_redis_size),
+    Key("REDIS_MAXMEMORY_POLICY", "What Redis evicts at the limit: volatile-lru evicts cache keys "
+        "(they expire) and keeps Celery's queues (they do not)", "volatile-lru",
+        check_redis_policy),
+    Key("DJANGO_SETTINGS_MODULE", "The app's production settings module",
+        "config.settings.production", check_dotted),
+    Key("DJANGO_SECRET_KEY", "Django's SECRET_KEY (at least 50 characters), e.g. the output of "
+        "python3 -c 'import secrets; print(secrets.token_urlsafe(50))'",
+        check=check_min_length(50), secret=True),
+    Key("DJANGO_ADMIN_URL", "Path of Django's admin site, e.g. a hard-to-guess admin-x7k2/",
+        "admin/", check_admin_url),
+    Key("DJANGO_SECURE_SSL_REDIRECT", "True: Django redirects HTTP to HTTPS and sends cookies "
+        "over HTTPS only", "True", check_bool),
+    Key("MAILGUN_API_KEY", "Mailgun API key for the app's mail (empty: none)", "", secret=True),
+    Key("MAILGUN_DOMAIN", "Mailgun sending domain (empty: none)", "", check_optional_domain),
+    Key("INFLUX_URL", "InfluxDB v2 URL the app and monitoring write to (empty: none)", "",
+        check_url),
+    Key("INFLUX_TOKEN", "InfluxDB API token (empty: none)", "", secret=True),
+    Key("INFLUX_ORG", "InfluxDB organisation (empty: none)", ""),
+    Key("INFLUX_BUCKET", "InfluxDB bucket (empty: none)", ""),
+    Key("CELERY_APP", "The app's Celery application (celery -A)", "config.celery_app",
+        check_dotted),
+    Key("CELERY_CONCURRENCY", "Worker processes of the Celery worker", "2", check_positive_int),
+    Key("CELERY_TIME_LIMIT", "Seconds a Celery task may run before its worker is replaced", "300",
+        check_positive_int),
 )
 
 KEYS_BY_NAME = {key.name: key for key in KEYS}
@@ -115,6 +232,9 @@ class Settings:
     values: dict[str, str]
     source: str = ".env"
     secrets: list[str] = field(default_factory=list)
+    extras: dict[str, str] = field(default_factory=dict)  # APP_ENV_FOO=x as {"FOO": "x"}
+
+    env_quote = staticmethod(env_quote)
 
     def __getitem__(self, name: str) -> str:
         return self.values[name]
@@ -155,6 +275,44 @@ class Settings:
     def log_dir(self) -> str:
         return f"/var/log/{self.app}"
 
+    @property
+    def app_env_file(self) -> str:
+        return f"{self.conf_dir}/{self.app}.conf"
+
+    @property
+    def db_name(self) -> str:
+        return self.values["DB_NAME"] or self.app
+
+    @property
+    def db_user(self) -> str:
+        return self.values["DB_USER"] or self.app
+
+    @property
+    def database_url(self) -> str:
+        """postgres://USER:PASSWORD@localhost:5432/NAME, each part percent-encoded."""
+        user, password, name = (quote(v, safe="") for v in
+                                (self.db_user, self.values["DB_PASSWORD"], self.db_name))
+        return f"postgres://{user}:{password}@localhost:5432/{name}"
+
+    def app_environment(self) -> dict[str, str]:
+        """The app's environment (:data:`MANAGED_ENV`, then the operator's extras)."""
+        v = self.values
+        env = {
+            "PYTHONPATH": f"{self.code_dir}/app",
+            "DJANGO_SETTINGS_MODULE": v["DJANGO_SETTINGS_MODULE"],
+            "DJANGO_SECURE_SSL_REDIRECT": v["DJANGO_SECURE_SSL_REDIRECT"],
+            "DJANGO_STATIC_DIR": self.static_dir,
+            "DJANGO_MEDIA_DIR": self.media_dir,
+            "DJANGO_SECRET_KEY": v["DJANGO_SECRET_KEY"],
+            "DJANGO_ADMIN_URL": v["DJANGO_ADMIN_URL"],
+            "DJANGO_ALLOWED_HOSTS": f"{v['DOMAIN']},www.{v['DOMAIN']}",
+            "DATABASE_URL": self.database_url,
+            "CELERY_BROKER_URL": REDIS_BROKER_URL,
+            "REDIS_URL": REDIS_CACHE_URL,
+            **{name: v[name] for name in MANAGED_ENV if name.startswith(("INFLUX_", "MAILGUN_"))},
+        }
+        return env | self.extras
+
 
 def parse(raw: dict[str, str | None], source: str = ".env") -> Settings:
     """Validate ``raw`` (as read from a .env file) against :data:`KEYS`."""
@@ -174,14 +332,31 @@ def parse(raw: dict[str, str | None], source: str = ".env") -> Settings:
         if key.check and (reason := key.check(value)):
             problems.append(f"{key.name}: {reason}")
             continue
+        if "\0" in value:
+            problems.append(f"{key.name}: holds a NUL character")
+            continue
         values[key.name] = value
         if key.secret and value:
             secrets.append(value)
+    extras = {}
+    for name, value in raw.items():
+        if not name.startswith(EXTRA_PREFIX):
+            continue
+        var, value = name[len(EXTRA_PREFIX):], value or ""
+        if not _ENV_NAME.match(var):
+            problems.append(f"{name}: {var!r} is not a valid environment variable name")
+        elif var in MANAGED_ENV:
+            problems.append(f"{name}: {var} is set by fabstack itself; set its own key instead")
+        elif "\0" in value:
+            problems.append(f"{name}: holds a NUL character")
+        else:
+            extras[var] = value
+            secrets.append(value)  # an operator's extra may be a credential: always masked
     if problems:
         raise SettingsError(f"{source} is not usable ({len(problems)} problem"
                             f"{'s' if len(problems) > 1 else ''}):\n  "
                             + "\n  ".join(problems))
-    return Settings(values=values, source=source, secrets=secrets)
+    return Settings(values=values, source=source, secrets=secrets, extras=extras)
 
 
 def load(path: str | Path = ".env") -> Settings:

@@ -12,14 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from tasks.host import PROBE_MARK
-
-
-@dataclass
-class FakeResult:
-    stdout: str
-    stderr: str = ""
-    exited: int = 0
+from tasks.host import PROBE_MARK, Result
 
 
 @dataclass
@@ -32,16 +25,15 @@ class FakeConnection:
     scripts: list[str] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
 
-    def run(self, command, in_stream=None, **_kwargs):
-        script = in_stream.read() if in_stream is not None else ""
+    def exec_script(self, command: str, script: str) -> Result:
         self.commands.append(command)
         self.scripts.append(script)
         if PROBE_MARK in script:
-            return FakeResult(self._answer_probe(script))
+            return Result(self._answer_probe(script), "", 0)
         self.applied.append(script)
         if any(re.search(pattern, script) for pattern in self.failing):
-            return FakeResult("", "simulated failure", 1)
-        return FakeResult("")
+            return Result("", "simulated failure", 1)
+        return Result("", "", 0)
 
     def _answer_probe(self, script: str) -> str:
         chunks = re.split(rf"^echo '{re.escape(PROBE_MARK)}(\d+)'\n", script, flags=re.M)

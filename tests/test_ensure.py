@@ -2,8 +2,9 @@
 
 import pytest
 
-from tasks.host import StepFailed
+from tasks.host import Host, Result, StepFailed
 from tasks.primitives import Directory, File, Service, ensure
+from tests.fake import FakeConnection
 
 CONVERGED = [
     (r"stat -c .* -- /opt/a ", "directory|root|root|755\n"),
@@ -63,26 +64,25 @@ def test_secrets_are_masked_in_the_report(make_host, capsys):
     assert "w0rd" not in out and "********" in out
 
 
-def test_sudo_user_without_password_is_told_what_to_do(make_host):
-    host, conn = make_host(user="deploy", failing=[r""])
-    conn.failing = []
-    conn.run = lambda command, in_stream=None, **kw: type(
-        "R", (), {"stdout": "", "stderr": "a password is required", "exited": 1})()
+def test_sudo_user_without_password_is_told_what_to_do(settings):
+    def refuse(command, stdin):
+        return Result("", "a password is required", 1)
+
+    host = Host(FakeConnection(user="deploy"), settings, executor=refuse)
     with pytest.raises(StepFailed) as err:
         host.run("true")
     assert "--prompt-for-sudo-password" in err.value.message
 
 
-def test_sudo_password_goes_on_stdin(make_host):
-    host, conn = make_host(user="deploy", sudo_password="s3cret-pw")
+def test_sudo_password_goes_on_stdin(settings):
     seen = []
 
-    def run(command, in_stream=None, **kw):
-        seen.append((command, in_stream.read()))
-        ok = command != "sudo -k -n true"
-        return type("R", (), {"stdout": "", "stderr": "", "exited": 0 if ok else 1})()
+    def execute(command, stdin):
+        seen.append((command, stdin))
+        return Result("", "", 1 if command == "sudo -k -n true" else 0)
 
-    conn.run = run
+    host = Host(FakeConnection(user="deploy"), settings, sudo_password="s3cret-pw",
+                executor=execute)
     host.run("echo hi")
     assert seen[-1] == ("sudo -k -S -p '' /bin/sh -s", "s3cret-pw\necho hi")
     assert all("s3cret" not in command for command, _ in seen)

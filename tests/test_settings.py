@@ -7,6 +7,8 @@ import pytest
 from tasks import settings as settings_mod
 
 ROOT = Path(__file__).resolve().parent.parent
+GOOD = ("DOMAIN=example.com\nADMIN_EMAIL=ops@example.com\nDB_PASSWORD=settings-test-password\n"
+        "DJANGO_SECRET_KEY=" + "settings-test-secret-key-" * 2 + "\n")
 
 
 def write(tmp_path, text):
@@ -32,7 +34,8 @@ def test_missing_keys_are_all_named(tmp_path):
     with pytest.raises(settings_mod.SettingsError) as err:
         settings_mod.load(write(tmp_path, "APP_NAME=shop\n"))
     assert "DOMAIN: missing" in str(err.value) and "ADMIN_EMAIL: missing" in str(err.value)
-    assert "2 problems" in str(err.value)
+    assert "DB_PASSWORD: missing" in str(err.value)
+    assert "4 problems" in str(err.value)
 
 
 @pytest.mark.parametrize("line, key", [
@@ -49,24 +52,22 @@ def test_missing_keys_are_all_named(tmp_path):
     ("APT_CACHE_MAX_AGE=soon", "APT_CACHE_MAX_AGE"),
 ])
 def test_malformed_values_are_named(tmp_path, line, key):
-    text = "DOMAIN=example.com\nADMIN_EMAIL=ops@example.com\n" + line + "\n"
+    text = GOOD + line + "\n"
     with pytest.raises(settings_mod.SettingsError) as err:
         settings_mod.load(write(tmp_path, text))
     assert f"{key}:" in str(err.value)
 
 
 def test_defaults_and_derived_paths(tmp_path):
-    s = settings_mod.load(write(tmp_path, "DOMAIN=example.com\nADMIN_EMAIL=ops@example.com\n"))
+    s = settings_mod.load(write(tmp_path, GOOD))
     assert s.app == "ratemyderp"
     assert s.conf_dir == "/opt/ratemyderp/conf" and s.media_dir == "/var/opt/ratemyderp/media"
-    s = settings_mod.load(write(tmp_path, "APP_NAME=shop\nDOMAIN=example.com\n"
-                                          "ADMIN_EMAIL=ops@example.com\n"))
+    s = settings_mod.load(write(tmp_path, "APP_NAME=shop\n" + GOOD))
     assert s.venv_dir == "/opt/shop/venv" and s.log_dir == "/var/log/shop"
 
 
 def test_values_are_taken_literally(tmp_path):
-    s = settings_mod.load(write(tmp_path, "DOMAIN=example.com\nADMIN_EMAIL=ops@example.com\n"
-                                          "BASE_PACKAGES='git $HOME #x'\n"))
+    s = settings_mod.load(write(tmp_path, GOOD + "BASE_PACKAGES='git $HOME #x'\n"))
     assert s["BASE_PACKAGES"] == "git $HOME #x"
 
 

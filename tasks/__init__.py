@@ -1,0 +1,21 @@
+"""fabstack: Fabric tasks that take a bare Debian/Ubuntu server to a running Django + Celery site.
+
+The namespace is one collection per concern (``provision``, ``python``, ...);
+defaults live in the ``fabstack`` config section and can be overridden in
+``fabric.yaml`` or with ``FABRIC_FABSTACK_*`` environment variables:
+
+- ``env_file``: the settings file to read (default ``.env``);
+- ``check``: plan only, change nothing (the same as each task's ``--check``).
+"""
+
+from invoke import Collection
+
+from . import db, provision, python, sandbox
+
+
+def build_namespace() -> Collection:
+    ns = Collection()
+    for module in (provision, python, db, sandbox):
+        ns.add_collection(Collection.from_module(module))
+    ns.configure({"fabstack": {"env_file": ".env", "check": False}})
+    return ns

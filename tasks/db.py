@@ -1,0 +1,292 @@
+"""Data tier: PostgreSQL, Redis and the app's environment files (/opt/APP/conf).
+
+``fab db`` (``db.setup``) installs PostgreSQL (the distro's, or POSTGRES_VERSION from the
+PostgreSQL apt repository) listening on localhost only, with the app's UTF-8 database owned
+by a login role with a SCRAM password; Redis on loopback with protected mode and a memory
+limit; the app's environment file and Celery's. ``db.psql`` and ``db.redis-cli`` open a
+session for ad hoc work.
+
+No secret is ever on a command line: SQL reaches ``psql`` on its standard input, and the
+role's password is sent as a SCRAM verifier computed here, so even PostgreSQL never sees it
+in clear. Whether the role's password is current is decided by verifying the password from
+.env against the verifier stored in ``pg_authid`` (read by a probe), so a password changed
+in .env or by hand on the host is set again on the next run, and only then.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import stringprep
+import unicodedata
+
+from fabric import task
+
+from .host import session
+from .primitives import (
+    AptUpdate,
+    Change,
+    Directory,
+    File,
+    Group,
+    Ok,
+    Packages,
+    Resource,
+    Service,
+    User,
+    apt_repository,
+    ensure,
+    q,
+    render,
+)
+from .python import os_release
+
+PGDG_URI = "https://apt.postgresql.org/pub/repos/apt"
+PGDG_KEY = "https://www.postgresql.org/media/keys/ACCC4CF8.asc"
+SCRAM_ITERATIONS = 4096
+CELERY_HOME = "/var/lib/celery"
+
+
+# -- SQL over stdin ----------------------------------------------------------------------
+
+def sql_ident(name: str) -> str:
+    """``name`` as a quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def sql_literal(value: str) -> str:
+    """``value`` as a quoted SQL string literal (standard_conforming_strings, always on)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sql_script(sql: str, options: str = "-q -v ON_ERROR_STOP=1") -> str:
+    """Shell that runs ``sql`` as the postgres superuser, the SQL on psql's stdin (a heredoc)."""
+    return (f"( cd / && runuser -u postgres -- psql -X {options} -d postgres <<'FABSTACK_SQL'\n"
+            f"{sql}\nFABSTACK_SQL\n)")
+
+
+def psql_probe(sql: str) -> str:
+    """A probe snippet: the rows of ``sql`` (unaligned, ``|``-separated), or ``unavailable``."""
+    return sql_script(sql, "-At -v ON_ERROR_STOP=1") + " 2>/dev/null || echo unavailable"
+
+
+# -- SCRAM-SHA-256 verifiers, as PostgreSQL stores them ------------------------------------
+
+def _prohibited(c: str) -> bool:
+    return any(check(c) for check in (
+        stringprep.in_table_c12, stringprep.in_table_c21, stringprep.in_table_c22,
+        stringprep.in_table_c3, stringprep.in_table_c4, stringprep.in_table_c5,
+        stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
+        stringprep.in_table_c9, stringprep.in_table_a1))
+
+
+def saslprep(password: str) -> bytes:
+    """The password bytes SCRAM hashes, normalised like PostgreSQL's pg_saslprep (RFC 4013).
+
+    ASCII passes as it is; a password SASLprep prohibits is used raw, as PostgreSQL does.
+    """
+    raw = password.encode()
+    if password.isascii():
+        return raw
+    mapped = "".join("" if stringprep.in_table_b1(c) else " " if stringprep.in_table_c12(c)
+                     else c for c in password)
+    text = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
+    if not text or any(_prohibited(c) for c in text):
+        return raw
+    if any(stringprep.in_table_d1(c) for c in text) and (
+            any(stringprep.in_table_d2(c) for c in text)
+            or not (stringprep.in_table_d1(text[0]) and stringprep.in_table_d1(text[-1]))):
+        return raw
+    return text.encode()
+
+
+def scram_verifier(password: str, salt: bytes | None = None,
+                   iterations: int = SCRAM_ITERATIONS) -> str:
+    """``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`` for ``password``."""
+    salt = os.urandom(16) if salt is None else salt
+    salted = hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
+    stored = hashlib.sha256(hmac.new(salted, b"Client Key", "sha256").digest()).digest()
+    server = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = [base64.b64encode(part).decode() for part in (salt, stored, server)]
+    return f"SCRAM-SHA-256${iterations}:{b64[0]}${b64[1]}:{b64[2]}"
+
+
+def scram_matches(password: str, verifier: str) -> bool:
+    """True when ``verifier`` (from pg_authid.rolpassword) is a SCRAM verifier of ``password``."""
+    m = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([A-Za-z0-9+/=]+)\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+",
+                     verifier)
+    if not m:
+        return False
+    mine = scram_verifier(password, base64.b64decode(m[2]), int(m[1]))
+    return hmac.compare_digest(mine.encode(), verifier.encode())
+
+
+# -- resources ---------------------------------------------------------------------------
+
+class PostgresSetting(Resource):
+    """A server setting that takes effect on restart (``listen_addresses``), set with ALTER SYSTEM.
+
+    The server is restarted once when the setting changed, or when a change of it is still
+    pending (a run that died between the two).
+    """
+
+    def __init__(self, name: str, value: str):
+        self.name, self.value = name, value
+        self.what = f"postgresql {name}"
+
+    def probe(self) -> str:
+        return psql_probe("SELECT setting, pending_restart FROM pg_settings "
+                          f"WHERE name = {sql_literal(self.name)};")
+
+    def plan(self, state, host):
+        setting, _, pending = state.strip().partition("|")
+        restart = "systemctl restart postgresql.service"
+        if setting == self.value and pending == "f":
+            return Ok(f"{self.value!r}")
+        if setting == self.value:
+            return Change("restarted (a change of it was pending)", restart)
+        sql = f"ALTER SYSTEM SET {self.name} = {sql_literal(self.value)};"
+        was = "unknown, PostgreSQL not running" if setting == "unavailable" else repr(setting)
+        return Change(f"{was} -> {self.value!r} (restarted)", f"{sql_script(sql)}\n{restart}")
+
+
+class PostgresRole(Resource):
+    """A login role whose password is ``password``, stored as a SCRAM-SHA-256 verifier.
+
+    The verifier is computed here and sent on psql's stdin: the clear password reaches
+    neither a command line nor the server (nor its logs).
+    """
+
+    def __init__(self, name: str, password: str):
+        self.name, self.password = name, password
+        self.what = f"postgresql role {name}"
+
+    def probe(self) -> str:
+        return psql_probe("SELECT rolcanlogin, coalesce(rolpassword, '') FROM pg_authid "
+                          f"WHERE rolname = {sql_literal(self.name)};")
+
+    def plan(self, state, host):
+        state = state.strip()
+        password = f"PASSWORD {sql_literal(scram_verifier(self.password))}"
+        if state in ("", "unavailable"):
+            return Change("created (login, SCRAM password)",
+                          sql_script(f"CREATE ROLE {sql_ident(self.name)} LOGIN {password};"))
+        can_login, _, verifier = state.partition("|")
+        fixes = [] if can_login == "t" else ["login enabled"]
+        if not scram_matches(self.password, verifier):
+            fixes.append("password set (SCRAM)")
+        if not fixes:
+            return Ok("can log in, SCRAM password up to date")
+        return Change(", ".join(fixes),
+                      sql_script(f"ALTER ROLE {sql_ident(self.name)} LOGIN {password};"))
+
+
+class PostgresDatabase(Resource):
+    """A UTF-8 database owned by ``owner`` (so the owner's migrations can create tables)."""
+
+    def __init__(self, name: str, owner: str):
+        self.name, self.owner = name, owner
+        self.what = f"postgresql database {name}"
+
+    def probe(self) -> str:
+        return psql_probe("SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding) "
+                          f"FROM pg_database WHERE datname = {sql_literal(self.name)};")
+
+    def plan(self, state, host):
+        state = state.strip()
+        db, owner = sql_ident(self.name), sql_ident(self.owner)
+        if state in ("", "unavailable"):
+            return Change(f"created (UTF8, owner {self.owner})",
+                          sql_script(f"CREATE DATABASE {db} OWNER {owner} ENCODING 'UTF8' "
+                               "TEMPLATE template0;"))
+        have_owner, _, encoding = state.partition("|")
+        if encoding != "UTF8":
+            return Change(f"has encoding {encoding}, not UTF8: cannot fix (dump, recreate "
+                          "and restore it)",
+                          f"echo {q(self.name)} has encoding {q(encoding)}, not UTF8 >&2; exit 1")
+        if have_owner != self.owner:
+            return Change(f"owner {have_owner} -> {self.owner}",
+                          sql_script(f"ALTER DATABASE {db} OWNER TO {owner};"))
+        return Ok(f"UTF8, owner {self.owner}")
+
+
+# -- the step ----------------------------------------------------------------------------
+
+def pgpass_line(user: str, database: str, password: str) -> str:
+    """A libpq password file line for ``user`` on ``database`` at localhost (any port)."""
+    def esc(value: str) -> str:
+        return value.replace("\\", "\\\\").replace(":", "\\:")
+    return f"localhost:*:{esc(database)}:{esc(user)}:{esc(password)}\n"
+
+
+def package_resources(h) -> list:
+    """PostgreSQL (the distro's, or POSTGRES_VERSION from PGDG) and Redis packages."""
+    s = h.settings
+    version = s["POSTGRES_VERSION"]
+    if not version:
+        return [AptUpdate(int(s["APT_CACHE_MAX_AGE"])), Packages(["postgresql", "redis-server"])]
+    [release] = h.probe(["cat /etc/os-release"])
+    codename = os_release(release).get("VERSION_CODENAME", "")
+    return [*apt_repository("pgdg", PGDG_URI, f"{codename}-pgdg", "main", PGDG_KEY),
+            Packages([f"postgresql-{version}", "redis-server"])]
+
+
+def db_resources(h) -> list:
+    """Everything ``db.setup`` declares, in order (packages first)."""
+    s = h.settings
+    app, conf = s.app, s.conf_dir
+    return [
+        *package_resources(h),
+        Service("postgresql"),
+        PostgresSetting("listen_addresses", "localhost"),
+        PostgresRole(s.db_user, s["DB_PASSWORD"]),
+        PostgresDatabase(s.db_name, s.db_user),
+        File("/etc/redis/redis.conf", render("redis.conf.j2", s), owner="redis", group="redis",
+             mode=0o640, notify=["redis-server:restart"]),
+        Service("redis-server"),
+        Group("celery"),
+        User("celery", group="celery", home=CELERY_HOME, groups=[app]),
+        Directory(CELERY_HOME, "celery", "celery", 0o750),
+        File(s.app_env_file, render("app.conf.j2", s), group=app, mode=0o640, secret=True),
+        File(f"{conf}/celery.conf", render("celery.conf.j2", s), group="celery", mode=0o640),
+        File(f"{conf}/pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]), mode=0o600,
+             secret=True),
+    ]
+
+
+def db_step(h) -> None:
+    ensure(h, *db_resources(h))
+
+
+@task(default=True, help={"check": "Show what would change and change nothing."})
+def setup(c, check=False):
+    """PostgreSQL, Redis, the app's role and database, and its environment files."""
+    with session(c, "db", check) as h:
+        db_step(h)
+
+
+def _interactive(c, h, command: str) -> None:
+    """Run ``command`` as root on the host with a terminal (sudo asks for its password)."""
+    if h.conn.user == "root":
+        c.run(command, pty=True, warn=True)
+    else:
+        c.sudo(command, pty=True, warn=True)
+
+
+@task
+def psql(c):
+    """Open psql in the app's database as the app's role (password from a root-only file)."""
+    with session(c, "db.psql") as h:
+        s = h.settings
+        _interactive(c, h, f"env PGPASSFILE={q(s.conf_dir + '/pgpass')} psql -h localhost "
+                           f"-U {q(s.db_user)} -d {q(s.db_name)}")
+
+
+@task(name="redis-cli")
+def redis_cli(c):
+    """Open redis-cli on the host's Redis (the cache is database 1, Celery's queues 0)."""
+    with session(c, "db.redis-cli") as h:
+        _interactive(c, h, "redis-cli")

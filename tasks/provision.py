@@ -1,0 +1,89 @@
+"""Provisioning: ``fab provision`` takes a bare server to the whole stack, in order.
+
+Each step is also a task of its own (``fab provision.base``). Re-running is safe:
+every step reads the host's state first and changes only what differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fabric import task
+
+from . import db, python
+from .host import session
+from .primitives import (
+    AptUpdate,
+    Command,
+    Directory,
+    DistUpgrade,
+    File,
+    Firewall,
+    Group,
+    Packages,
+    User,
+    ensure,
+    render,
+)
+
+EXTRA_CA_PATH = "/usr/local/share/ca-certificates/fabstack-extra.crt"
+CA_MARKER = "/var/lib/fabstack/pending/ca-certificates@update"
+
+
+def network_resources(h) -> list:
+    """Proxy for apt and pip, and the extra CA every TLS client on the host trusts."""
+    s = h.settings
+    resources = [
+        File("/etc/apt/apt.conf.d/80fabstack-proxy", render("apt-proxy.conf.j2", s),
+             present=bool(s["HTTP_PROXY"])),
+        File("/etc/pip.conf", render("pip.conf.j2", s)),
+    ]
+    extra_ca = s["EXTRA_CA_CERT"]
+    return resources + [
+        File(EXTRA_CA_PATH, Path(extra_ca).expanduser().read_text() if extra_ca else "",
+             present=bool(extra_ca), notify=["ca-certificates:update"]),
+        Command("CA bundle", f"update-ca-certificates --fresh >/dev/null\nrm -f {CA_MARKER}",
+                unless=f"test ! -e {CA_MARKER}", message="rebuilt (extra CA changed)"),
+    ]
+
+
+def base_resources(h) -> list:
+    """The base system: packages, the app's user and directories, the firewall."""
+    s = h.settings
+    app = s.app
+    return [
+        *network_resources(h),
+        AptUpdate(int(s["APT_CACHE_MAX_AGE"])),
+        DistUpgrade(record=not h.check),
+        Packages(s["BASE_PACKAGES"].split() + ["ca-certificates", "ufw"]),
+        Group(app),
+        User(app, group=app, home=s.home_dir),
+        Directory(s.code_dir, "root", "root", 0o755),
+        Directory(s.conf_dir, "root", app, 0o750),
+        Directory(s.backup_dir, "root", "root", 0o750),
+        Directory(s.home_dir, app, app, 0o755),
+        Directory(s.static_dir, "root", app, 0o755),
+        Directory(s.media_dir, app, app, 0o755),
+        Directory(s.log_dir, app, app, 0o750),
+        Firewall(["OpenSSH", "80/tcp", "443/tcp"]),
+    ]
+
+
+def base_step(h) -> None:
+    ensure(h, *base_resources(h))
+
+
+@task(default=True, help={"check": "Show what would change and change nothing."})
+def all(c, check=False):  # noqa: A001 - "provision.all" reads best
+    """Provision the whole stack in order (base system, Python and virtualenv, data tier)."""
+    with session(c, "provision", check) as h:
+        base_step(h)
+        python.python_step(h)
+        db.db_step(h)
+
+
+@task(help={"check": "Show what would change and change nothing."})
+def base(c, check=False):
+    """Base system only: apt, upgrades, base packages, app user and directories, ufw."""
+    with session(c, "provision.base", check) as h:
+        base_step(h)

@@ -1,0 +1,105 @@
+"""provision on the real sandbox Debian host: check mode, converge, converge again, verify."""
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import FAB, REPO, changed_count
+
+APP = "ratemyderp"
+
+# Everything provision may touch, as one fingerprint: paths with mode, owner, size, mtime.
+# Logs and caches that move by themselves (journal, login records) are left out.
+STATE = (
+    "find / -xdev \\( -path /proc -o -path /sys -o -path /run -o -path /tmp -o -path /dev "
+    "-o -path /var/log -o -path /var/cache -o -path /var/lib/systemd -o -path /root/.cache "
+    "\\) -prune -o -printf '%p %m %u %g %s %T@\\n' | sort | sha256sum; "
+    "dpkg-query -W | sha256sum; ls -la --time-style=+%s /var/log | sha256sum"
+)
+
+
+@pytest.fixture(scope="module")
+def fresh_state(target):
+    return target.sh(STATE).stdout
+
+
+def test_check_mode_lists_changes_and_changes_nothing(target, fresh_state):
+    res = target.fab("provision", "--check")
+    assert "would change" in res.stdout
+    assert "packages" in res.stdout and f"user {APP}: would" not in res.stdout
+    assert f"user {APP}: created" in res.stdout
+    assert changed_count(res.stdout) > 5
+    assert target.sh(STATE).stdout == fresh_state, "check mode changed the host"
+
+
+def test_provision_converges_then_changes_nothing(target, fresh_state):
+    first = target.fab("provision")
+    assert changed_count(first.stdout) > 5, first.stdout
+    second = target.fab("provision")
+    assert changed_count(second.stdout) == 0, second.stdout
+    assert " 0 failed" in second.stdout
+
+
+def test_host_state_after_provision(target, testinfra_host):
+    host = testinfra_host
+    user = host.user(APP)
+    assert user.exists and user.group == APP
+    assert user.home == f"/var/opt/{APP}" and user.shell == "/usr/sbin/nologin"
+    assert host.check_output(f"getent shadow {APP} | cut -d: -f2").startswith(("!", "*"))
+    expected = {
+        f"/opt/{APP}": ("root", "root", 0o755),
+        f"/opt/{APP}/conf": ("root", APP, 0o750),
+        f"/opt/{APP}/backup": ("root", "root", 0o750),
+        f"/var/opt/{APP}": (APP, APP, 0o755),
+        f"/var/opt/{APP}/static": ("root", APP, 0o755),
+        f"/var/opt/{APP}/media": (APP, APP, 0o755),
+        f"/var/log/{APP}": (APP, APP, 0o750),
+    }
+    for path, (owner, group, mode) in expected.items():
+        d = host.file(path)
+        assert d.is_directory, path
+        assert (d.user, d.group, d.mode) == (owner, group, mode), path
+    for package in ("neovim", "net-tools", "git", "python3", "virtualenv", "ufw",
+                    "python3.11-venv"):
+        assert host.package(package).is_installed, package
+    status = host.check_output("ufw status verbose")
+    assert "Status: active" in status and "deny (incoming)" in status
+    for rule in ("22/tcp (OpenSSH)", "80/tcp", "443/tcp"):
+        assert any(line.startswith(rule) and "ALLOW IN" in line for line in status.splitlines()), \
+            (rule, status)
+    assert host.check_output(f"/opt/{APP}/venv/bin/python -c "
+                             "'import sys; print(sys.version_info[:2])'") == "(3, 11)"
+    assert host.check_output("apt-get -s dist-upgrade | grep -c '^Inst ' || true") == "0"
+
+
+def test_sudo_user_with_password(target, sandbox):
+    """A non-root user with a password-protected sudo gets the same converged host."""
+    target.sh("id deploy >/dev/null 2>&1 || useradd -m -s /bin/bash deploy; "
+              "echo 'deploy:Pa ss$#1' | chpasswd; "
+              "echo 'deploy ALL=(ALL:ALL) ALL' > /etc/sudoers.d/deploy; "
+              "install -d -o deploy -g deploy -m 700 /home/deploy/.ssh; "
+              "install -o deploy -g deploy -m 600 /root/.ssh/authorized_keys /home/deploy/.ssh/")
+    env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file))
+    base = [FAB, "-S", str(sandbox.ssh_config), "-H", f"deploy@{sandbox.alias}", "provision"]
+    res = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True)
+    assert res.returncode == 1 and "--prompt-for-sudo-password" in res.stdout, res.stdout
+    res = subprocess.run(base, cwd=REPO, env=dict(env, FABRIC_SUDO_PASSWORD="wrong"),
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "sudo refused the password" in res.stdout, res.stdout
+    res = subprocess.run(base, cwd=REPO, env=dict(env, FABRIC_SUDO_PASSWORD="Pa ss$#1"),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert changed_count(res.stdout) == 0, res.stdout
+
+
+def test_unknown_host_key_is_refused(target, sandbox, tmp_path):
+    """Host keys are checked: a known_hosts without the target's key refuses to connect."""
+    config = tmp_path / "ssh_config"
+    config.write_text(sandbox.ssh_config.read_text().replace(
+        str(sandbox.known_hosts), str(tmp_path / "empty_known_hosts")))
+    env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file))
+    res = subprocess.run([FAB, "-S", str(config), "-H", sandbox.alias, "provision"],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "not found in known_hosts" in res.stdout, res.stdout
