@@ -29,7 +29,10 @@ def home(request):
 
 
 def health(request):
-    """200 "ok" when the database and the cache answer, else 503 and the reason."""
+    """200 "ok" (and the release in X-Release) when the database and the cache answer.
+
+    Else 503 and the reason.
+    """
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
@@ -42,4 +45,7 @@ def health(request):
             raise RuntimeError("value not read back")
     except Exception as exc:
         return HttpResponse(f"cache: {exc}", status=503, content_type="text/plain")
-    return HttpResponse("ok", content_type="text/plain")
+    response = HttpResponse("ok", content_type="text/plain")
+    # fabstack's deploy waits until this names the release it just switched to.
+    response["X-Release"] = settings.RELEASE
+    return response

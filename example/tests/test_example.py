@@ -75,6 +75,7 @@ def test_health_ok(host):
     response = Client().get("/health/", HTTP_HOST=host)
     assert response.status_code == 200
     assert response.text == "ok"
+    assert response["X-Release"] == settings.RELEASE
 
 
 def test_heartbeat_task_writes_a_row():
