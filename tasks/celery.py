@@ -1,0 +1,142 @@
+"""Celery: the app's workers (``celery.service``) and its scheduler (``celerybeat.service``).
+
+``fab celery`` (``celery.setup``) installs both systemd units, the tmpfiles.d entries for
+/run/celery and /var/log/celery, and enables the units so they come back after a reboot. They
+run as the ``celery`` user (made by the db step, home /var/lib/celery, which also holds beat's
+schedule file) with the settings of /opt/APP/conf/celery.conf and the app's environment file,
+sandboxed by systemd (the system read-only but for their run, log and home directories).
+
+Before the first deploy there is no code to run (/opt/APP/app is missing): the units are
+installed and enabled but left stopped. Once a release exists they are started, and restarted
+once when a unit file, celery.conf or the app's environment changed. ``fab celery.restart``
+(and the deploy, after switching releases) restarts both so they run the new code.
+"""
+
+from __future__ import annotations
+
+from fabric import task
+
+from .host import session
+from .primitives import (
+    PENDING_DIR,
+    Change,
+    File,
+    Ok,
+    ReleaseService,
+    Resource,
+    ensure,
+    host_notified,
+    q,
+    render,
+)
+
+UNITS = ("celery.service", "celerybeat.service")
+TMPFILES = "/etc/tmpfiles.d/celery.conf"
+TMPFILES_MARKER = "celery-tmpfiles@create"
+RUN_DIR = "/run/celery"
+LOG_DIR = "/var/log/celery"
+# The directories tmpfiles.d makes, as `stat -c '%U:%G %a'` shows them when right.
+TMPFILES_DIRS = {RUN_DIR: "celery:celery 755", LOG_DIR: "celery:celery 750"}
+RESTART_WAIT = 15  # seconds a restarted unit has to be active
+
+
+class TmpfilesApplied(Resource):
+    """The directories of a tmpfiles.d file exist as it declares them.
+
+    ``systemd-tmpfiles --create FILE`` runs when the file changed (its :class:`File`
+    notifies ``marker``), in this run or an interrupted earlier one, or when a directory is
+    missing or differs; at boot systemd applies the file by itself. The directories' owner
+    ``user`` must exist already (it is not made here).
+    """
+
+    def __init__(self, path: str, dirs: dict[str, str], marker: str, user: str):
+        self.path, self.dirs, self.marker, self.user = path, dirs, marker, user
+        self.what = f"tmpfiles {path}"
+
+    def probe(self) -> str:
+        stats = "".join(f"echo \"{d} $(stat -c '%U:%G %a' -- {q(d)} 2>/dev/null || "
+                        f"echo missing)\"\n" for d in self.dirs)
+        return (f"{stats}test -e {PENDING_DIR}/{q(self.marker)} && echo pending\n"
+                f"getent passwd {q(self.user)} >/dev/null || echo no-user; true")
+
+    def plan(self, state, host):
+        lines = state.splitlines()
+        have = dict(line.split(" ", 1) for line in lines if line.startswith("/"))
+        wrong = [d for d, want in self.dirs.items() if have.get(d) != want]
+        pending = "pending" in lines or host_notified(host, self.marker)
+        if "no-user" in lines and not host.check:
+            return Change(f"cannot apply: user {self.user} missing (the db step makes it: run "
+                          "fab provision, or fab db, first)",
+                          f"echo user {q(self.user)} missing >&2; exit 1")
+        if not wrong and not pending:
+            return Ok(", ".join(f"{d} {want}" for d, want in self.dirs.items()))
+        why = ", ".join(f"{d} {have.get(d, 'missing')}" for d in wrong) or "file changed"
+        return Change(f"applied ({why})",
+                      f"systemd-tmpfiles --create {q(self.path)}\n"
+                      f"rm -f {PENDING_DIR}/{q(self.marker)}")
+
+
+def celery_resources(h) -> list:
+    """Everything ``celery.setup`` declares, in order."""
+    s = h.settings
+    release = f"{s.code_dir}/app"
+    return [
+        File(TMPFILES, render("celery-tmpfiles.conf.j2", s),
+             notify=[TMPFILES_MARKER.replace("@", ":")]),
+        TmpfilesApplied(TMPFILES, TMPFILES_DIRS, TMPFILES_MARKER, "celery"),
+        File("/etc/systemd/system/celery.service", render("celery.service.j2", s),
+             notify=["celery.service:restart"]),
+        File("/etc/systemd/system/celerybeat.service", render("celerybeat.service.j2", s),
+             notify=["celerybeat.service:restart"]),
+        ReleaseService("celery.service", release),
+        ReleaseService("celerybeat.service", release),
+    ]
+
+
+def celery_step(h) -> None:
+    """Install and enable the Celery units; run them once a release exists."""
+    ensure(h, *celery_resources(h))
+
+
+def restart_celery(h, reason: str = "(new release)") -> None:
+    """Restart the worker and beat (e.g. after a deploy switched releases), and report it.
+
+    A restart also satisfies any restart still pending from a configuration change, so those
+    markers are cleared. Fails (StepFailed) when a unit is not active afterwards.
+    """
+    units = " ".join(UNITS)
+    if h.check:
+        for unit in UNITS:
+            h.changed(f"service {unit}", f"restarted {reason}")
+        return
+    markers = " ".join(f"{PENDING_DIR}/{q(u)}@* {PENDING_DIR}/{q(u.removesuffix('.service'))}@*"
+                       for u in UNITS)
+    h.run(f"""set -e
+systemctl restart -- {units}
+rm -f {markers}
+active() {{ for u in {units}; do systemctl is-active --quiet -- "$u" || return 1; done; }}
+i=0
+until active; do
+  i=$((i + 1))
+  if [ $i -ge {RESTART_WAIT} ]; then
+    systemctl --no-pager --lines=20 status -- {units} >&2 || true
+    exit 1
+  fi
+  sleep 1
+done""", what="restart celery")
+    for unit in UNITS:
+        h.changed(f"service {unit}", f"restarted {reason}")
+
+
+@task(default=True, help={"check": "Show what would change and change nothing."})
+def setup(c, check=False):
+    """Celery worker and beat units: installed, enabled, running once a release exists."""
+    with session(c, "celery", check) as h:
+        celery_step(h)
+
+
+@task(help={"check": "Show what would be done and do nothing."})
+def restart(c, check=False):
+    """Restart the Celery worker and beat (they pick up the current release)."""
+    with session(c, "celery.restart", check) as h:
+        restart_celery(h, "(asked for)")
