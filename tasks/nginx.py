@@ -1,0 +1,108 @@
+"""NGINX in front of the app: its site, static and media files, and a 444 default server.
+
+``fab nginx`` (``nginx.setup``) installs NGINX, removes the distro's default site and writes
+two files in ``/etc/nginx/sites-enabled/``: ``fabstack-default.conf`` (requests for any other
+name closed with 444 on port 80, TLS handshakes refused on 443) and ``APP.conf`` (the site:
+proxy to gunicorn on 127.0.0.1:8000 with Host, X-Forwarded-For and X-Forwarded-Proto,
+``/static/`` and ``/media/`` from disk, ACME challenges from certbot's webroot). The site
+comes in two versions: plain HTTP until the certificate exists, then HTTPS with HTTP
+redirecting (``fab certbot`` gets the certificate).
+
+Every file is tested *in context* before it goes live: ``fabstack-nginx-check`` (installed on
+the host) runs ``nginx -t`` on a copy of nginx.conf that includes the candidate file in place
+of the live one, so a broken file never lands, never reaches a reload, and the running
+configuration keeps serving. NGINX reloads only when a file changed.
+"""
+
+from __future__ import annotations
+
+from fabric import task
+
+from .host import session
+from .primitives import Directory, File, Packages, Resource, Service, ensure, q, render
+
+SITES = "/etc/nginx/sites-enabled"
+CHECKER = "/usr/local/sbin/fabstack-nginx-check"
+DEFAULT_SITE = f"{SITES}/fabstack-default.conf"
+ACME_WEBROOT = "/var/www/letsencrypt"  # also in files/nginx-site*.conf.j2
+LIVE_DIR = "/etc/letsencrypt/live"
+
+
+def site_path(s) -> str:
+    return f"{SITES}/{s.app}.conf"
+
+
+def certificate_files(s) -> tuple[str, str]:
+    """The certificate chain and key the TLS site uses (certbot's lineage named DOMAIN)."""
+    return f"{LIVE_DIR}/{s['DOMAIN']}/fullchain.pem", f"{LIVE_DIR}/{s['DOMAIN']}/privkey.pem"
+
+
+def https_wanted(s) -> bool:
+    return bool(s["ACME_SERVER"])
+
+
+def config_file(path: str, content: str) -> File:
+    """An NGINX file that goes live only when nginx -t passes with it in place; then a reload."""
+    return File(path, content, validate=f"{CHECKER} {path} %s", notify=["nginx:reload"])
+
+
+class Site(Resource):
+    """The app's site: the HTTPS version once the certificate exists, the HTTP version before.
+
+    Which one is decided on the host, in the same probe that reads the file, so the choice
+    costs no extra round trip and follows the certificate within a run (certbot's step
+    obtains it, then this resource is planned again and switches to HTTPS).
+    """
+
+    def __init__(self, s):
+        self.http = config_file(site_path(s), render("nginx-site.conf.j2", s))
+        self.tls = config_file(site_path(s), render("nginx-site-tls.conf.j2", s))
+        self.wanted = https_wanted(s)
+        self.files = certificate_files(s)
+        self.what = self.http.what
+
+    def probe(self) -> str:
+        if not self.wanted:
+            return "echo http\n" + self.http.probe()
+        chain, key = (q(f) for f in self.files)
+        return (f"if [ -s {chain} ] && [ -s {key} ]; then echo tls\n{self.tls.probe()}\n"
+                f"else echo http\n{self.http.probe()}\nfi")
+
+    def plan(self, state, host):
+        version, _, rest = state.partition("\n")
+        outcome = (self.tls if version.strip() == "tls" else self.http).plan(rest, host)
+        kind = "HTTPS" if version.strip() == "tls" else "HTTP only"
+        if self.wanted and kind != "HTTPS":
+            kind += ", until the certificate exists"
+        outcome.message = f"{outcome.message} [{kind}]"
+        return outcome
+
+
+def site_resources(h) -> list:
+    """The app's site and NGINX's reload: also planned again by certbot's step."""
+    return [Site(h.settings), Service("nginx")]
+
+
+def nginx_resources(h) -> list:
+    """Everything ``nginx.setup`` declares, in order."""
+    s = h.settings
+    return [
+        Packages(["nginx"]),
+        File(CHECKER, render("nginx-check.sh.j2", s), mode=0o755, validate="sh -n %s"),
+        # Before our default server: two default_server entries cannot pass nginx -t.
+        File(f"{SITES}/default", present=False, notify=["nginx:reload"]),
+        Directory(ACME_WEBROOT, "root", "root", 0o755),
+        config_file(DEFAULT_SITE, render("nginx-default.conf.j2", s)),
+        *site_resources(h),
+    ]
+
+
+def nginx_step(h) -> None:
+    ensure(h, *nginx_resources(h))
+
+
+@task(default=True, help={"check": "Show what would change and change nothing."})
+def setup(c, check=False):
+    """NGINX: the app's site (HTTP, or HTTPS once certified), static/media, 444 default server."""
+    with session(c, "nginx", check) as h:
+        nginx_step(h)
