@@ -1,0 +1,215 @@
+"""fab deploy on the real sandbox host: releases, zero-downtime reload, failures, rollback."""
+
+import http.client
+import re
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.conftest import changed_count
+
+APP = "ratemyderp"
+DOMAIN = "ratemyderp.test"
+
+
+def commit(repo, message: str, changes: dict[str, str]) -> str:
+    for name, text in changes.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "commit", "-qm", message], check=True)
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def revert(repo) -> str:
+    subprocess.run(["git", "-C", str(repo), "revert", "--no-edit", "HEAD"], check=True,
+                   capture_output=True)
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def get(ip: str, path: str = "/") -> tuple[int, str]:
+    """GET through NGINX as a browser would: HTTPS when the site has it, else HTTP."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    conn = http.client.HTTPConnection(ip, 80, timeout=10)
+    try:
+        conn.sock = context.wrap_socket(socket.create_connection((ip, 443), timeout=10),
+                                        server_hostname=DOMAIN)
+    except OSError:  # no certificate yet: NGINX rejects the TLS handshake
+        pass
+    try:
+        conn.request("GET", path, headers={"Host": DOMAIN})
+        res = conn.getresponse()
+        return res.status, res.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def release_served(ip: str) -> str:
+    status, body = get(ip)
+    assert status == 200, (status, body[:500])
+    return re.search(r"release: ([\w.-]+)", body).group(1)
+
+
+class Load:
+    """A steady stream of requests through NGINX from a second thread, counted."""
+
+    def __init__(self, ip: str, interval: float = 0.05):
+        self.ip, self.interval = ip, interval
+        self.sent, self.failed, self.worst = 0, [], 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set() and self.sent < 20000:
+            started = time.monotonic()
+            try:
+                status, _ = get(self.ip, "/health/")
+                if status != 200:
+                    self.failed.append(status)
+            except OSError as exc:
+                self.failed.append(repr(exc))
+            self.sent += 1
+            self.worst = max(self.worst, time.monotonic() - started)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def deployed(target, app_repo, pebble_env):
+    """provision (with a certificate from Pebble), then the first deploy of the example app."""
+    target.write_env(DEPLOY_REPO=str(app_repo), DEPLOY_SUBDIR="example", RELEASES_KEEP="3",
+                     **pebble_env)
+    target.fab("provision")
+    first = target.fab("deploy")
+    return first
+
+
+def test_the_site_answers_over_verified_https(target, deployed, pebble):
+    """The page, read from PostgreSQL and Redis, over HTTPS verified against Pebble's root."""
+    ip = target.info.ip
+    res = subprocess.run(["curl", "-sS", "--max-time", "10", "--noproxy", "*", "--cacert",
+                          str(pebble.issuing_root), "--resolve", f"{DOMAIN}:443:{ip}",
+                          f"https://{DOMAIN}/"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "release: " in res.stdout and "visits" in res.stdout.lower()
+    plain = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                            "--noproxy", "*", "--resolve", f"{DOMAIN}:80:{ip}",
+                            f"http://{DOMAIN}/"], capture_output=True, text=True)
+    assert plain.stdout == "301"
+    static = subprocess.run(["curl", "-sS", "--noproxy", "*", "--cacert",
+                             str(pebble.issuing_root), "--resolve", f"{DOMAIN}:443:{ip}",
+                             f"https://{DOMAIN}/static/demo/site.css"],
+                            capture_output=True, text=True)
+    assert static.returncode == 0 and "{" in static.stdout
+
+
+def test_first_deploy_serves_the_app(target, deployed, app_repo):
+    assert "serving" in deployed.stdout, deployed.stdout
+    head = subprocess.run(["git", "-C", str(app_repo), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    release = release_served(target.info.ip)
+    assert release.endswith(head[:12])
+    assert target.sh(f"readlink /opt/{APP}/app").stdout.strip() == f"releases/{release}"
+    # static files collected, served by NGINX itself
+    assert target.sh(f"test -f /var/opt/{APP}/static/demo/site.css").returncode == 0
+
+
+def test_redeploy_of_the_same_commit_changes_nothing(target, deployed):
+    res = target.fab("deploy")
+    assert "is already current" in res.stdout
+    assert changed_count(res.stdout) == 0, res.stdout
+    again = target.fab("provision")
+    assert changed_count(again.stdout) == 0, again.stdout
+
+
+def test_new_release_under_load_drops_no_request(target, deployed, app_repo):
+    before = release_served(target.info.ip)
+    page = app_repo / "example/demo/templates/demo/home.html"
+    commit(app_repo, "new page text", {str(page.relative_to(app_repo)):
+                                       page.read_text().replace("release:", "Release 2 release:")})
+    with Load(target.info.ip) as load:
+        res = target.fab("deploy")
+        time.sleep(1)
+    after = release_served(target.info.ip)
+    assert after != before and "Release 2" in get(target.info.ip)[1]
+    print(f"\nzero-downtime deploy: {load.sent} requests, {len(load.failed)} failed, "
+          f"worst {load.worst * 1000:.0f} ms")
+    assert load.sent > 20 and load.failed == [], (load.failed[:5], res.stdout)
+    assert "requirements: unchanged" in res.stdout
+
+
+def test_failing_migration_keeps_the_previous_release(target, deployed, app_repo):
+    before = release_served(target.info.ip)
+    commit(app_repo, "broken migration", {"example/demo/migrations/0099_broken.py": (
+        "from django.db import migrations\n\n\ndef boom(apps, schema_editor):\n"
+        "    raise RuntimeError('this migration fails on purpose')\n\n\n"
+        "class Migration(migrations.Migration):\n"
+        "    dependencies = [('demo', '0001_initial')]\n"
+        "    operations = [migrations.RunPython(boom)]\n")})
+    with Load(target.info.ip) as load:
+        res = target.fab("deploy", check=False)
+    assert res.returncode == 1
+    assert "migrations" in res.stdout and "fails on purpose" in res.stdout
+    assert "keeps serving" in res.stdout
+    assert release_served(target.info.ip) == before
+    assert load.failed == []
+    revert(app_repo)
+
+
+def test_failing_health_check_puts_the_previous_release_back(target, deployed, app_repo):
+    before = release_served(target.info.ip)
+    urls = app_repo / "example/config/urls.py"
+    commit(app_repo, "app that cannot answer", {str(urls.relative_to(app_repo)):
+                                                urls.read_text() + "\nraise ImportError('no')\n"})
+    res = target.fab("deploy", check=False)
+    assert res.returncode == 1
+    assert "health check" in res.stdout and f"put release {before} back" in res.stdout
+    assert release_served(target.info.ip) == before
+    revert(app_repo)
+
+
+def test_rollback_releases_and_retention(target, deployed, app_repo):
+    before = release_served(target.info.ip)
+    listing = target.fab("releases").stdout
+    assert f"release {before}: current" in listing
+    res = target.fab("rollback")
+    assert "serving" in res.stdout
+    previous = release_served(target.info.ip)
+    assert previous != before and previous < before
+    # roll forward again, then ship more releases than RELEASES_KEEP (3)
+    for n in range(3):
+        commit(app_repo, f"release {n}", {f"example/demo/static/demo/n{n}.txt": str(n)})
+        target.fab("deploy")
+    kept = target.sh(f"ls /opt/{APP}/releases").stdout.split()
+    assert len(kept) == 3, kept
+
+
+def test_a_second_deploy_is_refused_while_one_runs(target, deployed):
+    target.sh(f"mkdir /opt/{APP}/.deploy.lock && echo 'someone@else since now' "
+              f"> /opt/{APP}/.deploy.lock/holder")
+    try:
+        res = target.fab("deploy", "--force", check=False)
+        assert res.returncode == 1
+        assert "another deploy is running" in res.stdout and "someone@else" in res.stdout
+    finally:
+        target.fab("deploy-unlock")
+
+
+def test_no_secret_in_deploy_output(target, deployed):
+    out = deployed.stdout + deployed.stderr
+    for secret in ("sandbox-db-password", "sandbox-key-"):
+        assert secret not in out
