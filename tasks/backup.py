@@ -1,0 +1,325 @@
+"""Backups that restore: ``fab backup`` sets them up, ``fab backup-db``, ``fab restore-db``.
+
+Layout (``backup.setup``, part of ``fab provision``)::
+
+    /opt/APP/backup/            root:backups 0750
+        daily/ weekly/ monthly/ the scheduled dumps (weekly/monthly: hard links of a daily one)
+        previous-deploy/        the dump every deploy takes before it migrates
+        manual/                 `fab backup-db` and the safety dump `fab restore-db` takes first
+        uploads/                dumps uploaded by `fab restore-db --upload`
+        media/<time>/           media snapshots, unchanged files hard-linked to the one before
+
+Every folder below is ``backups:backups 0750``, every file 0640: the ``backups`` user writes,
+the ``backups`` group reads, nobody else. Every dump is made by one script,
+``/usr/local/sbin/APP-backup`` (from files/backup.py.j2), run as the ``backups`` user: ``pg_dump
+-Fc`` as the app's database role over localhost, its password in ``/var/lib/backups/.pgpass``
+(0600; no superuser needed, and the dump restores as that role), written as ``.part``, checked
+with ``pg_restore --list`` and only then named ``DB-<UTC time>-<release>.dump``. The deploy
+calls the same script (``dump previous-deploy``) and does not migrate if it fails.
+
+The schedule is a systemd timer (``APP-backup.timer``, BACKUP_SCHEDULE) rather than cron:
+``Persistent=true`` catches up a run missed while the host was down, a oneshot service never
+runs twice at once, its exit status and output land in the journal (``systemctl status
+APP-backup``, ``journalctl -t APP-backup``) where monitoring can see a failure, and the unit is
+sandboxed (it can write only the backup folder). Each run: a daily dump; when it is the
+first of its ISO week / month it is also linked into weekly/ / monthly/; then, and only
+after the new dump was checked, each folder is pruned to BACKUP_KEEP_DAILY / _WEEKLY /
+_MONTHLY; then a media snapshot (``rsync --link-dest``), BACKUP_KEEP_MEDIA kept. A failed
+dump is logged, prunes nothing and makes the run exit 1.
+
+Off-site pull point: with OFFSITE_PUBKEY set, the ``offsite`` account accepts that key only,
+with ``restrict`` and the forced command ``rrsync -ro /opt/APP/backup`` (read-only, that
+folder only, no shell, no forwarding). The off-site host pulls with::
+
+    rsync -aH --delete --exclude '*.part' -e 'ssh -i KEY' offsite@HOST: /srv/APP-backups/
+
+(paths are relative to /opt/APP/backup; ``-H`` keeps weekly/monthly links as links).
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+from fabric import task
+from invoke import Collection
+
+from .db import pgpass_line
+from .host import StepFailed, session
+from .primitives import Command, Directory, File, Group, Packages, Service, User, ensure, q, render
+
+BACKUP_USER = "backups"
+BACKUP_GROUP = "backups"
+BACKUP_HOME = "/var/lib/backups"
+OFFSITE_USER = "offsite"
+OFFSITE_HOME = "/var/lib/offsite"
+RRSYNC = "/usr/bin/rrsync"
+FOLDERS = ("daily", "weekly", "monthly", "previous-deploy", "manual", "uploads", "media")
+DUMP_FOLDERS = ("manual", "previous-deploy", "daily", "weekly", "monthly", "uploads")
+
+# Exact row counts of every table of the app's database, one "schema.table|count" per line.
+ROW_COUNTS_SQL = (
+    "SELECT table_schema || '.' || table_name, (xpath('/row/c/text()', query_to_xml("
+    "format('SELECT count(*) AS c FROM %I.%I', table_schema, table_name), false, true, "
+    "'')))[1]::text FROM information_schema.tables WHERE table_type = 'BASE TABLE' AND "
+    "table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1;")
+
+
+def script_path(s) -> str:
+    return f"/usr/local/sbin/{s.app}-backup"
+
+
+def human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+# -- provisioning --------------------------------------------------------------------------
+
+def authorized_keys_line(pubkey: str, backup_dir: str) -> str:
+    """The off-site key, limited to a read-only rsync of ``backup_dir`` and nothing else."""
+    return f'restrict,command="{RRSYNC} -ro {backup_dir}" {pubkey.strip()}\n'
+
+
+def offsite_resources(h) -> list:
+    s = h.settings
+    keys = f"{OFFSITE_HOME}/.ssh/authorized_keys"
+    pub = s["OFFSITE_PUBKEY"]
+    if not pub:  # no account wanted: make sure no key opens it
+        return [File(keys, present=False)]
+    return [
+        Group(OFFSITE_USER),
+        # A shell is needed to run the forced command; the key allows nothing else.
+        User(OFFSITE_USER, group=OFFSITE_USER, home=OFFSITE_HOME, shell="/bin/sh",
+             groups=[BACKUP_GROUP]),
+        Directory(OFFSITE_HOME, "root", OFFSITE_USER, 0o750),
+        Directory(f"{OFFSITE_HOME}/.ssh", "root", OFFSITE_USER, 0o750),
+        # root-owned: the account cannot change its own key or its restrictions.
+        File(keys, authorized_keys_line(Path(pub).expanduser().read_text(), s.backup_dir),
+             owner="root", group=OFFSITE_USER, mode=0o640),
+    ]
+
+
+def backup_resources(h) -> list:
+    """Everything ``backup.setup`` declares, in order."""
+    s = h.settings
+    d = s.backup_dir
+    unit = f"{s.app}-backup"
+    return [
+        Packages(["rsync"]),
+        Group(BACKUP_GROUP),
+        User(BACKUP_USER, group=BACKUP_GROUP, home=BACKUP_HOME, groups=[s.app]),
+        Directory(BACKUP_HOME, BACKUP_USER, BACKUP_GROUP, 0o700),
+        File(f"{BACKUP_HOME}/.pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]),
+             owner=BACKUP_USER, group=BACKUP_GROUP, mode=0o600, secret=True),
+        Directory(d, "root", BACKUP_GROUP, 0o750),
+        *[Directory(f"{d}/{name}", BACKUP_USER, BACKUP_GROUP, 0o750) for name in FOLDERS],
+        File(script_path(s), render("backup.py.j2", s), mode=0o755,
+             validate="python3 -m py_compile %s"),
+        File(f"/etc/systemd/system/{unit}.service", render("backup.service.j2", s)),
+        File(f"/etc/systemd/system/{unit}.timer", render("backup.timer.j2", s),
+             notify=[f"{unit}.timer:restart"]),
+        Command("systemd units", "systemctl daemon-reload",
+                unless=f"test \"$(systemctl show -p NeedDaemonReload --value {unit}.service)\" "
+                       "!= yes", message=f"reloaded ({unit}.service changed)"),
+        Service(f"{unit}.timer"),
+        *offsite_resources(h),
+    ]
+
+
+def backup_step(h) -> None:
+    ensure(h, *backup_resources(h))
+
+
+# -- dumps -----------------------------------------------------------------------------------
+
+def dump_database(h, kind: str) -> tuple[str, int]:
+    """A checked dump into ``backup/<kind>`` by the backup script; its path and size.
+
+    Raises StepFailed("database dump", ...) when the dump or its check fails.
+    """
+    script = script_path(h.settings)
+    res = h.run(f"test -x {q(script)} || {{ echo '{script} is missing: run fab backup (part of "
+                f"fab provision) first' >&2; exit 1; }}\n{q(script)} dump {q(kind)}",
+                what="database dump", check=False)
+    last = res.stdout.strip().splitlines()[-1:] if res.ok else []
+    if not last or len(last[0].rsplit(" ", 1)) != 2:
+        raise StepFailed("database dump", h.mask(
+            (res.stderr.strip() or res.stdout.strip() or f"exit {res.exited}")[-1500:]))
+    path, size = last[0].rsplit(" ", 1)
+    return path, int(size)
+
+
+def row_counts(h) -> dict[str, int]:
+    """Exact row counts per table of the app's database, read as the app's role."""
+    s = h.settings
+    res = h.run(f"cd / && PGPASSFILE={q(s.conf_dir + '/pgpass')} psql -X -w -At -v "
+                f"ON_ERROR_STOP=1 -h localhost -U {q(s.db_user)} -d {q(s.db_name)} "
+                f"<<'FABSTACK_SQL'\n{ROW_COUNTS_SQL}\nFABSTACK_SQL", what="row counts")
+    counts = {}
+    for line in res.stdout.splitlines():
+        table, _, count = line.rpartition("|")
+        if table:
+            counts[table] = int(count or 0)
+    return counts
+
+
+def counts_table(before: dict[str, int], after: dict[str, int]) -> str:
+    """``table: before -> after`` lines, every table of either side."""
+    width = max((len(t) for t in {*before, *after}), default=0)
+    return "".join(f"{t:<{width}}  {before.get(t, '-'):>8} -> {after.get(t, '-')}\n"
+                   for t in sorted({*before, *after}))
+
+
+def find_dump(h, name: str) -> str:
+    """The path of dump ``name`` (a file name, or KIND/NAME) in the backup folders."""
+    s = h.settings
+    if name.startswith("/"):
+        name = name.removeprefix(s.backup_dir + "/")
+    parts = name.split("/")
+    if ".." in parts or len(parts) > 2 or not name.endswith(".dump"):
+        raise StepFailed("find dump", f"{name!r}: give a dump's file name (….dump) or "
+                         "FOLDER/NAME.dump from the backup folder")
+    candidates = [f"{s.backup_dir}/{name}"] if len(parts) == 2 else [
+        f"{s.backup_dir}/{folder}/{name}" for folder in DUMP_FOLDERS]
+    found = h.probe([f"for f in {' '.join(q(c) for c in candidates)}; do "
+                     "[ -f \"$f\" ] && echo \"$f\"; done; true"])[0].split()
+    if not found:
+        listing = h.probe([f"cd {q(s.backup_dir)} && ls -1t */*.dump 2>/dev/null | head -n 8"])
+        raise StepFailed("find dump", f"no dump {name} in {s.backup_dir}; newest: "
+                         f"{', '.join(listing[0].split()) or 'none'}")
+    return found[0]
+
+
+def upload_dump(h, local: str) -> str:
+    """Copy the local dump ``local`` into backup/uploads/ on the host; its path there."""
+    path = Path(local).expanduser()
+    if not path.is_file():
+        raise StepFailed("upload dump", f"{local}: no such file here")
+    s = h.settings
+    name = path.name if path.name.endswith(".dump") else path.name + ".dump"
+    dest = f"{s.backup_dir}/uploads/{name}"
+    tmp = f"/tmp/fabstack-{uuid.uuid4().hex}.dump"
+    h.conn.open()
+    sftp = h.conn.sftp()
+    sftp.put(str(path), tmp)
+    sftp.chmod(tmp, 0o600)
+    h.round_trips += 1
+    h.run(f"install -o {BACKUP_USER} -g {BACKUP_GROUP} -m 0640 {q(tmp)} {q(dest)}\n"
+          f"rc=$?; rm -f {q(tmp)}; exit $rc", what="upload dump")
+    h.changed("upload dump", f"{path} -> {dest}")
+    return dest
+
+
+def download_dump(h, path: str, local_dir: str = ".") -> Path:
+    """Fetch the dump at ``path`` to ``local_dir`` on this machine (Fabric's get)."""
+    local = Path(local_dir).expanduser() / Path(path).name
+    if h.conn.user == "root":
+        h.conn.get(path, local=str(local))
+    else:  # the dump is readable by root and the backups group only: hand over a copy
+        tmp = f"/tmp/fabstack-{uuid.uuid4().hex}.dump"
+        h.run(f"install -o {q(h.conn.user)} -m 0600 {q(path)} {q(tmp)}", what="download dump")
+        try:
+            h.conn.get(tmp, local=str(local))
+        finally:
+            h.run(f"rm -f {q(tmp)}", what="download dump")
+    h.round_trips += 1
+    local.chmod(0o600)
+    return local
+
+
+# -- restore ---------------------------------------------------------------------------------
+
+def app_units(s) -> list[str]:
+    """The units that use the database, in the order they are stopped."""
+    return [f"{s.app}.socket", f"{s.app}.service", "celerybeat.service", "celery.service"]
+
+
+def restore_database(h, path: str) -> None:
+    """Safety dump, stop the app and Celery, pg_restore ``path``, start them again."""
+    s = h.settings
+    res = h.run(f"pg_restore --list {q(path)} >/dev/null", what="check dump", check=False)
+    if not res.ok:
+        raise StepFailed("check dump", f"{path} is not a dump pg_restore can read: "
+                         f"{res.stderr.strip()[-500:]}")
+    units = " ".join(q(u) for u in app_units(s))
+    res = h.run(f"for u in {units}; do systemctl is-active --quiet -- \"$u\" && echo \"$u\"; "
+                "done; true", what="stop the app")
+    active = res.stdout.split()
+    if active:
+        h.run(f"systemctl stop -- {' '.join(q(u) for u in active)}", what="stop the app")
+        h.changed("stop the app", f"stopped {', '.join(active)} (nothing writes meanwhile)")
+    try:
+        before = row_counts(h)
+        safety, size = dump_database(h, "manual")
+        h.changed("safety dump", f"the database as it was: {safety} ({human(size)})")
+        res = h.run(f"cd / && PGPASSFILE={q(s.conf_dir + '/pgpass')} pg_restore -h localhost "
+                    f"-U {q(s.db_user)} -w -d {q(s.db_name)} --clean --if-exists --no-owner "
+                    f"--no-acl --single-transaction --exit-on-error {q(path)}",
+                    what="restore", check=False)
+        if not res.ok:
+            raise StepFailed("restore", f"pg_restore failed, the database is unchanged (one "
+                             f"transaction): {res.stderr.strip()[-1500:]}\n"
+                             f"safety dump: {safety}")
+        h.changed("restore", f"{path} restored into {s.db_name} as role {s.db_user}")
+        after = row_counts(h)  # before anything runs again: what the dump gave back
+    finally:
+        if active:
+            h.run(f"systemctl start -- {' '.join(q(u) for u in reversed(active))}",
+                  what="start the app")
+            h.changed("start the app", f"started {', '.join(reversed(active))}")
+    h.ok("row counts", "per table, before -> after the restore:\n"
+         + counts_table(before, after).rstrip("\n"))
+
+
+# -- tasks -----------------------------------------------------------------------------------
+
+@task(default=True, help={"check": "Show what would change and change nothing."})
+def setup(c, check=False):
+    """Backup layout, the backup script, its daily timer, and the off-site pull account."""
+    with session(c, "backup", check) as h:
+        backup_step(h)
+
+
+@task(name="backup-db", help={"download": "Also fetch the dump to this machine",
+                              "to": "Local folder --download writes to (default: .)"})
+def backup_db(c, download=False, to="."):
+    """Dump the app's database now (checked with pg_restore --list); print its path and size."""
+    with session(c, "backup-db") as h:
+        path, size = dump_database(h, "manual")
+        h.changed("database dump", f"{path} ({human(size)}), checked with pg_restore --list")
+        if download:
+            local = download_dump(h, path, to)
+            h.changed("download", f"{path} -> {local}")
+
+
+@task(name="restore-db", help={"dump": "Name of a dump on the host (NAME.dump or FOLDER/NAME.dump)",
+                               "upload": "A dump on this machine to upload and restore",
+                               "yes": "Do not ask for confirmation"})
+def restore_db(c, dump=None, upload=None, yes=False):
+    """Restore a dump into the app's database (a safety dump is taken first); row counts."""
+    if bool(dump) == bool(upload):
+        from invoke.exceptions import Exit
+        raise Exit("error: give exactly one of --dump NAME or --upload LOCALFILE", code=2)
+    with session(c, "restore-db") as h:
+        s = h.settings
+        if not yes:
+            source = dump or upload
+            print(f"Restore {source} into database {s.db_name} on {h.name}? Its current data "
+                  "is replaced (a safety dump is taken first); the app and Celery stop "
+                  "meanwhile.", flush=True)
+            answer = input("Type yes to go on: ") if sys.stdin.isatty() else ""
+            if answer.strip().lower() != "yes":
+                raise StepFailed("restore", "not confirmed: nothing was changed "
+                                 "(--yes skips the question)")
+        path = upload_dump(h, upload) if upload else find_dump(h, dump)
+        restore_database(h, path)
+
+
+# The ``backup`` namespace holds setup only: backup-db and restore-db live at the root.
+ns = Collection("backup", setup)
