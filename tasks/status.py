@@ -1,0 +1,165 @@
+"""``fab status``: one screen per host, read in one SSH round trip; non-zero exit when unhealthy.
+
+Reads, without changing anything: whether each service is active, the listening TCP ports,
+the current release and when it was deployed, the newest database dump anywhere below
+/opt/APP/backup and its age, the TLS certificate's expiry, and the disk use of the app's
+data, the database and the backups. Something wrong (a service down, a certificate expiring
+within CERT_WARN_DAYS, no fresh backup, a nearly full disk) is named, and the exit status is 1,
+so the task can run from cron or CI.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fabric import task
+from invoke.exceptions import Exit
+
+from .host import session
+from .primitives import q
+
+CERT_WARN_DAYS = 14  # a certificate closer than this to its expiry is a problem
+BACKUP_MAX_AGE = 48 * 3600  # seconds: an older newest dump is a problem
+DISK_MAX_USE = 90  # percent of a filesystem in use that is a problem
+
+
+def services(s) -> list[tuple[str, str]]:
+    """(unit, what it is) for every service the host should run."""
+    units = [(f"{s.app}.service", "gunicorn"), ("celery.service", "Celery worker"),
+             ("celerybeat.service", "Celery beat"), ("nginx.service", "web server"),
+             ("postgresql.service", "database"), ("redis-server.service", "broker and cache")]
+    if s.monitoring:
+        units.append(("telegraf.service", "metrics"))
+    return units
+
+
+def snippets(s) -> list[str]:
+    """The read-only probe, one snippet per part of the report."""
+    current = f"{s.code_dir}/app"
+    cert = f"/etc/letsencrypt/live/{s['DOMAIN']}/fullchain.pem"
+    folders = " ".join(q(p) for p in (s.home_dir, "/var/lib/postgresql", s.backup_dir))
+    return [
+        "date +%s",
+        "".join(f"echo {q(unit)} $(systemctl is-active -- {q(unit)} 2>/dev/null)\n"
+                for unit, _ in services(s)) + "true",
+        "ss -ltnH 2>/dev/null | awk '{print $4}'",
+        f"if [ -L {q(current)} ]; then readlink -- {q(current)}; "
+        f"stat -c %Y -- {q(current)}; fi",
+        f"find {q(s.backup_dir)} -type f -name '*.dump' -printf '%T@ %s %p\\n' 2>/dev/null"
+        " | sort -n | tail -n 1",
+        f"if [ -f {q(cert)} ]; then end=$(openssl x509 -enddate -noout -in {q(cert)} "
+        "| cut -d= -f2); date -d \"$end\" +%s; else echo none; fi",
+        f"du -sh -- {folders} 2>/dev/null; true",
+        f"df -P -- / {q(s.code_dir)} {q(s.home_dir)} 2>/dev/null | awk 'NR > 1 {{print $5, $6}}'"
+        " | sort -u",
+    ]
+
+
+def ago(seconds: float) -> str:
+    """A duration as people say it: 45 s, 12 min, 5 h, 3 days."""
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 3 * 86400:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
+
+
+def when(epoch: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
+def ports(ss_out: str) -> str:
+    """``ss -ltnH`` local addresses as "22 (0.0.0.0, [::]), 5432 (127.0.0.1)"."""
+    by_port: dict[int, list[str]] = {}
+    for addr in ss_out.split():
+        host, _, port = addr.rpartition(":")
+        if port.isdigit():
+            hosts = by_port.setdefault(int(port), [])
+            if host not in hosts:
+                hosts.append(host)
+    return ", ".join(f"{port} ({', '.join(hosts)})" for port, hosts in sorted(by_port.items()))
+
+
+@dataclass
+class Line:
+    status: str  # ok, warning or failed
+    what: str
+    message: str
+
+
+def assess(s, answers: list[str]) -> list[Line]:
+    """The report's lines from the probe's ``answers`` (see :func:`snippets`)."""
+    now_s, units, ss_out, release, dump, cert, du, df = answers
+    now = int(now_s.strip() or time.time())
+    lines: list[Line] = []
+    state = dict(line.split(" ", 1) if " " in line else (line, "unknown")
+                 for line in units.splitlines() if line.strip())
+    for unit, role in services(s):
+        active = state.get(unit, "").strip() or "unknown"
+        lines.append(Line("ok" if active == "active" else "failed", f"service {unit}",
+                          f"{active} ({role})"))
+    lines.append(Line("ok", "listening", ports(ss_out) or "nothing"))
+
+    rel = release.split()
+    if len(rel) == 2 and rel[1].isdigit():
+        lines.append(Line("ok", "release", f"{rel[0].rsplit('/', 1)[-1]}, deployed "
+                          f"{when(int(rel[1]))} ({ago(now - int(rel[1]))} ago)"))
+    else:
+        lines.append(Line("warning", "release", f"none deployed ({s.code_dir}/app missing)"))
+
+    parts = dump.split(" ", 2)
+    if len(parts) == 3:
+        stamp, size, path = int(float(parts[0])), int(parts[1]), parts[2].strip()
+        age = now - stamp
+        status = "ok" if age <= BACKUP_MAX_AGE else "failed"
+        lines.append(Line(status, "last backup", f"{path} ({size / 1e6:.1f} MB), made "
+                          f"{when(stamp)} ({ago(age)} ago)"
+                          + ("" if status == "ok" else
+                             f": older than {BACKUP_MAX_AGE // 3600} h")))
+    else:
+        lines.append(Line("warning", "last backup", f"none (no *.dump below {s.backup_dir})"))
+
+    cert = cert.strip()
+    if cert.isdigit():
+        days = (int(cert) - now) // 86400
+        status = "ok" if days >= CERT_WARN_DAYS else "failed"
+        lines.append(Line(status, "certificate", f"{s['DOMAIN']}: expires in {days} days"
+                          + ("" if status == "ok" else
+                             f" (less than {CERT_WARN_DAYS}: is renewal working?)")))
+    else:
+        lines.append(Line("ok" if not s["ACME_SERVER"] else "warning", "certificate",
+                          f"none for {s['DOMAIN']}"
+                          + (" (plain HTTP: ACME_SERVER is empty)" if not s["ACME_SERVER"]
+                             else "")))
+
+    sizes = [line.split("\t", 1) for line in du.splitlines() if "\t" in line]
+    lines.append(Line("ok", "disk use", ", ".join(f"{path} {size}" for size, path in sizes)
+                      or "unknown"))
+    for line in df.splitlines():
+        use, _, mount = line.partition(" ")
+        if use.rstrip("%").isdigit():
+            full = int(use.rstrip("%"))
+            lines.append(Line("ok" if full < DISK_MAX_USE else "failed", f"filesystem {mount}",
+                              f"{use} used"))
+    return lines
+
+
+@task
+def status(c):
+    """One screen on the host's health; exits 1 naming what is wrong (for cron or CI)."""
+    problems: list[str] = []
+    with session(c, "status") as h:
+        s = h.settings
+        answers = h.probe(snippets(s))
+        for line in assess(s, answers):
+            h.report.add(line.status, line.what, h.mask(line.message))
+            if line.status == "failed":
+                problems.append(f"{line.what}: {line.message}")
+    if problems:
+        raise Exit(f"[{h.name}] UNHEALTHY, {len(problems)} problem"
+                   f"{'s' if len(problems) > 1 else ''}:\n  " + "\n  ".join(problems), code=1)
+    print(f"[{h.name}] healthy", flush=True)
