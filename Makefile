@@ -1,11 +1,11 @@
 # The two entry points of the README, and what they need.
-#   make demo  - install everything, boot the local sandbox host, provision it
+#   make demo  - install everything, boot the local sandbox host, provision it and deploy the
+#                example app over HTTPS
 #   make test  - install everything, run all tests (unit and real-host)
 PY ?= python3
 VENV := .venv
-SYSTEM_PACKAGES := debootstrap systemd-container tinyproxy iproute2 openssh-client
+SYSTEM_PACKAGES := debootstrap systemd-container tinyproxy iproute2 openssh-client pebble
 FAB := $(VENV)/bin/fab
-SANDBOX := /var/tmp/fabstack-sandbox/fabstack
 
 .PHONY: setup system-deps demo test lint sandbox-down bench
 
@@ -24,8 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(FAB) sandbox.up
-	FABRIC_FABSTACK_ENV_FILE=$(SANDBOX)/sandbox.env $(FAB) -S $(SANDBOX)/ssh_config -H fabstack-sandbox provision
+	$(FAB) sandbox.demo
 
 test: setup
 	$(VENV)/bin/pytest -ra

@@ -1,10 +1,10 @@
-"""Benchmark: a no-op `fab provision` on a converged sandbox host.
+"""Benchmark: a no-op `fab provision` and a redeploy of an unchanged release.
 
 Boots (or reuses) the sandbox "bench", provisions it until a run changes
-nothing, then times RUNS more runs of the whole `fab` command (process start,
-SSH connect, probes, report) and prints wall time (median, min, max) with the
-SSH command round trips each run made, beside the SSH floor (one `ssh` that runs
-`true`). Run as root: `make bench` or `.venv/bin/python bench/noop_provision.py`.
+nothing and deploys the example app, then times RUNS more runs of each whole
+`fab` command (process start, SSH connect, probes, report) and prints wall time
+(median, min, max) with the SSH command round trips each run made, beside the
+SSH floor (one `ssh` that runs `true`). Run as root: `make bench`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tasks.sandbox import Sandbox, write_settings  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 FAB = str(Path(sys.executable).parent / "fab")
-SUMMARY = re.compile(r"\] provision: (\d+) changed, .* \((\d+) SSH round trips\)")
+SUMMARY = re.compile(r"\] \w+: (\d+) changed, .* \((\d+) SSH round trips\)")
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, str]:
@@ -53,19 +53,21 @@ def main() -> None:
             break
     else:
         sys.exit("the host did not converge in 3 runs")
-    walls, trips = [], set()
-    for _ in range(RUNS):
-        wall, out = timed(fab, env)
-        changed, round_trips = map(int, SUMMARY.search(out).groups())
-        assert changed == 0, out
-        walls.append(wall)
-        trips.add(round_trips)
+    timed([*fab[:-1], "deploy"], env)
+    print(f"\n{RUNS} runs each on a converged Debian {info.suite} sandbox:")
+    for label, cmd in (("no-op provision", fab), ("redeploy, same commit", [*fab[:-1], "deploy"])):
+        walls, trips = [], set()
+        for _ in range(RUNS):
+            wall, out = timed(cmd, env)
+            changed, round_trips = map(int, SUMMARY.search(out).groups())
+            assert changed == 0, out
+            walls.append(wall)
+            trips.add(round_trips)
+        print(f"  fab {label:<22} {figures(walls)}  "
+              f"SSH round trips per run: {', '.join(map(str, sorted(trips)))}")
     floor = [timed(["ssh", "-F", str(info.ssh_config), info.alias, "true"], env)[0]
              for _ in range(RUNS)]
-    print(f"\nno-op provision on a converged Debian {info.suite} sandbox, {RUNS} runs each:")
-    print(f"  fab provision (whole command)  {figures(walls)}  "
-          f"SSH round trips per run: {', '.join(map(str, sorted(trips)))}")
-    print(f"  SSH floor (ssh host true)      {figures(floor)}")
+    print(f"  {'SSH floor (ssh host true)':<26} {figures(floor)}")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,29 @@ defaults live in the ``fabstack`` config section and can be overridden in
 
 from invoke import Collection
 
-from . import db, provision, python, sandbox
+from . import (
+    backup,
+    celery,
+    certbot,
+    db,
+    deploy,
+    monitoring,
+    nginx,
+    provision,
+    python,
+    sandbox,
+    status,
+)
 
 
 def build_namespace() -> Collection:
     ns = Collection()
-    for module in (provision, python, db, sandbox):
+    for module in (provision, python, db, backup, celery, nginx, certbot, monitoring, sandbox):
         ns.add_collection(Collection.from_module(module))
+    for name in ("deploy", "rollback", "releases", "deploy_unlock", "gunicorn"):
+        ns.add_task(getattr(deploy, name))
+    ns.add_task(status.status)
+    for name in ("backup_db", "restore_db"):
+        ns.add_task(getattr(backup, name))
     ns.configure({"fabstack": {"env_file": ".env", "check": False}})
     return ns

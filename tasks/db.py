@@ -48,6 +48,8 @@ PGDG_URI = "https://apt.postgresql.org/pub/repos/apt"
 PGDG_KEY = "https://www.postgresql.org/media/keys/ACCC4CF8.asc"
 SCRAM_ITERATIONS = 4096
 CELERY_HOME = "/var/lib/celery"
+# The Celery units (tasks/celery.py) read both environment files: restarted when one changes.
+CELERY_RESTART = ("celery.service:restart", "celerybeat.service:restart")
 
 
 # -- SQL over stdin ----------------------------------------------------------------------
@@ -250,8 +252,10 @@ def db_resources(h) -> list:
         Group("celery"),
         User("celery", group="celery", home=CELERY_HOME, groups=[app]),
         Directory(CELERY_HOME, "celery", "celery", 0o750),
-        File(s.app_env_file, render("app.conf.j2", s), group=app, mode=0o640, secret=True),
-        File(f"{conf}/celery.conf", render("celery.conf.j2", s), group="celery", mode=0o640),
+        File(s.app_env_file, render("app.conf.j2", s), group=app, mode=0o640, secret=True,
+             notify=(*CELERY_RESTART, f"{app}.service:restart")),
+        File(f"{conf}/celery.conf", render("celery.conf.j2", s), group="celery", mode=0o640,
+             notify=CELERY_RESTART),
         File(f"{conf}/pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]), mode=0o600,
              secret=True),
     ]

@@ -500,6 +500,28 @@ class Service(Resource):
         return Change(", ".join(done) or "cleared a stale restart marker", "\n".join(cmds))
 
 
+class ReleaseService(Service):
+    """A :class:`Service` that runs only once ``release_dir`` exists (a release is deployed).
+
+    Whether it does is read by the same probe as the unit's state, so deciding costs no
+    round trip of its own.
+    """
+
+    def __init__(self, name: str, release_dir: str):
+        super().__init__(name, enabled=True, running=True)
+        self.release_dir = release_dir
+
+    def probe(self) -> str:
+        return f"test -d {q(self.release_dir)} && echo release=yes\n" + super().probe()
+
+    def plan(self, state, host):
+        self.running = "release=yes" in state.splitlines()
+        outcome = super().plan(state, host)
+        if not self.running:
+            outcome.message += f" (no release deployed yet: {self.release_dir} missing)"
+        return outcome
+
+
 # -- commands --------------------------------------------------------------------
 
 class Command(Resource):

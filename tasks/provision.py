@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fabric import task
 
-from . import db, python
+from . import backup, celery, certbot, db, deploy, monitoring, nginx, python
 from .host import session
 from .primitives import (
     AptUpdate,
@@ -55,12 +55,11 @@ def base_resources(h) -> list:
         *network_resources(h),
         AptUpdate(int(s["APT_CACHE_MAX_AGE"])),
         DistUpgrade(record=not h.check),
-        Packages(s["BASE_PACKAGES"].split() + ["ca-certificates", "ufw"]),
+        Packages(s["BASE_PACKAGES"].split() + ["ca-certificates", "curl", "ufw"]),
         Group(app),
         User(app, group=app, home=s.home_dir),
         Directory(s.code_dir, "root", "root", 0o755),
         Directory(s.conf_dir, "root", app, 0o750),
-        Directory(s.backup_dir, "root", "root", 0o750),
         Directory(s.home_dir, app, app, 0o755),
         Directory(s.static_dir, "root", app, 0o755),
         Directory(s.media_dir, app, app, 0o755),
@@ -75,11 +74,21 @@ def base_step(h) -> None:
 
 @task(default=True, help={"check": "Show what would change and change nothing."})
 def all(c, check=False):  # noqa: A001 - "provision.all" reads best
-    """Provision the whole stack in order (base system, Python and virtualenv, data tier)."""
+    """Provision the whole stack in order: base, Python, data, Celery, gunicorn, web, monitoring."""
     with session(c, "provision", check) as h:
-        base_step(h)
-        python.python_step(h)
-        db.db_step(h)
+        release, candidate = python.facts(h, h.settings["PYTHON_VERSION"])
+        if candidate:
+            first = [*base_resources(h), *python.python_resources(h, release, candidate)]
+        else:  # no apt lists yet (or a PPA is needed): the base system first, then look again
+            base_step(h)
+            python.python_step(h)
+            first = []
+        # One ensure for the steps that need no decision on the host: one probe round trip.
+        ensure(h, *first, *db.db_resources(h), *celery.celery_resources(h),
+               *deploy.app_resources(h), *nginx.nginx_resources(h))
+        backup.backup_step(h)
+        certbot.certbot_step(h)
+        monitoring.monitoring_step(h)
 
 
 @task(help={"check": "Show what would change and change nothing."})

@@ -54,7 +54,8 @@ def python_resources(h, release: dict[str, str], candidate: bool) -> list:
     return resources
 
 
-def _has_candidate(h, version: str) -> tuple[dict[str, str], bool]:
+def facts(h, version: str) -> tuple[dict[str, str], bool]:
+    """The host's /etc/os-release, and whether apt can install python``version``."""
     release, policy = h.probe(["cat /etc/os-release",
                                f"apt-cache policy python{version} 2>/dev/null"])
     candidate = any(line.split(":", 1)[1].strip() not in ("", "(none)")
@@ -64,10 +65,10 @@ def _has_candidate(h, version: str) -> tuple[dict[str, str], bool]:
 
 def python_step(h) -> None:
     version = h.settings["PYTHON_VERSION"]
-    release, candidate = _has_candidate(h, version)
+    release, candidate = facts(h, version)
     if not candidate:  # the lists may be missing or stale: refresh them once and look again
         ensure(h, AptUpdate(max_age=60))
-        release, candidate = _has_candidate(h, version)
+        release, candidate = facts(h, version)
     ensure(h, *python_resources(h, release, candidate))
 
 

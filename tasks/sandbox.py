@@ -43,6 +43,8 @@ from pathlib import Path
 from fabric import task
 from invoke.exceptions import Exit
 
+from . import pebble
+
 DEFAULT_BASE_DIR = Path("/var/tmp/fabstack-sandbox")
 MIRROR = "http://deb.debian.org/debian"
 IMAGE_PACKAGES = (
@@ -541,6 +543,7 @@ class Sandbox:
 
     def _teardown(self) -> None:
         """Remove every trace of this sandbox except the client key (and the shared image)."""
+        pebble.stop_recorded(self.dir / "pebble")
         self._stop_processes()
         self._network_down()
         if self.dir.is_dir():
@@ -556,15 +559,20 @@ class Sandbox:
 
 # -- settings for the library ---------------------------------------------------------------
 
-SANDBOX_SETTINGS = {"DOMAIN": "ratemyderp.test", "ADMIN_EMAIL": "ops@ratemyderp.test"}
+# The demo deploys the example app of this repository.
+SANDBOX_SETTINGS = {"DOMAIN": "ratemyderp.test", "ADMIN_EMAIL": "ops@ratemyderp.test",
+                    "DEPLOY_REPO": str(Path(__file__).resolve().parent.parent),
+                    "DEPLOY_SUBDIR": "example",
+                    # Let's Encrypt cannot reach a sandbox: served over plain HTTP.
+                    "ACME_SERVER": ""}
 
 
-def write_settings(info: SandboxInfo, path: Path | None = None) -> Path:
+def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str) -> Path:
     """Write a complete .env for the library to provision this sandbox; return its path.
 
     Proxy and CA come from the sandbox; secrets are random (kept when the file exists
     already, so re-running the demo does not rotate them); other keys keep their
-    defaults. The file is readable by root only.
+    defaults; ``overrides`` win. The file is readable by root only.
     """
     from dotenv import dotenv_values
 
@@ -572,8 +580,8 @@ def write_settings(info: SandboxInfo, path: Path | None = None) -> Path:
 
     path = path or info.root.parent / "sandbox.env"
     old = dotenv_values(path, interpolate=False) if path.exists() else {}
-    values = dict(SANDBOX_SETTINGS, HTTP_PROXY=info.proxy_url,
-                  EXTRA_CA_CERT=str(info.ca_bundle or ""))
+    values = {**SANDBOX_SETTINGS, "HTTP_PROXY": info.proxy_url,
+              "EXTRA_CA_CERT": str(info.ca_bundle or ""), **overrides}
     for key in settings.KEYS:
         if key.secret and key.name not in values:
             values[key.name] = old.get(key.name) or secrets.token_urlsafe(48)
@@ -635,3 +643,37 @@ def status(c, name="fabstack"):
         print(f"{name}-sandbox is running:\n{info_file.read_text()}", end="")
     else:
         print(f"{name}-sandbox is not running")
+
+
+@task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie"})
+def demo(c, name="fabstack", suite="bookworm"):
+    """Boot the sandbox, then provision and deploy the example app over HTTPS (local ACME CA)."""
+    started = time.monotonic()
+    with _task_errors():
+        box = Sandbox(name=name, suite=suite)
+        info = box.up()
+        acme = pebble.Pebble(info.host_ip, info.ip, box.dir / "pebble")
+        if not pebble.recorded_pids(acme.workdir):
+            try:
+                acme.start()
+            except pebble.PebbleError as exc:
+                raise SandboxError(str(exc)) from exc
+    # certbot must trust Pebble's HTTPS certificate; pip and apt, the egress CA.
+    bundle = box.dir / "demo-ca.pem"
+    bundle.write_text("".join(p.read_text().rstrip("\n") + "\n" for p in
+                              [info.ca_bundle, acme.https_ca] if p))
+    env_file = write_settings(info, ACME_SERVER=acme.directory, EXTRA_CA_CERT=str(bundle))
+    fab = f"{shlex.quote(sys.executable)} -m fabric -S {shlex.quote(str(info.ssh_config))} " \
+          f"-H {info.alias}"
+    env = {"FABRIC_FABSTACK_ENV_FILE": str(env_file)}
+    repo = Path(__file__).resolve().parent.parent
+    for step in ("provision", "deploy"):
+        print(f"\n== fab {step} ==", flush=True)
+        c.run(f"cd {shlex.quote(str(repo))} && {fab} {step}", env=env, pty=False)
+    domain = SANDBOX_SETTINGS["DOMAIN"]
+    print(f"\nThe example app is served by {info.alias} ({time.monotonic() - started:.0f} s):\n"
+          f"  https://{domain}/ at {info.ip} (this machine only)\n"
+          f"  Its certificate comes from the local ACME CA (Pebble); trust its root to verify:\n"
+          f"    curl --cacert {acme.issuing_root} --resolve {domain}:443:{info.ip} "
+          f"https://{domain}/\n"
+          f"  settings: {env_file}\n  tear down: fab sandbox.down")

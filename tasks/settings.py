@@ -31,6 +31,9 @@ _REDIS_SIZE = re.compile(r"^[1-9][0-9]*(b|k|kb|m|mb|g|gb)?$", re.I)
 REDIS_POLICIES = ("noeviction", "volatile-lru", "allkeys-lru", "volatile-lfu", "allkeys-lfu",
                   "volatile-random", "allkeys-random", "volatile-ttl")
 BOOLEANS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+_PUBKEY = re.compile(r"^(ssh|ecdsa|sk)-[\w@.-]+ [A-Za-z0-9+/=]+")
+_NGINX_SIZE = re.compile(r"^[0-9]{1,6}[kKmMgG]?$")
+LETSENCRYPT_ACME = "https://acme-v02.api.letsencrypt.org/directory"
 # Extra variables for the app's environment file: APP_ENV_FOO=x in .env becomes FOO=x.
 EXTRA_PREFIX = "APP_ENV_"
 # Variables fabstack writes into the app's environment file itself (see app_environment).
@@ -150,6 +153,83 @@ def check_optional_domain(value: str) -> str | None:
     return check_domain(value) if value else None
 
 
+def check_nginx_size(value: str) -> str | None:
+    if not _NGINX_SIZE.match(value):
+        return "must be a size NGINX reads, such as 10m, 512k or 1g (0: no limit)"
+    return None
+
+
+def check_https_url(value: str) -> str | None:
+    if value and (urlsplit(value).scheme != "https" or not urlsplit(value).hostname):
+        return "must be an https:// URL (or empty)"
+    return None
+
+
+MONITORING_MODES = ("", "telegraf", "off")
+
+
+def check_monitoring(value: str) -> str | None:
+    if value not in MONITORING_MODES:
+        return "must be telegraf, off or empty (telegraf when INFLUX_URL is set)"
+    return None
+
+
+def check_required_pg_name(value: str) -> str | None:
+    return check_pg_name(value) if value else "must be a PostgreSQL role name"
+
+
+def check_optional_min_length(minimum: int) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return check_min_length(minimum)(value) if value else None
+    return check
+
+
+def toml_quote(value: str) -> str:
+    """``value`` as a TOML basic string: double-quoted, ``"``, ``\\`` and controls escaped."""
+    out = []
+    for c in value:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04X}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def conninfo_quote(value: str) -> str:
+    """``value`` as one libpq connection-string value: single-quoted, ``\\`` and ``'`` escaped."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def is_true(value: str) -> bool:
+    """A boolean setting's value (checked with check_bool) as a bool."""
+    return value.lower() in ("true", "yes", "on", "1")
+
+
+def check_health_path(value: str) -> str | None:
+    if not re.match(r"^/[A-Za-z0-9._~/?=&%-]*$", value):
+        return "must be a URL path such as /health/"
+    return None
+
+
+def check_calendar(value: str) -> str | None:
+    if not re.match(r"^[A-Za-z0-9*:/,. ~-]+$", value):
+        return "must be a systemd OnCalendar= expression such as *-*-* 03:15:00 or daily"
+    return None
+
+
+def check_public_key(value: str) -> str | None:
+    if not value:
+        return None
+    if problem := check_local_file(value):
+        return problem
+    text = Path(value).expanduser().read_text(errors="replace").strip()
+    if len(text.splitlines()) != 1 or not _PUBKEY.match(text):
+        return "must name a file with one SSH public key line (ssh-ed25519 AAAA...)"
+    return None
+
+
 def env_quote(value: str) -> str:
     """``value`` as one double-quoted word that systemd's EnvironmentFile= and sh read alike.
 
@@ -171,7 +251,7 @@ class Key:
 KEYS: tuple[Key, ...] = (
     Key("APP_NAME", "Name of the app: its system user, group, paths (/opt/APP, /var/opt/APP, "
         "/var/log/APP) and units", "ratemyderp", check_app_name),
-    Key("DOMAIN", "Public domain name of the site (its www. alias is served too)",
+    Key("DOMAIN", "Public domain name of the site (www.DOMAIN is served too: see WWW_ALIAS)",
         check=check_domain),
     Key("ADMIN_EMAIL", "Operator's e-mail, the contact for the TLS certificate",
         check=check_email),
@@ -220,6 +300,57 @@ KEYS: tuple[Key, ...] = (
     Key("CELERY_CONCURRENCY", "Worker processes of the Celery worker", "2", check_positive_int),
     Key("CELERY_TIME_LIMIT", "Seconds a Celery task may run before its worker is replaced", "300",
         check_positive_int),
+    # -- NGINX and the TLS certificate (fab nginx, fab certbot) --
+    Key("NGINX_CLIENT_MAX_BODY_SIZE", "Largest request body NGINX accepts (uploads), e.g. 10m or "
+        "512k; 0: no limit", "10m", check_nginx_size),
+    Key("WWW_ALIAS", "True: www.DOMAIN is served too and is in the certificate", "True",
+        check_bool),
+    Key("ACME_SERVER", "ACME directory URL certbot gets the certificate from: Let's Encrypt "
+        "(default), its staging https://acme-staging-v02.api.letsencrypt.org/directory or an "
+        "internal ACME CA (trust its HTTPS certificate with EXTRA_CA_CERT). Empty: no "
+        "certificate, the site is served over plain HTTP", LETSENCRYPT_ACME, check_https_url),
+    # -- releases (fab deploy) --
+    Key("DEPLOY_REPO", "Git repository of the app: a local path (its ref is archived here and "
+        "uploaded) or a remote URL (mirrored on the host, read with DEPLOY_KEY); empty: "
+        "deploy refuses to run", ""),
+    Key("DEPLOY_SUBDIR", "Folder of the repository that holds the app (manage.py, "
+        "requirements.txt); empty: its root", ""),
+    Key("DEPLOY_REF", "Git ref deployed when `fab deploy` is given no --ref", "HEAD"),
+    Key("DEPLOY_KEY", "Local path of the SSH private key the host reads a remote DEPLOY_REPO "
+        "with (empty: none)", "", check_local_file),
+    Key("RELEASES_KEEP", "How many releases stay on the host (the current and the previous "
+        "always do)", "5", check_positive_int),
+    Key("GUNICORN_WORKERS", "gunicorn worker processes", "3", check_positive_int),
+    Key("WSGI_APP", "The app's WSGI module for gunicorn", "config.wsgi", check_dotted),
+    Key("HEALTH_PATH", "Path the deploy asks through NGINX; it must answer 2xx (and, if the app "
+        "sends X-Release, name the new release)", "/health/", check_health_path),
+    # -- backups (fab backup, fab backup-db, fab restore-db) --
+    Key("BACKUP_SCHEDULE", "When the daily backup runs: a systemd OnCalendar= expression, in "
+        "the host's time zone", "*-*-* 03:15:00", check_calendar),
+    Key("BACKUP_KEEP_DAILY", "Daily database dumps kept", "7", check_positive_int),
+    Key("BACKUP_KEEP_WEEKLY", "Weekly database dumps kept (the first daily dump of each ISO "
+        "week)", "4", check_positive_int),
+    Key("BACKUP_KEEP_MONTHLY", "Monthly database dumps kept (the first daily dump of each "
+        "month)", "6", check_positive_int),
+    Key("BACKUP_KEEP_DEPLOY", "Pre-migration dumps kept (one per deploy)", "3",
+        check_positive_int),
+    Key("BACKUP_KEEP_MEDIA", "Daily media snapshots kept (hard-linked: unchanged files take "
+        "no space)", "14", check_positive_int),
+    Key("OFFSITE_PUBKEY", "Local path of the SSH public key (.pub) an off-site host pulls the "
+        "backups with, as the read-only `offsite` account (empty: no such account)", "",
+        check_public_key),
+    # -- monitoring (fab monitoring): Telegraf to InfluxDB v2 --
+    Key("MONITORING", "telegraf: install Telegraf from InfluxData's apt repository and send "
+        "metrics to INFLUX_URL; off: no Telegraf (the monitoring role is still made when "
+        "MONITORING_DB_PASSWORD is set); empty: telegraf when INFLUX_URL is set, else off", "",
+        check_monitoring),
+    Key("INFLUX_SYSTEM_BUCKET", "InfluxDB bucket for the host's system metrics (cpu, mem, disk, "
+        "...); service and PostgreSQL metrics go to INFLUX_BUCKET. Empty: INFLUX_BUCKET", ""),
+    Key("MONITORING_DB_USER", "PostgreSQL role Telegraf reads statistics with (pg_monitor, no "
+        "access to the app's data)", "monitoring", check_required_pg_name),
+    Key("MONITORING_DB_PASSWORD", "Password of the monitoring role (at least 16 characters; "
+        "empty: no role, and no PostgreSQL metrics)", "", check_optional_min_length(16),
+        secret=True),
 )
 
 KEYS_BY_NAME = {key.name: key for key in KEYS}
@@ -235,6 +366,8 @@ class Settings:
     extras: dict[str, str] = field(default_factory=dict)  # APP_ENV_FOO=x as {"FOO": "x"}
 
     env_quote = staticmethod(env_quote)
+    toml_quote = staticmethod(toml_quote)
+    conninfo_quote = staticmethod(conninfo_quote)
 
     def __getitem__(self, name: str) -> str:
         return self.values[name]
@@ -242,6 +375,12 @@ class Settings:
     @property
     def app(self) -> str:
         return self.values["APP_NAME"]
+
+    @property
+    def site_names(self) -> list[str]:
+        """The site's host names: DOMAIN, and www.DOMAIN when WWW_ALIAS is on."""
+        domain = self.values["DOMAIN"]
+        return [domain, f"www.{domain}"] if is_true(self.values["WWW_ALIAS"]) else [domain]
 
     @property
     def code_dir(self) -> str:
@@ -293,6 +432,12 @@ class Settings:
         user, password, name = (quote(v, safe="") for v in
                                 (self.db_user, self.values["DB_PASSWORD"], self.db_name))
         return f"postgres://{user}:{password}@localhost:5432/{name}"
+
+    @property
+    def monitoring(self) -> bool:
+        """Whether Telegraf is installed: MONITORING=telegraf, or empty and INFLUX_URL set."""
+        mode = self.values["MONITORING"]
+        return mode == "telegraf" or (mode == "" and bool(self.values["INFLUX_URL"]))
 
     def app_environment(self) -> dict[str, str]:
         """The app's environment (:data:`MANAGED_ENV`, then the operator's extras)."""

@@ -1,5 +1,6 @@
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import pytest
 
 from tasks import settings as settings_mod
 from tasks.host import Host
+from tasks.pebble import Pebble
 from tasks.sandbox import Sandbox
 from tests.fake import FakeConnection
 
@@ -16,9 +18,18 @@ VALID = {"DOMAIN": "example.com", "ADMIN_EMAIL": "ops@example.com",
          "DB_PASSWORD": "unit-test-db-password", "DJANGO_SECRET_KEY": "unit-test-secret-key-" * 3}
 
 
+# The real-host modules share one sandbox, so they run in the order a server lives: provision
+# needs it fresh, Celery's module wants no release yet, web wants no certificate yet, then the
+# modules that deploy.
+REALHOST_ORDER = ("provision", "db", "celery", "web", "deploy", "backup", "status")
+
+
 def pytest_collection_modifyitems(items):
-    """The real-host modules share one sandbox: the one that needs it fresh runs first."""
-    items.sort(key=lambda item: item.path.name != "test_realhost_provision.py")
+    def rank(item):
+        name = item.path.stem.removeprefix("test_realhost_")
+        return REALHOST_ORDER.index(name) if name in REALHOST_ORDER else -1
+
+    items.sort(key=rank)  # stable: unit tests first, in their own order
 
 
 @pytest.fixture
@@ -68,7 +79,9 @@ class Target:
         values = {"DOMAIN": "ratemyderp.test", "ADMIN_EMAIL": "ops@ratemyderp.test",
                   "HTTP_PROXY": self.info.proxy_url,
                   "EXTRA_CA_CERT": str(self.info.ca_bundle or ""),
-                  "DB_PASSWORD": "sandbox-db-password", "DJANGO_SECRET_KEY": "sandbox-key-" * 5}
+                  "DB_PASSWORD": "sandbox-db-password", "DJANGO_SECRET_KEY": "sandbox-key-" * 5,
+                  # Let's Encrypt is out of reach: plain HTTP unless a test brings Pebble.
+                  "ACME_SERVER": ""}
         values.update(overrides)
         self.env_file.write_text("".join(f"{k}={dotenv_quote(v)}\n" for k, v in values.items()))
         return self.env_file
@@ -100,6 +113,36 @@ def target(sandbox, tmp_path_factory):
     t = Target(sandbox, tmp_path_factory.mktemp("target") / ".env")
     t.write_env()
     return t
+
+
+@pytest.fixture(scope="module")
+def app_repo(tmp_path_factory):
+    """A clone of this repository (its example app is what gets deployed) to commit changes to."""
+    path = tmp_path_factory.mktemp("app") / "repo"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(path)], check=True)
+    for key, value in (("user.name", "fabstack tests"), ("user.email", "tests@fabstack.test")):
+        subprocess.run(["git", "-C", str(path), "config", key, value], check=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pebble(sandbox, tmp_path_factory):
+    """Pebble and its DNS on the sandbox's host address, every name resolving to the target."""
+    server = Pebble(sandbox.host_ip, sandbox.ip, tmp_path_factory.mktemp("pebble"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pebble_env(sandbox, pebble, tmp_path_factory):
+    """Settings that get the certificate from Pebble: its directory, its HTTPS CA trusted."""
+    bundle = tmp_path_factory.mktemp("pebble-ca") / "extra-ca.pem"
+    certs = [sandbox.ca_bundle] if sandbox.ca_bundle else []
+    bundle.write_text("".join(p.read_text().rstrip("\n") + "\n" for p in [*certs, pebble.https_ca]))
+    return {"ACME_SERVER": pebble.directory, "EXTRA_CA_CERT": str(bundle)}
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 import configparser
 import posixpath
 import re
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 
@@ -350,20 +350,28 @@ def test_tasks_are_in_the_namespace():
 
 
 def test_provision_runs_celery_after_the_data_tier(monkeypatch):
-    calls = []
-    monkeypatch.setattr(provision, "session", lambda c, title, check: _Nothing())
-    monkeypatch.setattr(provision, "base_step", lambda h: calls.append("base"))
-    for module in vars(provision).values():  # every step provision runs, recorded
-        if isinstance(module, ModuleType) and module.__name__.startswith("tasks."):
-            for name in [n for n in vars(module) if n.endswith("_step")]:
-                monkeypatch.setattr(module, name, lambda h, n=name: calls.append(n))
+    """provision declares the Celery units after the files they read (one ensure, in order)."""
+    s = make_settings()
+    seen = []
+    host = SimpleNamespace(settings=s, check=False)
+    monkeypatch.setattr(provision, "session", lambda c, title, check: _Nothing(host))
+    monkeypatch.setattr(provision.python, "facts", lambda h, v: ({"ID": "debian"}, True))
+    monkeypatch.setattr(provision, "ensure", lambda h, *resources: seen.extend(resources))
+    for module in (provision.backup, provision.certbot, provision.monitoring):
+        for name in [n for n in vars(module) if n.endswith("_step")]:
+            monkeypatch.setattr(module, name, lambda h: None)
     provision.all.body(None)
-    assert calls.index("db_step") + 1 == calls.index("celery_step"), calls
+    whats = [r.what for r in seen]
+    assert whats.index(f"file {s.app_env_file}") < whats.index(
+        "file /etc/systemd/system/celery.service") < whats.index("service celery.service")
 
 
 class _Nothing:
+    def __init__(self, host):
+        self.host = host
+
     def __enter__(self):
-        return SimpleNamespace()
+        return self.host
 
     def __exit__(self, *exc):
         return False

@@ -1,6 +1,7 @@
 """The fab command line: task listing, and bad settings refused before any connection."""
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -45,17 +46,21 @@ def test_bad_settings_fail_before_connecting(tmp_path, text, named):
     assert "cannot talk to" not in res.stdout + res.stderr
 
 
-def test_template_error_fails_before_connecting(tmp_path, monkeypatch):
-    broken = REPO / "files" / "zz-broken-test.j2"
-    broken.write_text("line one\n{{ s.app }\n")
-    try:
-        env_file = tmp_path / ".env"
-        env_file.write_text(GOOD)
-        res = fab("-H", NO_HOST, "provision", env_file=env_file)
-    finally:
-        broken.unlink()
+def test_template_error_fails_before_connecting(tmp_path):
+    """A broken template in a copy of the project (never in the shared tree)."""
+    project = tmp_path / "project"
+    for name in ("tasks", "files"):
+        shutil.copytree(REPO / name, project / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "fabfile.py", project)
+    (project / "files" / "zz-broken.j2").write_text("line one\n{{ s.app }\n")
+    env_file = tmp_path / ".env"
+    env_file.write_text(GOOD)
+    env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(env_file))
+    res = subprocess.run([FAB, "-H", NO_HOST, "provision"], cwd=project, env=env,
+                         capture_output=True, text=True)
     assert res.returncode == 2
-    assert "files/zz-broken-test.j2:2" in res.stderr
+    assert "files/zz-broken.j2:2" in res.stderr
     assert "cannot talk to" not in res.stdout
 
 

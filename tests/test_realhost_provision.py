@@ -50,7 +50,7 @@ def test_host_state_after_provision(target, testinfra_host):
     expected = {
         f"/opt/{APP}": ("root", "root", 0o755),
         f"/opt/{APP}/conf": ("root", APP, 0o750),
-        f"/opt/{APP}/backup": ("root", "root", 0o750),
+        f"/opt/{APP}/backup": ("root", "backups", 0o750),
         f"/var/opt/{APP}": (APP, APP, 0o755),
         f"/var/opt/{APP}/static": ("root", APP, 0o755),
         f"/var/opt/{APP}/media": (APP, APP, 0o755),
