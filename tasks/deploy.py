@@ -29,7 +29,7 @@ from pathlib import Path
 from fabric import task
 
 from .host import StepFailed, session
-from .primitives import File, ReleaseService, ensure, q, render
+from .primitives import PENDING_DIR, File, ReleaseService, ensure, q, render
 
 LOCK = ".deploy.lock"
 
@@ -249,7 +249,10 @@ def _switch(h, release: str) -> None:
     h.run(f"set -e\nln -sfn releases/{q(release)} {q(paths['code'])}/.app.new\n"
           f"mv -T {q(paths['code'])}/.app.new {q(paths['current'])}\n"
           f"systemctl start {q(s.app)}.socket\n"
-          f"systemctl restart {q(unit)}", what=f"switch to {release}")
+          f"systemctl restart {q(unit)}\n"
+          # the restart also does any restart a configuration change left pending
+          f"rm -f {PENDING_DIR}/{q(unit)}@* {PENDING_DIR}/{q(s.app)}@*",
+          what=f"switch to {release}")
 
 
 def health_check(h, release: str, timeout: int = 60) -> tuple[bool, str]:

@@ -492,12 +492,12 @@ class Service(Resource):
         elif not self.running and active:
             cmds.append(f"systemctl stop -- {u}")
             done.append("stopped")
-        if pending:
+        if pending and cmds:  # a stopped unit keeps them: starting it later clears them
             cmds.append(f"rm -f {self._markers}")
         if not cmds:
             return Ok(("enabled, " if self.enabled else "") +
                       ("running" if self.running else "stopped"))
-        return Change(", ".join(done) or "cleared a stale restart marker", "\n".join(cmds))
+        return Change(", ".join(done), "\n".join(cmds))
 
 
 class ReleaseService(Service):

@@ -14,9 +14,6 @@ CONF = f"/opt/{APP}/conf/{APP}.conf"
 CELERY_CONF = f"/opt/{APP}/conf/celery.conf"
 # The Celery units read CONF: restarted when it changes (or their restart marker cleared when no
 # release runs yet).
-# The services that read the app's environment file: restarted (or, with no release yet, their
-# pending restart cleared) when it changes.
-CELERY = ("service celery.service", "service celerybeat.service", f"service {APP}.service")
 SAMPLER = "/root/fabstack-ps-sampler"
 SAMPLES = "/root/fabstack-ps-samples"
 
@@ -180,14 +177,14 @@ def test_one_change_changes_exactly_what_depends_on_it(runs, target):
     res = target.fab("provision")
     assert changed_whats(res.stdout) == {f"postgresql role {APP}", f"file {CONF}",
                                          f"file /opt/{APP}/conf/pgpass",
-                                         "file /var/lib/backups/.pgpass", *CELERY}, res.stdout
+                                         "file /var/lib/backups/.pgpass"}, res.stdout
     assert "Mk6new" not in res.stdout + res.stderr
     assert pids(target) == before
 
     target.write_env(**{**SECRETS, "DB_PASSWORD": "Mk6new db pw'\"$\\#%@:/= ",
                         "DJANGO_SECRET_KEY": "Mk7" + "n" * 60})
     res = target.fab("provision")
-    assert changed_whats(res.stdout) == {f"file {CONF}", *CELERY}, res.stdout
+    assert changed_whats(res.stdout) == {f"file {CONF}"}, res.stdout
 
     target.write_env(**{**SECRETS, "DB_PASSWORD": "Mk6new db pw'\"$\\#%@:/= ",
                         "DJANGO_SECRET_KEY": "Mk7" + "n" * 60, "REDIS_MAXMEMORY": "128mb"})

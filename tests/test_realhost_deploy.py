@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tasks.sandbox import Sandbox
 from tests.conftest import changed_count
 
 APP = "ratemyderp"
@@ -128,6 +129,20 @@ def test_first_deploy_serves_the_app(target, deployed, app_repo):
     assert target.sh(f"test -f /var/opt/{APP}/static/demo/site.css").returncode == 0
 
 
+def heartbeats(target, release: str) -> int:
+    return int(target.sh(f"cd / && runuser -u postgres -- psql -X -At -d {APP} -c "
+                         f"\"SELECT count(*) FROM demo_heartbeat WHERE release = '{release}'\""
+                         ).stdout.strip())
+
+
+def test_beat_schedules_and_the_worker_writes_within_a_minute(target, deployed):
+    release = release_served(target.info.ip)
+    deadline = time.monotonic() + 60
+    while heartbeats(target, release) == 0:
+        assert time.monotonic() < deadline, f"no heartbeat from release {release} in 60 s"
+        time.sleep(2)
+
+
 def test_redeploy_of_the_same_commit_changes_nothing(target, deployed):
     res = target.fab("deploy")
     assert "is already current" in res.stdout
@@ -172,9 +187,10 @@ def test_failing_migration_keeps_the_previous_release(target, deployed, app_repo
 
 def test_failing_health_check_puts_the_previous_release_back(target, deployed, app_repo):
     before = release_served(target.info.ip)
-    urls = app_repo / "example/config/urls.py"
-    commit(app_repo, "app that cannot answer", {str(urls.relative_to(app_repo)):
-                                                urls.read_text() + "\nraise ImportError('no')\n"})
+    views = app_repo / "example/demo/views.py"
+    commit(app_repo, "app that is never healthy", {str(views.relative_to(app_repo)): (
+        views.read_text() + "\n\ndef health(request):  # replaces the one above\n"
+        "    return HttpResponse('broken on purpose', status=503)\n")})
     res = target.fab("deploy", check=False)
     assert res.returncode == 1
     assert "health check" in res.stdout and f"put release {before} back" in res.stdout
@@ -213,3 +229,25 @@ def test_no_secret_in_deploy_output(target, deployed):
     out = deployed.stdout + deployed.stderr
     for secret in ("sandbox-db-password", "sandbox-key-"):
         assert secret not in out
+
+
+def test_everything_comes_back_after_a_reboot(target, deployed, sandbox):
+    """poweroff and boot again: the site, its workers and its data come back by themselves."""
+    release = release_served(target.info.ip)
+    Sandbox(name=sandbox.name, suite=sandbox.suite,
+            subnet=sandbox.host_ip.rsplit(".", 1)[0]).reboot()
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            assert release_served(target.info.ip) == release
+            break
+        except (OSError, AssertionError):
+            assert time.monotonic() < deadline, "the site did not come back within 90 s"
+            time.sleep(2)
+    status = target.fab("status", check=False)
+    assert status.returncode == 0, status.stdout
+    before = heartbeats(target, release)
+    deadline = time.monotonic() + 60
+    while heartbeats(target, release) == before:
+        assert time.monotonic() < deadline, "no heartbeat after the reboot"
+        time.sleep(2)
