@@ -144,7 +144,7 @@ def setup(c, check=False):
 
 @task(name="renew-dry-run")
 def renew_dry_run(c):
-    """Rehearse the renewal of the site's certificate against the CA (certbot renew --dry-run)."""
+    """Rehearse a renewal of the certificate with its CA (certbot renew --dry-run)."""
     with session(c, "certbot.renew-dry-run") as h:
         domain, server = h.settings["DOMAIN"], h.settings["ACME_SERVER"]
         if not server:

@@ -113,6 +113,6 @@ def monitoring_step(h) -> None:
 
 @task(default=True, help={"check": "Show what would change and change nothing."})
 def setup(c, check=False):
-    """Telegraf to InfluxDB v2 and PostgreSQL's monitoring role (MONITORING=off: the role only)."""
+    """Telegraf to InfluxDB v2, and PostgreSQL's monitoring role (pg_monitor)."""
     with session(c, "monitoring", check) as h:
         monitoring_step(h)

@@ -74,7 +74,7 @@ def base_step(h) -> None:
 
 @task(default=True, help={"check": "Show what would change and change nothing."})
 def all(c, check=False):  # noqa: A001 - "provision.all" reads best
-    """Provision the whole stack in order: base, Python, data, Celery, gunicorn, web, monitoring."""
+    """Provision the whole stack in order, from the base system to monitoring."""
     with session(c, "provision", check) as h:
         release, candidate = python.facts(h, h.settings["PYTHON_VERSION"])
         if candidate:
