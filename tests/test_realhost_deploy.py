@@ -1,17 +1,13 @@
 """fab deploy on the real sandbox host: releases, zero-downtime reload, failures, rollback."""
 
-import http.client
-import re
-import socket
-import ssl
 import subprocess
-import threading
 import time
 
 import pytest
 
 from tasks.sandbox import Sandbox
 from tests.conftest import changed_count
+from tests.load import Load, get, release_served
 
 APP = "ratemyderp"
 DOMAIN = "ratemyderp.test"
@@ -32,61 +28,6 @@ def revert(repo) -> str:
                    capture_output=True)
     return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
                           capture_output=True, text=True).stdout.strip()
-
-
-def get(ip: str, path: str = "/") -> tuple[int, str]:
-    """GET through NGINX as a browser would: HTTPS when the site has it, else HTTP."""
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    conn = http.client.HTTPConnection(ip, 80, timeout=10)
-    try:
-        conn.sock = context.wrap_socket(socket.create_connection((ip, 443), timeout=10),
-                                        server_hostname=DOMAIN)
-    except OSError:  # no certificate yet: NGINX rejects the TLS handshake
-        pass
-    try:
-        conn.request("GET", path, headers={"Host": DOMAIN})
-        res = conn.getresponse()
-        return res.status, res.read().decode(errors="replace")
-    finally:
-        conn.close()
-
-
-def release_served(ip: str) -> str:
-    status, body = get(ip)
-    assert status == 200, (status, body[:500])
-    return re.search(r"release: ([\w.-]+)", body).group(1)
-
-
-class Load:
-    """A steady stream of requests through NGINX from a second thread, counted."""
-
-    def __init__(self, ip: str, interval: float = 0.05):
-        self.ip, self.interval = ip, interval
-        self.sent, self.failed, self.worst = 0, [], 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set() and self.sent < 20000:
-            started = time.monotonic()
-            try:
-                status, _ = get(self.ip, "/health/")
-                if status != 200:
-                    self.failed.append(status)
-            except OSError as exc:
-                self.failed.append(repr(exc))
-            self.sent += 1
-            self.worst = max(self.worst, time.monotonic() - started)
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

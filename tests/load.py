@@ -1,0 +1,68 @@
+"""HTTP through the sandbox's NGINX as a browser would, and a steady request stream.
+
+Used by the real-host tests and by the benchmark's zero-downtime figures.
+"""
+
+import http.client
+import re
+import socket
+import ssl
+import threading
+import time
+
+DOMAIN = "ratemyderp.test"
+
+
+def get(ip: str, path: str = "/") -> tuple[int, str]:
+    """GET through NGINX as a browser would: HTTPS when the site has it, else HTTP."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    conn = http.client.HTTPConnection(ip, 80, timeout=10)
+    try:
+        conn.sock = context.wrap_socket(socket.create_connection((ip, 443), timeout=10),
+                                        server_hostname=DOMAIN)
+    except OSError:  # no certificate yet: NGINX rejects the TLS handshake
+        pass
+    try:
+        conn.request("GET", path, headers={"Host": DOMAIN})
+        res = conn.getresponse()
+        return res.status, res.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def release_served(ip: str) -> str:
+    status, body = get(ip)
+    assert status == 200, (status, body[:500])
+    return re.search(r"release: ([\w.-]+)", body).group(1)
+
+
+class Load:
+    """A steady stream of requests through NGINX from a second thread, counted."""
+
+    def __init__(self, ip: str, interval: float = 0.05):
+        self.ip, self.interval = ip, interval
+        self.sent, self.failed, self.worst = 0, [], 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set() and self.sent < 20000:
+            started = time.monotonic()
+            try:
+                status, _ = get(self.ip, "/health/")
+                if status != 200:
+                    self.failed.append(status)
+            except OSError as exc:
+                self.failed.append(repr(exc))
+            self.sent += 1
+            self.worst = max(self.worst, time.monotonic() - started)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=30)
