@@ -38,7 +38,11 @@ def release_served(ip: str) -> str:
 
 
 class Load:
-    """A steady stream of requests through NGINX from a second thread, counted."""
+    """Requests through NGINX at a fixed rate (one per ``interval``) from a second thread, counted.
+
+    A request slower than the interval delays the next ones (one connection at a time), but
+    the schedule does not drift: the stream catches up as soon as the host answers again.
+    """
 
     def __init__(self, ip: str, interval: float = 0.05):
         self.ip, self.interval = ip, interval
@@ -47,6 +51,7 @@ class Load:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        due = time.monotonic()
         while not self._stop.is_set() and self.sent < 20000:
             started = time.monotonic()
             try:
@@ -57,7 +62,8 @@ class Load:
                 self.failed.append(repr(exc))
             self.sent += 1
             self.worst = max(self.worst, time.monotonic() - started)
-            self._stop.wait(self.interval)
+            due += self.interval
+            self._stop.wait(max(0.0, due - time.monotonic()))
 
     def __enter__(self):
         self._thread.start()
