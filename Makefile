@@ -36,4 +36,4 @@ sandbox-down: setup
 	$(FAB) sandbox.down
 
 bench: setup
-	$(VENV)/bin/python bench/noop_provision.py
+	$(VENV)/bin/python bench/run.py
