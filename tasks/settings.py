@@ -52,10 +52,21 @@ class SettingsError(Exception):
 
 
 def check_app_name(value: str) -> str | None:
-    if not _APP_NAME.match(value):
-        return ("must be a valid Unix user name: lowercase letter first, then lowercase "
-                "letters, digits, '-' or '_', at most 31 characters")
-    return None
+    if _APP_NAME.match(value):
+        return None
+    if not value:
+        return "is empty: set the app's name (a valid Unix user name) or leave the key out"
+    faults = [fault for fault, found in (
+        (f"is {len(value)} characters long", len(value) > 31),
+        ("has spaces", any(c.isspace() for c in value)),
+        ("has uppercase letters", any(c.isupper() for c in value)),
+        ("does not start with a letter", not value[:1].isalpha()),
+        ("has other characters than a-z, 0-9, '-' and '_'",
+         bool(re.search(r"[^a-zA-Z0-9_\s-]", value))),
+    ) if found]
+    return (f"{value!r} {', '.join(faults)}: it must be a valid Unix user "
+            "name: lowercase letter first, then lowercase letters, digits, '-' or '_', at most "
+            "31 characters")
 
 
 def check_domain(value: str) -> str | None:

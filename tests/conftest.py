@@ -3,7 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -56,14 +56,16 @@ FAB = str(Path(sys.executable).parent / "fab")
 def sandbox():
     """A fresh sandbox Debian host, booted once per test session and torn down after.
 
-    Set FABSTACK_KEEP_SANDBOX=1 to leave it running for a look afterwards, and
-    FABSTACK_TEST_SANDBOX=NAME:SUBNET (default test:10.213.50) to run beside another suite.
+    Set FABSTACK_KEEP_SANDBOX=1 to leave it running for a look afterwards,
+    FABSTACK_TEST_SANDBOX=NAME:SUBNET (default test:10.213.50) to run beside another suite, and
+    FABSTACK_REUSE_SANDBOX=1 to run on that sandbox as it is when it is up (to iterate on one
+    module; a full run wants a fresh host).
     """
     if os.geteuid() != 0:
         pytest.skip("real-host tests boot a systemd-nspawn target and need root")
     name, subnet = os.environ.get("FABSTACK_TEST_SANDBOX", "test:10.213.50").split(":")
     box = Sandbox(name=name, subnet=subnet)
-    info = box.up(fresh=True)
+    info = box.up(fresh=not os.environ.get("FABSTACK_REUSE_SANDBOX"))
     yield info
     if not os.environ.get("FABSTACK_KEEP_SANDBOX"):
         box.down()
@@ -83,8 +85,9 @@ class Target:
                   "DB_PASSWORD": "sandbox-db-password", "DJANGO_SECRET_KEY": "sandbox-key-" * 5,
                   # Let's Encrypt is out of reach: plain HTTP unless a test brings Pebble.
                   "ACME_SERVER": ""}
-        values.update(overrides)
-        self.env_file.write_text("".join(f"{k}={dotenv_quote(v)}\n" for k, v in values.items()))
+        values.update(overrides)  # a key given as None is left out
+        self.env_file.write_text("".join(f"{k}={dotenv_quote(v)}\n" for k, v in values.items()
+                                         if v is not None))
         return self.env_file
 
     def fab(self, *args, check=True, env_file=None) -> subprocess.CompletedProcess:
@@ -102,6 +105,109 @@ class Target:
         if check and res.returncode != 0:
             raise AssertionError(f"{command!r} failed ({res.returncode}): {res.stderr}")
         return res
+
+
+# Everything a run of fab may change on the host, as text (compare two with state_changes):
+# every path with mode, owner, size and mtime; packages; firewall rules; PostgreSQL's roles and
+# databases; the stack's processes (a restart or reload is a change). Left out: what moves by
+# itself on an idle host (logs, caches, PostgreSQL's and Redis's data files, Celery beat's
+# schedule, the journal, /run and /tmp) and the probe's own SSH session.
+STATE = r"""
+find / -xdev \( -path /proc -o -path /sys -o -path /run -o -path /tmp -o -path /dev \
+  -o -path /var/log -o -path /var/cache -o -path /var/lib/systemd -o -path /root/.cache \
+  -o -path '/var/lib/postgresql/*/main' -o -path /var/lib/redis -o -path /var/lib/celery \
+  \) -prune -o -printf 'file %p %m %u %g %s %T@\n' | sort
+dpkg-query -W -f 'package ${Package} ${Version} ${Status}\n'
+ls -la --time-style=+%s /var/log | grep -v ' journal$' | sed 's/^/log /'
+for save in iptables-save ip6tables-save; do
+  command -v $save >/dev/null && $save | grep -v '^#' | sed "s/\[[0-9]*:[0-9]*\]//; s/^/$save /"
+done
+command -v psql >/dev/null && (cd / && runuser -u postgres -- psql -XAt -d postgres -c \
+  "SELECT 'role ' || rolname || ' ' || md5(coalesce(rolpassword, '')) || ' ' || rolcanlogin
+   FROM pg_authid UNION ALL SELECT 'database ' || datname FROM pg_database ORDER BY 1") \
+  2>/dev/null
+head -qn1 /var/lib/postgresql/*/main/postmaster.pid 2>/dev/null | sed 's/^/postmaster /'
+ps -C nginx,gunicorn,redis-server,celery,python3.11 -o pid=,user=,comm= | sed 's/^/process/'
+true
+"""
+
+
+def host_state(target) -> str:
+    """The host's state (:data:`STATE`) now."""
+    return target.sh(STATE).stdout
+
+
+def state_changes(before: str, after: str) -> list[str]:
+    """The lines of two :func:`host_state` texts that differ (- before, + after)."""
+    old, new = set(before.splitlines()), set(after.splitlines())
+    return sorted([f"- {line}" for line in old - new] + [f"+ {line}" for line in new - old],
+                  key=lambda line: line[2:])
+
+
+# Each secret holds every character the issue lists, a unique marker (so any encoding that
+# keeps it readable is found) and a trailing space.
+SECRETS = {
+    "DB_PASSWORD": "Mk1db pw'\"$HOME\\#%@:/=x ",
+    "DJANGO_SECRET_KEY": "Mk2sk '\"$(id)`id`\\#%@:/= " + "k" * 50 + " ",
+    "MAILGUN_API_KEY": "Mk3mg-'\"$x\\#%@:/ ",
+    "INFLUX_TOKEN": "Mk4in tok'\"$\\#%@:/= ",
+    "APP_ENV_EXTRA_SECRET": "Mk5ex '\"$\\#%@:/= ",
+    "MONITORING_DB_PASSWORD": "Mk8mo pw'\"$\\#%@:/= ",
+}
+MARKERS = tuple(value[:5] for value in SECRETS.values())
+
+SAMPLER = "/root/fabstack-ps-sampler"
+# Every process's arguments, new ones written as they appear, until the flag file goes.
+SAMPLER_PY = r"""
+import os, sys
+seen, out = set(), open(sys.argv[1], "w")
+while os.path.exists(sys.argv[2]):
+    for pid in os.listdir("/proc"):
+        try:
+            args = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if args and args not in seen:
+            seen.add(args)
+            out.write(args.replace(b"\0", b" ").decode(errors="replace") + "\n")
+            out.flush()
+"""
+
+
+@dataclass
+class ProcessSampler:
+    """A context manager: the arguments of every process on the host while it is open.
+
+    A transient unit polls /proc without pause; on exit it stops and is removed, and
+    ``text`` holds every distinct command line it saw.
+    """
+
+    target: "Target"
+    text: str = field(default="", init=False)
+
+    def __enter__(self) -> "ProcessSampler":
+        self.target.sh(f"cat > {SAMPLER}.py <<'EOF'\n{SAMPLER_PY}\nEOF\ntouch {SAMPLER}.on; "
+                       f"systemd-run -q --unit=fabstack-ps-sampler python3 {SAMPLER}.py "
+                       f"{SAMPLER}.out {SAMPLER}.on")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.target.sh(f"rm -f {SAMPLER}.on; sleep 1; systemctl stop fabstack-ps-sampler "
+                       "2>/dev/null; true")
+        self.text = self.target.sh(f"cat {SAMPLER}.out; rm -f {SAMPLER}.py {SAMPLER}.out").stdout
+
+
+SUDO_USER, SUDO_PASSWORD = "deploy", "Pa ss$#1"
+
+
+def ensure_sudo_user(target) -> None:
+    """Make the sandbox's ``deploy`` user: SSH key login, sudo with SUDO_PASSWORD."""
+    target.sh(f"id {SUDO_USER} >/dev/null 2>&1 || useradd -m -s /bin/bash {SUDO_USER}; "
+              f"echo '{SUDO_USER}:{SUDO_PASSWORD}' | chpasswd; "
+              f"echo '{SUDO_USER} ALL=(ALL:ALL) ALL' > /etc/sudoers.d/{SUDO_USER}; "
+              f"install -d -o {SUDO_USER} -g {SUDO_USER} -m 700 /home/{SUDO_USER}/.ssh; "
+              f"install -o {SUDO_USER} -g {SUDO_USER} -m 600 /root/.ssh/authorized_keys "
+              f"/home/{SUDO_USER}/.ssh/")
 
 
 def dotenv_quote(value: str) -> str:
@@ -125,6 +231,25 @@ def app_repo(tmp_path_factory):
         subprocess.run(["git", "-C", str(path), "config", key, value], check=True)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def commit(repo, message: str, changes: dict[str, str]) -> str:
+    """Write ``changes`` (path in ``repo``: text) and commit them; return the new commit."""
+    for name, text in changes.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "commit", "-qm", message], check=True)
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def revert(repo) -> str:
+    """Commit the revert of ``repo``'s last commit; return the new commit."""
+    subprocess.run(["git", "-C", str(repo), "revert", "--no-edit", "HEAD"], check=True,
+                   capture_output=True)
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture(scope="session")

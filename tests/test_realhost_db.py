@@ -7,42 +7,11 @@ from urllib.parse import quote, unquote, urlsplit
 import pytest
 
 from tasks import settings as settings_mod
-from tests.conftest import changed_count
+from tests.conftest import MARKERS, SECRETS, ProcessSampler, changed_count
 
 APP = "ratemyderp"
 CONF = f"/opt/{APP}/conf/{APP}.conf"
 CELERY_CONF = f"/opt/{APP}/conf/celery.conf"
-# The Celery units read CONF: restarted when it changes (or their restart marker cleared when no
-# release runs yet).
-SAMPLER = "/root/fabstack-ps-sampler"
-SAMPLES = "/root/fabstack-ps-samples"
-
-# Each secret holds every character the issue lists, a unique marker (so any encoding that
-# keeps it readable is found) and a trailing space.
-SECRETS = {
-    "DB_PASSWORD": "Mk1db pw'\"$HOME\\#%@:/=x ",
-    "DJANGO_SECRET_KEY": "Mk2sk '\"$(id)`id`\\#%@:/= " + "k" * 50 + " ",
-    "MAILGUN_API_KEY": "Mk3mg-'\"$x\\#%@:/ ",
-    "INFLUX_TOKEN": "Mk4in tok'\"$\\#%@:/= ",
-    "APP_ENV_EXTRA_SECRET": "Mk5ex '\"$\\#%@:/= ",
-}
-MARKERS = ("Mk1db", "Mk2sk", "Mk3mg", "Mk4in", "Mk5ex")
-
-# Every process's arguments, new ones written as they appear, until the flag file goes.
-SAMPLER_PY = r"""
-import os, sys
-seen, out = set(), open(sys.argv[1], "w")
-while os.path.exists(sys.argv[2]):
-    for pid in os.listdir("/proc"):
-        try:
-            args = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if args and args not in seen:
-            seen.add(args)
-            out.write(args.replace(b"\0", b" ").decode(errors="replace") + "\n")
-            out.flush()
-"""
 
 
 def changed_whats(output: str) -> set[str]:
@@ -68,17 +37,11 @@ def app_env_expected(target) -> dict:
 def runs(target):
     """With the nasty secrets: check mode, then two provisions, a process sampler running."""
     target.write_env(**SECRETS)
-    target.sh(f"cat > {SAMPLER}.py <<'EOF'\n{SAMPLER_PY}\nEOF\ntouch {SAMPLER}.on; "
-              f"systemd-run -q --unit=fabstack-ps-sampler python3 {SAMPLER}.py {SAMPLES} "
-              f"{SAMPLER}.on")
-    try:
+    with ProcessSampler(target) as sampler:
         check = target.fab("provision", "--check")
         first = target.fab("provision")
         second = target.fab("provision")
-    finally:
-        target.sh(f"rm -f {SAMPLER}.on; sleep 1; systemctl stop fabstack-ps-sampler 2>/dev/null;"
-                  " true")
-    samples = target.sh(f"cat {SAMPLES}").stdout
+    samples = sampler.text
     yield {"check": check, "first": first, "second": second, "samples": samples}
     target.write_env()
 

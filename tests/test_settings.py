@@ -58,6 +58,24 @@ def test_malformed_values_are_named(tmp_path, line, key):
     assert f"{key}:" in str(err.value)
 
 
+@pytest.mark.parametrize("value, fault", [
+    ("my app", "'my app' has spaces"),
+    ("RateMyDerp", "'RateMyDerp' has uppercase letters"),
+    ("a" * 32, "is 32 characters long"),
+    ("1shop", "does not start with a letter"),
+    ("shop.app", "has other characters than a-z, 0-9, '-' and '_'"),
+    ("", "APP_NAME: is empty"),
+])
+def test_bad_app_name_says_what_is_wrong(tmp_path, value, fault):
+    with pytest.raises(settings_mod.SettingsError) as err:
+        settings_mod.load(write(tmp_path, GOOD + f"APP_NAME={value}\n"))
+    assert fault in str(err.value)
+
+
+def test_app_name_of_31_characters_is_accepted(tmp_path):
+    assert settings_mod.load(write(tmp_path, GOOD + "APP_NAME=" + "a" * 31 + "\n")).app == "a" * 31
+
+
 def test_defaults_and_derived_paths(tmp_path):
     s = settings_mod.load(write(tmp_path, GOOD))
     assert s.app == "ratemyderp"

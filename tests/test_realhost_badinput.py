@@ -1,0 +1,148 @@
+"""Bad input against the real, converged sandbox host: a clear error, and the host untouched.
+
+Every case runs fab with one thing wrong (a settings file, a template, the host, the sudo
+password, a task argument) and checks three things: a non-zero exit, a message that names the
+problem, and the host's state (tests/conftest.py STATE: files, packages, firewall, PostgreSQL's
+roles, the stack's processes) identical before and after.
+"""
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import (
+    FAB,
+    REPO,
+    SUDO_PASSWORD,
+    SUDO_USER,
+    Target,
+    ensure_sudo_user,
+    host_state,
+    state_changes,
+)
+
+SETTINGS_ERROR = "Nothing was changed on any host."
+
+
+@pytest.fixture(scope="module")
+def stack(target, app_repo, pebble_env):
+    """The settings of a converged host with the example app deployed over HTTPS."""
+    values = {"DEPLOY_REPO": str(app_repo), "DEPLOY_SUBDIR": "example", **pebble_env}
+    target.write_env(**values)
+    target.fab("provision")
+    target.fab("deploy")
+    ensure_sudo_user(target)
+    return values
+
+
+@pytest.fixture
+def before(target, stack):
+    """The host's state before the case runs."""
+    return host_state(target)
+
+
+def fab(target, *args, env_file, host=None, cwd=REPO, **env):
+    """fab against the sandbox (or ``host``), with ``env_file`` and extra environment."""
+    full_env = {k: v for k, v in os.environ.items() if k != "FABRIC_SUDO_PASSWORD"}
+    full_env.update(FABRIC_FABSTACK_ENV_FILE=str(env_file), **env)
+    return subprocess.run([FAB, "-S", str(target.info.ssh_config), "-H",
+                           host or target.info.alias, *args],
+                          cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def assert_refused(res, code, *named):
+    """Exit ``code``, and every fragment of ``named`` in fab's output."""
+    out = res.stdout + res.stderr
+    assert res.returncode == code, out
+    for fragment in named:
+        assert fragment in out, (fragment, out)
+    assert "Traceback" not in out, out
+
+
+def assert_unchanged(target, before):
+    changes = state_changes(before, host_state(target))
+    assert changes == [], "the host changed:\n" + "\n".join(changes[:40])
+
+
+def test_state_fingerprint_is_stable_on_an_idle_host(target, before):
+    """Two readings a while apart agree: any difference in a case is the case's doing."""
+    time.sleep(20)
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("bad, named", [
+    pytest.param({"DOMAIN": None}, ["DOMAIN: missing"], id="missing-key"),
+    pytest.param({"DOMAIN": "<your-domain.example>"},
+                 ["DOMAIN: still the placeholder '<your-domain.example>'"], id="placeholder"),
+    pytest.param("", ["DOMAIN: missing", "ADMIN_EMAIL: missing", "DB_PASSWORD: missing",
+                      "DJANGO_SECRET_KEY: missing", "(4 problems)"], id="empty-env"),
+    pytest.param({"DOMAIN": "bad_domain"},
+                 ["DOMAIN: must be a fully qualified domain name"], id="malformed-domain"),
+    pytest.param({"APP_NAME": "rate my derp"}, ["APP_NAME: 'rate my derp' has spaces"],
+                 id="app-name-spaces"),
+    pytest.param({"APP_NAME": "RateMyDerp"}, ["APP_NAME: 'RateMyDerp' has uppercase letters"],
+                 id="app-name-uppercase"),
+    pytest.param({"APP_NAME": "r" * 33}, ["APP_NAME: '" + "r" * 33 + "' is 33 characters long",
+                                          "at most 31 characters"], id="app-name-too-long"),
+])
+def test_bad_settings(target, stack, before, tmp_path, bad, named):
+    """Refused before any connection (exit 2), every bad key named."""
+    env_file = tmp_path / ".env"
+    if isinstance(bad, str):
+        env_file.write_text(bad)
+    else:
+        Target(target.info, env_file).write_env(**{**stack, **bad})
+    res = fab(target, "provision", env_file=env_file)
+    assert_refused(res, 2, *named, SETTINGS_ERROR)
+    assert "cannot talk to" not in res.stdout
+    assert_unchanged(target, before)
+
+
+def test_template_syntax_error(target, before, tmp_path):
+    """A broken template in a copy of the project (never in the shared tree): file and line."""
+    project = tmp_path / "project"
+    for name in ("tasks", "files"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "fabfile.py", project)
+    (project / "files" / "zz-broken.j2").write_text("line one\n{{ s.app }\n")
+    res = fab(target, "provision", env_file=target.env_file, cwd=project)
+    assert_refused(res, 2, "files/zz-broken.j2:2", SETTINGS_ERROR)
+    assert_unchanged(target, before)
+
+
+def test_unreachable_host(target, before):
+    """An address of the sandbox's own subnet where nothing answers."""
+    address = target.info.ip.rsplit(".", 1)[0] + ".3"
+    res = fab(target, "--connect-timeout", "20", "provision", env_file=target.env_file,
+              host=f"root@{address}")
+    assert_refused(res, 1, f"cannot talk to {address}", "0 changed")
+    assert_unchanged(target, before)
+
+
+def test_sudo_password_missing(target, before):
+    res = fab(target, "provision", env_file=target.env_file,
+              host=f"{SUDO_USER}@{target.info.alias}")
+    assert_refused(res, 1, f"user {SUDO_USER} needs a sudo password",
+                   "--prompt-for-sudo-password", "0 changed")
+    assert_unchanged(target, before)
+
+
+def test_sudo_password_wrong(target, before):
+    res = fab(target, "provision", env_file=target.env_file,
+              host=f"{SUDO_USER}@{target.info.alias}",
+              FABRIC_SUDO_PASSWORD="wrong " + SUDO_PASSWORD)
+    assert_refused(res, 1, f"sudo refused the password given for {SUDO_USER}", "0 changed")
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("args, named", [
+    pytest.param(["provision", "--bogus"], "No idea what '--bogus' is!", id="unknown-argument"),
+    pytest.param(["provison"], "No idea what 'provison' is!", id="unknown-task"),
+])
+def test_unknown_task_or_argument(target, before, args, named):
+    res = fab(target, *args, env_file=target.env_file)
+    assert_refused(res, 1, named)
+    assert_unchanged(target, before)
