@@ -32,6 +32,10 @@ PROBE_MARK = "@@fabstack-probe@@"
 DIFF_LINES = 40  # longer diffs are cut in the report
 
 
+class ConnectionLost(EOFError):
+    """The SSH connection died while a command ran: its outcome on the host is unknown."""
+
+
 class StepFailed(Exception):
     """A step could not be completed on the host; ``what`` names the step."""
 
@@ -102,6 +106,7 @@ class Host:
         self._sudo: str | None = None  # "root", "nopasswd" or "password"
         self._secrets = sorted(_secret_forms(settings.secrets), key=len, reverse=True)
         self.facts: dict[str, str] = {}
+        self.step: str | None = None  # the step whose command runs (or ran last) on the host
 
     # -- output -------------------------------------------------------------
     def mask(self, text: str) -> str:
@@ -121,7 +126,12 @@ class Host:
 
     # -- commands -----------------------------------------------------------
     def _raw(self, command: str, stdin: str) -> Result:
-        res = self._exec(command, stdin)
+        try:
+            res = self._exec(command, stdin)
+        except ConnectionLost as exc:
+            raise StepFailed(self.step or "connection", f"lost the connection to {self.name} "
+                             f"during this step ({exc}); it may be half done: run the task "
+                             "again to finish it") from exc
         self.round_trips += 1
         return res
 
@@ -141,7 +151,11 @@ class Host:
         return self._sudo
 
     def run(self, script: str, what: str = "command", check: bool = True) -> Result:
-        """Run ``script`` as root with ``/bin/sh``; raise StepFailed if it fails and ``check``."""
+        """Run ``script`` as root with ``/bin/sh``; raise StepFailed if it fails and ``check``.
+
+        ``what`` names the step in the report, and in the error if the connection drops.
+        """
+        self.step = what
         mode = self._privilege()
         if mode == "root":
             res = self._raw("/bin/sh -s", script)
@@ -151,7 +165,10 @@ class Host:
             res = self._raw("sudo -k -S -p '' /bin/sh -s", self.sudo_password + "\n" + script)
         if check and not res.ok:
             detail = (res.stderr.strip() or res.stdout.strip() or "no output")[-2000:]
-            raise StepFailed(what, self.mask(f"exit {res.exited}: {detail}"))
+            status = f"exit {res.exited}"
+            if 128 < res.exited < 160:  # the shell's report of a command killed by a signal
+                status += f" (killed by signal {res.exited - 128})"
+            raise StepFailed(what, self.mask(f"{status}: {detail}"))
         return res
 
     def probe(self, snippets: list[str]) -> list[str]:
@@ -204,7 +221,19 @@ def ssh_exec(conn, command: str, stdin: str) -> Result:
         code = chan.recv_exit_status()
     finally:
         chan.close()
+    if code == -1 and _connection_lost(conn.transport):
+        raise ConnectionLost("the SSH connection closed before the command finished")
     return Result(stdout.decode(errors="replace"), stderr.decode(errors="replace"), code)
+
+
+def _connection_lost(transport) -> bool:
+    """True when ``transport`` died (a command without an exit status may have been killed).
+
+    paramiko closes the channels before it marks the transport inactive, so wait for its
+    thread to end; a live connection costs that wait, but only after a killed command.
+    """
+    transport.join(timeout=1)
+    return not transport.is_active()
 
 
 def _secret_forms(secrets: list[str]) -> set[str]:
@@ -258,7 +287,9 @@ def session(c, title: str, check: bool = False):
         host.failed(exc.what, exc.message)
         failure = exc
     except (OSError, EOFError, SSHException) as exc:  # refused, unknown key, lost connection
-        host.failed("connection", f"cannot talk to {host.name}: {exc or type(exc).__name__}")
+        # a step that started names itself; before the first answer, the connection failed
+        what = host.step if host.round_trips and host.step else "connection"
+        host.failed(what, f"cannot talk to {host.name}: {exc or type(exc).__name__}")
         failure = exc
     finally:
         print(host.report.summary(title, time.monotonic() - started, host.round_trips),

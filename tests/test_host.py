@@ -1,0 +1,129 @@
+"""The SSH layer of tasks/host.py: a dropped connection or a killed command, reported clearly."""
+
+import io
+from types import SimpleNamespace
+
+import pytest
+from invoke.exceptions import Exit
+
+from tasks import host as host_mod
+from tasks.host import ConnectionLost, Result, StepFailed, session, ssh_exec
+from tasks.primitives import Directory, ensure
+from tests.conftest import VALID
+from tests.fake import FakeConnection
+
+
+class FakeChannel:
+    """A paramiko channel whose command ends with ``code`` (-1: no exit status came)."""
+
+    def __init__(self, code: int, stdout: bytes = b""):
+        self.code, self.stdout = code, stdout
+
+    def exec_command(self, command):
+        pass
+
+    def sendall(self, data):
+        pass
+
+    def shutdown_write(self):
+        pass
+
+    def makefile(self, mode):
+        return io.BytesIO(self.stdout)
+
+    def makefile_stderr(self, mode):
+        return io.BytesIO(b"")
+
+    def recv_exit_status(self):
+        return self.code
+
+    def close(self):
+        pass
+
+
+class FakeTransport:
+    def __init__(self, channel: FakeChannel, active: bool):
+        self.channel, self.active, self.sock = channel, active, None
+
+    def open_session(self):
+        return self.channel
+
+    def join(self, timeout=None):
+        pass
+
+    def is_active(self):
+        return self.active
+
+
+def conn_with(code: int, active: bool, stdout: bytes = b""):
+    return SimpleNamespace(open=lambda: None,
+                           transport=FakeTransport(FakeChannel(code, stdout), active))
+
+
+def test_a_connection_that_dies_under_a_command_is_lost():
+    with pytest.raises(ConnectionLost, match="closed before the command finished"):
+        ssh_exec(conn_with(-1, active=False), "/bin/sh -s", "sleep 60")
+
+
+def test_a_command_killed_by_a_signal_on_a_live_connection_is_its_own_failure():
+    res = ssh_exec(conn_with(-1, active=True, stdout=b"partial"), "/bin/sh -s", "kill -9 $$")
+    assert (res.exited, res.stdout) == (-1, "partial")
+
+
+def test_lost_connection_fails_the_running_step_naming_the_host(make_host):
+    host, conn = make_host([(r"-- /opt/a ", "missing\n")])
+
+    def execute(command, stdin):
+        if "mkdir" in stdin:
+            raise ConnectionLost("the SSH connection closed before the command finished")
+        return conn.exec_script(command, stdin)
+
+    host._exec = execute
+    with pytest.raises(StepFailed) as err:
+        ensure(host, Directory("/opt/a"))
+    assert err.value.what == "directory /opt/a"
+    assert err.value.message.startswith("lost the connection to fakehost during this step "
+                                        "(the SSH connection closed before the command finished)")
+
+
+def test_a_command_killed_by_a_signal_says_so(make_host):
+    host, _conn = make_host()
+    host._exec = lambda command, stdin: Result("", "Reading package lists...", 137)
+    with pytest.raises(StepFailed, match=r"^packages: exit 137 \(killed by signal 9\): Reading"):
+        host.run("apt-get install -y neovim", what="packages")
+
+
+def fake_context(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in VALID.items()))
+    return SimpleNamespace(config={"fabstack": {"env_file": str(env_file)}}, host="fakehost",
+                           user="root", original_host=None)
+
+
+def test_session_names_the_step_a_connection_error_cut(tmp_path, monkeypatch, capsys):
+    """An SSH error after the host answered once belongs to the step that was running."""
+    fake = FakeConnection(answers=[(r"-- /opt/a ", "missing\n")])
+
+    def execute(conn, command, stdin):
+        if "mkdir" in stdin:
+            raise OSError("Socket is closed")
+        return fake.exec_script(command, stdin)
+
+    monkeypatch.setattr(host_mod, "ssh_exec", execute)
+    with pytest.raises(Exit) as exc, session(fake_context(tmp_path), "provision") as h:
+        ensure(h, Directory("/opt/a"))
+    assert exc.value.code == 1
+    out = capsys.readouterr().out
+    assert "[fakehost] failed       directory /opt/a: cannot talk to fakehost: Socket is closed" \
+        in out
+
+
+def test_session_before_any_answer_blames_the_connection(tmp_path, monkeypatch, capsys):
+    def refuse(conn, command, stdin):
+        raise ConnectionRefusedError("Connection refused")
+
+    monkeypatch.setattr(host_mod, "ssh_exec", refuse)
+    with pytest.raises(Exit), session(fake_context(tmp_path), "provision") as h:
+        ensure(h, Directory("/opt/a"))
+    assert "[fakehost] failed       connection: cannot talk to fakehost: Connection refused" \
+        in capsys.readouterr().out
