@@ -45,6 +45,18 @@ DIFF_LIMIT = 64 * 1024
 APT_GET = ("DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 "
            "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold")
 
+# dpkg killed mid-run (power cut, OOM, kill -9) leaves its journal in /var/lib/dpkg/updates
+# or packages half-way: apt refuses to work ("dpkg was interrupted") until
+# `dpkg --configure -a` finishes the job. A running dpkg shows the same signs: not counted.
+DPKG_INTERRUPTED = (
+    "! pidof dpkg >/dev/null 2>&1 && { ls /var/lib/dpkg/updates 2>/dev/null | grep -q '^[0-9]' || "
+    "grep -Eq '^Status: .* (half-installed|unpacked|half-configured|triggers-awaited|"
+    "triggers-pending)$' /var/lib/dpkg/status; }")
+DPKG_PROBE = f"if {DPKG_INTERRUPTED}; then echo dpkg=interrupted; fi"
+DPKG_RECOVER = ("DEBIAN_FRONTEND=noninteractive dpkg --configure -a --force-confdef "
+                "--force-confold")
+DPKG_RECOVERED = "finished dpkg's interrupted run (dpkg --configure -a)"
+
 q = shlex.quote
 
 
@@ -168,32 +180,41 @@ class Packages(Resource):
 
     def probe(self) -> str:
         names = " ".join(q(n) for n in self.names)
-        cmd = f"dpkg-query -W -f='${{Package}} ${{db:Status-Abbrev}}\\n' -- {names} 2>/dev/null"
+        cmd = (f"dpkg-query -W -f='${{Package}} ${{db:Status-Abbrev}}\\n' -- {names} 2>/dev/null"
+               f"\n{DPKG_PROBE}")
         if self.state == "latest":
             cmd += (f"\napt-get -s -o Debug::NoLocking=1 install --only-upgrade -- {names}"
                     " 2>/dev/null | grep '^Inst ' || true")
         return cmd
 
     def plan(self, state, host):
-        installed = {line.split()[0].split(":")[0] for line in state.splitlines()
+        lines = state.splitlines()
+        installed = {line.split()[0].split(":")[0] for line in lines
                      if line.split()[1:2] == ["ii"]}
-        upgradable = [line.split()[1] for line in state.splitlines() if line.startswith("Inst ")]
+        upgradable = [line.split()[1] for line in lines if line.startswith("Inst ")]
+        # An interrupted dpkg is finished first: apt does nothing until it is.
+        interrupted = "dpkg=interrupted" in lines
+        parts = [DPKG_RECOVERED] if interrupted else []
+        cmds = [DPKG_RECOVER] if interrupted else []
         if self.state == "absent":
             present = [n for n in self.names if n in installed]
-            if not present:
+            if present:
+                parts.append(f"removed {' '.join(present)}")
+                cmds.append(f"{APT_GET} remove -- {' '.join(map(q, present))}")
+            if not cmds:
                 return Ok("none installed")
-            return Change(f"removed {' '.join(present)}",
-                          f"{APT_GET} remove -- {' '.join(map(q, present))}")
+            return Change("; ".join(parts), "\n".join(cmds))
         missing = [n for n in self.names if n not in installed]
         todo = missing + [n for n in upgradable if n not in missing]
-        if not todo:
-            return Ok("all installed" + (", up to date" if self.state == "latest" else ""))
-        parts = []
         if missing:
             parts.append(f"installed {' '.join(missing)}")
         if upgradable:
             parts.append(f"upgraded {' '.join(upgradable)}")
-        return Change("; ".join(parts), f"{APT_GET} install -- {' '.join(map(q, todo))}")
+        if todo:
+            cmds.append(f"{APT_GET} install -- {' '.join(map(q, todo))}")
+        if not cmds:
+            return Ok("all installed" + (", up to date" if self.state == "latest" else ""))
+        return Change("; ".join(parts), "\n".join(cmds))
 
 
 class DistUpgrade(Resource):
@@ -217,16 +238,19 @@ class DistUpgrade(Resource):
                 f"if [ \"$key\" != \"$(cat {UPGRADE_STAMP} 2>/dev/null)\" ]; then\n"
                 "  p=$(apt-get -s -o Debug::NoLocking=1 dist-upgrade 2>/dev/null"
                 " | grep '^Inst ' | cut -d' ' -f2)\n"
-                f"  if [ -z \"$p\" ]; then {save}; else echo \"$p\"; fi\nfi")
+                f"  if [ -z \"$p\" ]; then {save}; else echo \"$p\"; fi\nfi\n{DPKG_PROBE}")
 
     def plan(self, state, host):
-        pending = state.split()
+        pending = [word for word in state.split() if word != "dpkg=interrupted"]
         if not pending:
             return Ok("no upgrades pending")
         shown = " ".join(pending[:8])
         if len(pending) > 8:
             shown += f" and {len(pending) - 8} more"
-        return Change(f"upgraded {len(pending)} packages: {shown}", f"{APT_GET} dist-upgrade")
+        message, script = f"upgraded {len(pending)} packages: {shown}", f"{APT_GET} dist-upgrade"
+        if "dpkg=interrupted" in state.split():  # apt would refuse to start
+            message, script = f"{DPKG_RECOVERED}; {message}", f"{DPKG_RECOVER}\n{script}"
+        return Change(message, script)
 
 
 # -- users and groups ------------------------------------------------------------
