@@ -2,8 +2,9 @@
 
 Each release is unpacked into /opt/APP/releases/<id> (id: UTC time and commit);
 /opt/APP/app is a link to the current one, switched atomically. A deploy
-installs the requirements into the virtualenv (only when they changed), dumps
-the database, migrates, collects static files, switches the link, restarts
+installs the requirements into the virtualenv (only when they changed), checks
+that the release's WSGI app loads (as the app's user, with its environment),
+dumps the database, migrates, collects static files, switches the link, restarts
 gunicorn and asks the health endpoint through NGINX until it
 answers from the new release (an app that sends an ``X-Release`` header with
 the contents of its REVISION file is waited for until it names the new
@@ -32,6 +33,13 @@ from .host import StepFailed, session
 from .primitives import PENDING_DIR, File, ReleaseService, ensure, q, render
 
 LOCK = ".deploy.lock"
+BOOT_MARK = "@@fabstack-boot-check@@"
+# Run as the app's user with its environment: the release's WSGI module must import (settings
+# read, apps loaded) and hold a callable ``application``, as gunicorn will need.
+BOOT_CHECK = ("import importlib, sys\n"
+              "app = getattr(importlib.import_module(sys.argv[1]), 'application', None)\n"
+              "if not callable(app):\n"
+              "    sys.exit(sys.argv[1] + ' has no callable application')\n")
 
 
 @dataclass
@@ -127,6 +135,7 @@ def _state(h) -> tuple[str, list[str]]:
 def _upload(h, data: bytes) -> str:
     """Put ``data`` in a private temporary file on the host; return its path."""
     path = f"/tmp/fabstack-{uuid.uuid4().hex}.tar.gz"
+    h.step = "upload the release"
     h.conn.open()
     sftp = h.conn.sftp()
     with sftp.open(path, "wb") as f:
@@ -160,15 +169,26 @@ def _prepare(h, source: Source, release: str, current: str) -> None:
           "requirements.txt' >&2; fail; }",
           what=f"release {release}")
     h.changed(f"release {release}", f"unpacked {source.label} ({source.commit[:12]})")
+    venv, wsgi = q(paths["venv"]), s["WSGI_APP"]
+    # One round trip: the requirements, then whether the release can boot at all (before
+    # anything else: a release that cannot boot is never migrated nor switched to).
     res = h.run(f"if cmp -s {q(old_req)} {q(rel)}/requirements.txt; then echo same; else\n"
-                f"  {q(paths['venv'])}/bin/pip install -q --disable-pip-version-check "
-                f"-r {q(rel)}/requirements.txt\nfi", what="requirements", check=False)
-    if not res.ok:
-        _abort(h, release, "requirements", f"pip install failed: {res.stderr.strip()[-1500:]}")
+                f"  {venv}/bin/pip install -q --disable-pip-version-check "
+                f"-r {q(rel)}/requirements.txt || exit 1\nfi\necho {BOOT_MARK} >&2\n"
+                + _env_lines(h, rel)
+                + f"runuser -u {q(s.app)} -- {venv}/bin/python -c {q(BOOT_CHECK)} {q(wsgi)}",
+                what="requirements", check=False)
+    pip_err, checked, boot_err = res.stderr.partition(f"{BOOT_MARK}\n")
+    if not checked:
+        _abort(h, release, "requirements", f"pip install failed: {pip_err.strip()[-1500:]}")
     if res.stdout.strip() == "same":
         h.ok("requirements", "unchanged since the current release")
     else:
         h.changed("requirements", "installed into the virtualenv")
+    if not res.ok:
+        _abort(h, release, "app boot check", f"the new release's WSGI app ({wsgi}) does not "
+               f"load as {s.app} with its environment:\n{boot_err.strip()[-1500:]}")
+    h.ok("app boot check", f"{wsgi}.application loads as {s.app} with its environment")
 
 
 def _remote_fetch(s, commit: str, rel: str) -> str:

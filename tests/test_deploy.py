@@ -1,0 +1,74 @@
+"""The deploy's steps before the switch, over the fake connection: requirements, boot check."""
+
+import pytest
+
+from tasks import deploy
+from tasks.host import Result, StepFailed
+
+RELEASE = "20261127000000-abcdef123456"
+SOURCE = deploy.Source("abcdef1234567890", None, "git@example.com:app.git@main")
+
+
+def prepare(make_host, requirements: Result):
+    """Run deploy._prepare; the requirements-and-boot script answers ``requirements``."""
+    host, conn = make_host()
+
+    def execute(command, stdin):
+        conn.exec_script(command, stdin)
+        return requirements if "pip install" in stdin else Result("", "", 0)
+
+    host._exec = execute
+    return host, conn
+
+
+def boot_script(conn) -> str:
+    return next(script for script in conn.applied if "pip install" in script)
+
+
+def test_the_release_must_load_before_anything_else(make_host, capsys):
+    host, conn = prepare(make_host, Result("same\n", f"{deploy.BOOT_MARK}\n", 0))
+    deploy._prepare(host, SOURCE, RELEASE, "20261126000000-0123456789ab")
+    script = boot_script(conn)
+    # as the app's user, with the environment its file gives, from the new release
+    assert "set -a; . /opt/ratemyderp/conf/ratemyderp.conf; set +a\n" in script
+    assert f"export PYTHONPATH=/opt/ratemyderp/releases/{RELEASE}\n" in script
+    assert script.rstrip().endswith(" config.wsgi")
+    assert "runuser -u ratemyderp -- /opt/ratemyderp/venv/bin/python -c " in script
+    out = capsys.readouterr().out
+    assert "ok           requirements: unchanged since the current release" in out
+    assert "ok           app boot check: config.wsgi.application loads as ratemyderp" in out
+
+
+def test_no_secret_reaches_a_command_line_or_a_script(make_host, settings):
+    host, conn = prepare(make_host, Result("", f"{deploy.BOOT_MARK}\n", 0))
+    deploy._prepare(host, SOURCE, RELEASE, "")
+    for secret in settings.secrets:
+        assert not any(secret in text for text in conn.commands + conn.scripts)
+
+
+def test_failing_requirements_abandon_the_release(make_host):
+    host, conn = prepare(make_host, Result("", "ERROR: No matching distribution found for "
+                                               "nope==1\n", 1))
+    with pytest.raises(StepFailed) as err:
+        deploy._prepare(host, SOURCE, RELEASE, "")
+    assert err.value.what == "requirements"
+    assert "pip install failed: ERROR: No matching distribution found for nope==1" in \
+        err.value.message
+    assert "the current release keeps serving" in err.value.message
+    assert conn.applied[-1] == f"rm -rf /opt/ratemyderp/releases/{RELEASE}"
+
+
+def test_a_release_that_cannot_boot_is_abandoned(make_host, capsys):
+    host, conn = prepare(make_host, Result(
+        "", f"{deploy.BOOT_MARK}\nTraceback (most recent call last):\n"
+            "RuntimeError: cannot boot\n", 1))
+    with pytest.raises(StepFailed) as err:
+        deploy._prepare(host, SOURCE, RELEASE, "20261126000000-0123456789ab")
+    assert err.value.what == "app boot check"
+    assert err.value.message.startswith(
+        "the new release's WSGI app (config.wsgi) does not load as ratemyderp with its "
+        "environment:\nTraceback")
+    assert "RuntimeError: cannot boot\nrelease " in err.value.message
+    assert conn.applied[-1] == f"rm -rf /opt/ratemyderp/releases/{RELEASE}"
+    # the requirements themselves were fine, and reported so
+    assert "changed      requirements: installed into the virtualenv" in capsys.readouterr().out
