@@ -9,12 +9,19 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 
 DOMAIN = "ratemyderp.test"
 
 
 def get(ip: str, path: str = "/") -> tuple[int, str]:
     """GET through NGINX as a browser would: HTTPS when the site has it, else HTTP."""
+    status, _release, body = fetch(ip, path)
+    return status, body
+
+
+def fetch(ip: str, path: str = "/") -> tuple[int, str, str]:
+    """Like :func:`get`, with the release that answered (its X-Release header, or "")."""
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     conn = http.client.HTTPConnection(ip, 80, timeout=10)
@@ -26,7 +33,7 @@ def get(ip: str, path: str = "/") -> tuple[int, str]:
     try:
         conn.request("GET", path, headers={"Host": DOMAIN})
         res = conn.getresponse()
-        return res.status, res.read().decode(errors="replace")
+        return res.status, res.getheader("X-Release", ""), res.read().decode(errors="replace")
     finally:
         conn.close()
 
@@ -47,6 +54,7 @@ class Load:
     def __init__(self, ip: str, interval: float = 0.05):
         self.ip, self.interval = ip, interval
         self.sent, self.failed, self.worst = 0, [], 0.0
+        self.releases = Counter()  # answers per release (X-Release header)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -55,9 +63,11 @@ class Load:
         while not self._stop.is_set() and self.sent < 20000:
             started = time.monotonic()
             try:
-                status, _ = get(self.ip, "/health/")
+                status, release, _ = fetch(self.ip, "/health/")
                 if status != 200:
                     self.failed.append(status)
+                else:
+                    self.releases[release] += 1
             except OSError as exc:
                 self.failed.append(repr(exc))
             self.sent += 1
@@ -72,3 +82,10 @@ class Load:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=30)
+
+    def summary(self) -> str:
+        """Requests sent and failed, the slowest, and which releases answered."""
+        answered = ", ".join(f"{n} by {release or 'no X-Release'}"
+                             for release, n in self.releases.items())
+        return (f"{self.sent} requests, {len(self.failed)} failed, worst "
+                f"{self.worst * 1000:.0f} ms; answered {answered or 'by none'}")

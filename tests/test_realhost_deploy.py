@@ -1,4 +1,5 @@
-"""fab deploy on the real sandbox host: releases, zero-downtime reload, failures, rollback."""
+"""fab deploy on the real sandbox host: releases, zero-downtime reload, a failed health check,
+rollback (failed requirements, migrations and boot: test_realhost_faults.py)."""
 
 import subprocess
 import time
@@ -6,28 +7,11 @@ import time
 import pytest
 
 from tasks.sandbox import Sandbox
-from tests.conftest import changed_count
+from tests.conftest import changed_count, commit, revert
 from tests.load import Load, get, release_served
 
 APP = "ratemyderp"
 DOMAIN = "ratemyderp.test"
-
-
-def commit(repo, message: str, changes: dict[str, str]) -> str:
-    for name, text in changes.items():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_text(text)
-    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
-    subprocess.run(["git", "-C", str(repo), "commit", "-qm", message], check=True)
-    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-
-
-def revert(repo) -> str:
-    subprocess.run(["git", "-C", str(repo), "revert", "--no-edit", "HEAD"], check=True,
-                   capture_output=True)
-    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -106,24 +90,6 @@ def test_new_release_under_load_drops_no_request(target, deployed, app_repo):
           f"worst {load.worst * 1000:.0f} ms")
     assert load.sent > 20 and load.failed == [], (load.failed[:5], res.stdout)
     assert "requirements: unchanged" in res.stdout
-
-
-def test_failing_migration_keeps_the_previous_release(target, deployed, app_repo):
-    before = release_served(target.info.ip)
-    commit(app_repo, "broken migration", {"example/demo/migrations/0099_broken.py": (
-        "from django.db import migrations\n\n\ndef boom(apps, schema_editor):\n"
-        "    raise RuntimeError('this migration fails on purpose')\n\n\n"
-        "class Migration(migrations.Migration):\n"
-        "    dependencies = [('demo', '0001_initial')]\n"
-        "    operations = [migrations.RunPython(boom)]\n")})
-    with Load(target.info.ip) as load:
-        res = target.fab("deploy", check=False)
-    assert res.returncode == 1
-    assert "migrations" in res.stdout and "fails on purpose" in res.stdout
-    assert "keeps serving" in res.stdout
-    assert release_served(target.info.ip) == before
-    assert load.failed == []
-    revert(app_repo)
 
 
 def test_failing_health_check_puts_the_previous_release_back(target, deployed, app_repo):

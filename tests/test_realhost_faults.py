@@ -1,0 +1,303 @@
+"""Faults on the real sandbox host: interrupted runs, failed deploys, a lost connection.
+
+Each test puts the host where a real fault would: dpkg killed in the middle of an install, a
+run cut between writing a unit file and reloading it, the SSH connection dropped under a step,
+releases that cannot install, migrate or boot. The next run must put everything right by
+itself (and the one after change nothing), and a failed deploy must keep the previous release
+answering every request while it is attempted. Runs last on the shared sandbox; alone, its
+fixture provisions and deploys first. It leaves the host converged and serving.
+"""
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import FAB, REPO, changed_count, commit, revert
+from tests.load import Load, release_served
+
+APP = "ratemyderp"
+UNIT = f"{APP}.service"
+MARKER = f"/var/lib/fabstack/pending/{UNIT}@restart"
+WATCH_SECONDS = 600  # a watcher on the host gives up after this long
+
+# Each watcher prints "ready" once it watches, then what it did.
+KILL_DPKG = r"""
+end=$(( $(date +%s) + {seconds} ))
+echo ready
+while [ $(date +%s) -lt $end ]; do
+  pids=$(pidof dpkg) || {{ sleep 0.005; continue; }}
+  # frozen, dpkg cannot finish while we look: kill it only once its journal holds an entry
+  kill -STOP $pids 2>/dev/null
+  if ls /var/lib/dpkg/updates | grep -q '^[0-9]'; then
+    kill -9 $pids $(pidof apt-get) 2>/dev/null
+    echo "killed dpkg $pids and apt-get"; exit 0
+  fi
+  kill -CONT $pids 2>/dev/null; sleep 0.005
+done
+echo "dpkg never seen at work"
+"""
+
+UNIT_WRITTEN = r"""
+end=$(( $(date +%s) + {seconds} ))
+echo ready
+until [ -e {marker} ] && grep -q -- '--workers {workers} ' /etc/systemd/system/{unit}; do
+  [ $(date +%s) -lt $end ] || {{ echo "the new unit never landed"; exit 1; }}
+  sleep 0.005
+done
+echo written
+"""
+
+CUT_UNDER_APT = r"""
+end=$(( $(date +%s) + {seconds} ))
+echo ready
+until pid=$(pgrep -f '^apt-get -q -y .* install -- '); do
+  [ $(date +%s) -lt $end ] || {{ echo "apt-get install never seen"; exit 1; }}
+  sleep 0.005
+done
+# apt-get's parent is fab's /bin/sh -s, whose parent is the sshd of fab's connection
+shell=$(ps -o ppid= -p $pid | tr -d ' '); sshd=$(ps -o ppid= -p $shell | tr -d ' ')
+case "$(ps -o args= -p $sshd)" in
+  sshd:*) kill -9 $sshd && echo "cut sshd $sshd under apt-get $pid";;
+  *) echo "apt-get $pid is not under an SSH session: $(ps -o args= -p $sshd)";;
+esac
+"""
+
+
+class Watcher:
+    """A shell script on the host, beside a fab run: it waits for a moment, then acts.
+
+    Use as a context manager; the script has said "ready" (it watches) when ``with`` enters.
+    """
+
+    def __init__(self, target, script: str):
+        self.proc = subprocess.Popen(["ssh", "-F", str(target.info.ssh_config),
+                                      target.info.alias, script],
+                                     stdout=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> "Watcher":
+        ready = self.proc.stdout.readline().strip()
+        assert ready == "ready", f"the watcher did not start: {ready!r}"
+        return self
+
+    def line(self) -> str:
+        """The next thing the watcher says (blocks until it says it)."""
+        return self.proc.stdout.readline().strip()
+
+    def rest(self) -> str:
+        """Everything else the watcher says, once it is done."""
+        return self.proc.communicate(timeout=WATCH_SECONDS)[0].strip()
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_fab(target, *args: str) -> subprocess.Popen:
+    """fab against the sandbox as a process of its own (Target.fab waits for it)."""
+    env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file))
+    return subprocess.Popen([FAB, "-S", str(target.info.ssh_config), "-H", target.info.alias,
+                             *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def failed_line(step: str, output: str) -> str:
+    """The report's line for the failed ``step`` (and what follows it), or ""."""
+    match = re.search(rf"^\[[\w.-]+\] failed +{re.escape(step)}: .*", output, re.M | re.S)
+    return match.group(0) if match else ""
+
+
+@pytest.fixture(scope="module")
+def env(target, app_repo, pebble_env):
+    """This module's settings (the deploy module's: the example app, HTTPS from Pebble)."""
+    values = {"DEPLOY_REPO": str(app_repo), "DEPLOY_SUBDIR": "example", "RELEASES_KEEP": "3",
+              **pebble_env}
+    target.write_env(**values)
+    return values
+
+
+@pytest.fixture(scope="module")
+def served(target, env):
+    """The stack provisioned and the app deployed (no-ops when they are already)."""
+    target.fab("provision")
+    target.fab("deploy")
+    yield release_served(target.info.ip)
+    target.write_env(**env)  # what a failed test may have left otherwise
+    target.fab("provision", check=False)
+
+
+# -- interrupted runs ---------------------------------------------------------------------
+
+def test_provision_killed_mid_apt_install_recovers_by_itself(target, served):
+    """kill -9 of dpkg and apt-get mid-install: the next provision finishes dpkg's run."""
+    target.sh("dpkg --purge neovim >/dev/null")  # a base package nothing depends on
+    with Watcher(target, KILL_DPKG.format(seconds=WATCH_SECONDS)) as watcher:
+        killed = target.fab("provision", check=False)
+        seen = watcher.rest()
+    assert seen.startswith("killed dpkg"), f"{seen}\n{killed.stdout}"
+    assert killed.returncode == 1, killed.stdout
+    step = re.search(r"packages \(\d+\)", killed.stdout).group(0)
+    assert "exit 137 (killed by signal 9)" in failed_line(step, killed.stdout), killed.stdout
+    # what a power cut leaves: apt refuses to work until someone runs dpkg --configure -a
+    stuck = target.sh("apt-get check", check=False)
+    assert stuck.returncode != 0 and "dpkg was interrupted" in stuck.stderr, stuck.stderr
+
+    again = target.fab("provision")
+    assert "finished dpkg's interrupted run (dpkg --configure -a); installed neovim" \
+        in again.stdout, again.stdout
+    assert target.sh("dpkg-query -W -f '${db:Status-Abbrev}' neovim").stdout.strip() == "ii"
+    assert target.sh("dpkg --audit").stdout.strip() == ""
+    assert target.sh("apt-get check -q", check=False).returncode == 0
+    after = target.fab("provision")
+    assert changed_count(after.stdout) == 0, after.stdout
+
+
+@dataclass
+class Gunicorn:
+    """What systemd runs for the app's unit, and how many workers its gunicorn has."""
+
+    pid: str
+    started: str
+    need_reload: str
+    workers: int
+    marker: bool
+
+
+def gunicorn(target) -> Gunicorn:
+    out = target.sh(f"systemctl show -p MainPID --value {UNIT}; "
+                    f"systemctl show -p ExecMainStartTimestamp --value {UNIT}; "
+                    f"systemctl show -p NeedDaemonReload --value {UNIT}; "
+                    f"pgrep -c -P $(systemctl show -p MainPID --value {UNIT}); "
+                    f"test -e {MARKER} && echo marker || echo none").stdout.splitlines()
+    return Gunicorn(out[0], out[1], out[2], int(out[3]), out[4] == "marker")
+
+
+def test_run_cut_between_writing_a_unit_and_reloading_it(target, env, served):
+    """fab killed right after the unit file landed: the next run reloads and restarts it."""
+    before = gunicorn(target)
+    workers = before.workers - 1  # GUNICORN_WORKERS is on the unit's ExecStart line
+    target.write_env(**env, GUNICORN_WORKERS=str(workers))
+    try:
+        script = UNIT_WRITTEN.format(seconds=WATCH_SECONDS, marker=MARKER, workers=workers,
+                                     unit=UNIT)
+        with Watcher(target, script) as watcher:
+            fab = start_fab(target, "provision")
+            moment = watcher.line()
+            fab.kill()  # as a laptop that dies, or an operator's kill -9
+            cut = fab.communicate()[0]
+        assert moment == "written", cut
+        stranded = gunicorn(target)
+        # the moment in between: the new file is on disk, systemd still runs the old one
+        assert (stranded.need_reload, stranded.pid, stranded.marker) == \
+            ("yes", before.pid, True), (stranded, cut)
+
+        again = target.fab("provision")
+        assert f"service {UNIT}: unit files reloaded, restarted (its configuration changed)" \
+            in again.stdout, again.stdout
+        after = gunicorn(target)
+        assert after.pid != before.pid and after.started != before.started, after
+        assert (after.need_reload, after.workers, after.marker) == ("no", workers, False), after
+        assert release_served(target.info.ip) == served
+        assert changed_count(target.fab("provision").stdout) == 0
+    finally:
+        target.write_env(**env)
+        target.fab("provision")
+    assert gunicorn(target).workers == before.workers
+
+
+def test_lost_connection_names_host_and_step_then_converges(target, served):
+    """The session's sshd killed while apt-get installs: a clear error, then a clean run."""
+    alias = target.info.alias
+    target.sh("dpkg --purge net-tools >/dev/null")
+    with Watcher(target, CUT_UNDER_APT.format(seconds=WATCH_SECONDS)) as watcher:
+        cut = target.fab("provision", check=False)
+        seen = watcher.rest()
+    assert seen.startswith("cut sshd"), f"{seen}\n{cut.stdout}"
+    assert cut.returncode == 1, cut.stdout
+    step = re.search(r"packages \(\d+\)", cut.stdout).group(0)
+    assert failed_line(step, cut.stdout).startswith(
+        f"[{alias}] failed       {step}: lost the connection to {alias} during this step"), \
+        cut.stdout
+    # whatever apt-get managed before the pipe broke, the next run finishes it
+    again = target.fab("provision")
+    assert " 0 failed" in again.stdout
+    assert target.sh("dpkg-query -W -f '${db:Status-Abbrev}' net-tools").stdout.strip() == "ii"
+    assert target.sh("dpkg --audit").stdout.strip() == ""
+    after = target.fab("provision")
+    assert changed_count(after.stdout) == 0, after.stdout
+
+
+# -- failed deploys -------------------------------------------------------------------------
+
+def failed_deploy(target, app_repo, message: str, changes: dict[str, str]):
+    """Commit ``changes`` to the app, deploy them under a request stream, take them back.
+
+    Checks what every failed deploy must do (exit 1, every request answered by the release
+    that was current, which still is, the new release's directory gone) and returns fab's
+    result for the test's own checks.
+    """
+    ip = target.info.ip
+    before = release_served(ip)
+    releases = target.sh(f"ls /opt/{APP}/releases").stdout.split()
+    commit(app_repo, message, changes)
+    try:
+        with Load(ip) as load:
+            res = target.fab("deploy", check=False)
+    finally:
+        revert(app_repo)
+    print(f"\n{message}: {load.summary()}")
+    assert res.returncode == 1, res.stdout
+    assert "the current release keeps serving" in res.stdout, res.stdout
+    assert load.sent >= 5 and load.failed == [], (load.summary(), load.failed[:5], res.stdout)
+    assert set(load.releases) == {before}, load.summary()
+    assert release_served(ip) == before
+    assert target.sh(f"ls /opt/{APP}/releases").stdout.split() == releases
+    return res
+
+
+def test_failing_requirement_install_keeps_the_previous_release(target, served, app_repo):
+    requirements = app_repo / "example/requirements.txt"
+    res = failed_deploy(target, app_repo, "a requirement that does not exist", {
+        str(requirements.relative_to(app_repo)):
+            requirements.read_text() + "fabstack-no-such-package==0.0.1\n"})
+    line = failed_line("requirements", res.stdout)
+    assert line.startswith(f"[{target.info.alias}] failed       requirements: pip install "
+                           "failed") and "fabstack-no-such-package" in line, res.stdout
+
+
+def test_failing_migration_keeps_the_previous_release(target, served, app_repo):
+    res = failed_deploy(target, app_repo, "a migration that fails", {
+        "example/demo/migrations/0099_broken.py": (
+            "from django.db import migrations\n\n\ndef boom(apps, schema_editor):\n"
+            "    raise RuntimeError('this migration fails on purpose')\n\n\n"
+            "class Migration(migrations.Migration):\n"
+            "    dependencies = [('demo', '0001_initial')]\n"
+            "    operations = [migrations.RunPython(boom)]\n")})
+    assert "this migration fails on purpose" in failed_line("migrations", res.stdout), \
+        res.stdout
+
+
+def test_app_that_cannot_boot_never_goes_live(target, served, app_repo):
+    wsgi = app_repo / "example/config/wsgi.py"
+    res = failed_deploy(target, app_repo, "an app that cannot boot", {
+        str(wsgi.relative_to(app_repo)):
+            wsgi.read_text() + "\nraise RuntimeError('this app cannot boot, on purpose')\n"})
+    line = failed_line("app boot check", res.stdout)
+    assert "RuntimeError: this app cannot boot, on purpose" in line, res.stdout
+    # found before anything changed: no migration, no switch, nothing to roll back
+    assert "migrations" not in res.stdout and "health check" not in res.stdout, res.stdout
+
+
+# -- afterwards -----------------------------------------------------------------------------
+
+def test_the_host_ends_converged_and_serving(target, served, app_repo):
+    """After every fault: nothing left to change, and the app's latest commit deploys."""
+    assert changed_count(target.fab("provision").stdout) == 0
+    head = subprocess.run(["git", "-C", str(app_repo), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    target.fab("deploy")
+    assert release_served(target.info.ip).endswith(head[:12])
+    assert "is already current" in target.fab("deploy").stdout
