@@ -111,12 +111,13 @@ class Target:
 # every path with mode, owner, size and mtime; packages; firewall rules; PostgreSQL's roles and
 # databases; the stack's processes (a restart or reload is a change). Left out: what moves by
 # itself on an idle host (logs, caches, PostgreSQL's and Redis's data files, Celery beat's
-# schedule, the journal, /run and /tmp) and the probe's own SSH session.
+# schedule, what the daily backup timer writes below /opt/APP/backup, the journal, /run and
+# /tmp) and the probe's own SSH session.
 STATE = r"""
 find / -xdev \( -path /proc -o -path /sys -o -path /run -o -path /tmp -o -path /dev \
   -o -path /var/log -o -path /var/cache -o -path /var/lib/systemd -o -path /root/.cache \
   -o -path '/var/lib/postgresql/*/main' -o -path /var/lib/redis -o -path /var/lib/celery \
-  \) -prune -o -printf 'file %p %m %u %g %s %T@\n' | sort
+  -o -path '/opt/*/backup/*' \) -prune -o -printf 'file %p %m %u %g %s %T@\n' | sort
 dpkg-query -W -f 'package ${Package} ${Version} ${Status}\n'
 ls -la --time-style=+%s /var/log | grep -v ' journal$' | sed 's/^/log /'
 for save in iptables-save ip6tables-save; do

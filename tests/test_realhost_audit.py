@@ -102,6 +102,7 @@ def test_the_audited_runs_did_their_work(secret_runs):
 
 
 def test_no_secret_in_process_arguments_output_or_journal(target, secret_runs):
+    """No marker in any process's arguments, in fab's output, nor anywhere in the journal."""
     journal = target.sh("journalctl --no-pager -o cat").stdout
     assert "Started" in journal, "the journal is empty"
     texts = {"process arguments": secret_runs["samples"], "journal": journal}
@@ -124,6 +125,7 @@ def secret_files(target) -> list[tuple[str, str, str, int]]:
 
 
 def test_no_file_holding_a_secret_is_readable_by_others(target, secret_runs):
+    """Every secret-holding file: not world-readable; group-readable only by a service's group."""
     files = secret_files(target)
     print("\nfiles holding a secret:")
     for path, owner, group, mode in files:
@@ -137,6 +139,7 @@ def test_no_file_holding_a_secret_is_readable_by_others(target, secret_runs):
 
 
 def test_exposure_of_the_app_and_celery_units(target, stack):
+    """systemd-analyze security: each unit's overall exposure at most MAX_EXPOSURE."""
     out = target.sh(f"systemd-analyze security --no-pager {' '.join(UNITS)}").stdout
     figures = {unit: float(value) for unit, value in
                re.findall(r"^(\S+\.service)\s+(\d+\.\d+)\s", out, re.M)}
@@ -161,6 +164,7 @@ def canaries(target, stack):
 
 
 def connects(ip: str, port: int) -> bool:
+    """Whether a TCP connection to ``ip:port`` from this machine is accepted within 3 s."""
     try:
         socket.create_connection((ip, port), timeout=3).close()
         return True
@@ -169,6 +173,7 @@ def connects(ip: str, port: int) -> bool:
 
 
 def test_only_ssh_http_and_https_answer_from_outside(target, canaries):
+    """Every port the host listens on (the canary on all addresses too), and some more."""
     listening = {int(m) for m in re.findall(r":(\d+)\s", target.sh("ss -Htln").stdout)}
     assert CANARY_TCP in listening and PUBLIC_PORTS <= listening, listening
     ports = sorted(listening | EXTRA_PORTS)
@@ -199,6 +204,7 @@ def test_udp_is_not_let_in(target, canaries):
 
 
 def test_every_task_is_classified(target):
+    """A new task must be put in CONVERGING or ACTIONS (with a reason) to pass."""
     listed = set(re.findall(r"^  (\S+)", target.fab("--list").stdout, re.M))
     unknown = listed - set(CONVERGING) - set(ACTIONS)
     assert not unknown, f"tasks neither converging nor actions: {sorted(unknown)}"
@@ -220,6 +226,7 @@ def test_every_converging_task_changes_nothing_the_second_time(target, stack):
 
 
 def test_read_only_actions_leave_the_host_as_it_was(target, stack):
+    """releases and status only read: the host's state is the same afterwards."""
     before = host_state(target)
     for name in READ_ONLY:
         target.fab(name, check=False)  # status exits 1 on a problem: it still only reads

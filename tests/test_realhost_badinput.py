@@ -63,6 +63,7 @@ def assert_refused(res, code, *named):
 
 
 def assert_unchanged(target, before):
+    """The host's state now is ``before``; else the changed lines are shown."""
     changes = state_changes(before, host_state(target))
     assert changes == [], "the host changed:\n" + "\n".join(changes[:40])
 
@@ -123,6 +124,7 @@ def test_unreachable_host(target, before):
 
 
 def test_sudo_password_missing(target, before):
+    """A sudo user without a password given: told how to give one."""
     res = fab(target, "provision", env_file=target.env_file,
               host=f"{SUDO_USER}@{target.info.alias}")
     assert_refused(res, 1, f"user {SUDO_USER} needs a sudo password",
@@ -131,6 +133,7 @@ def test_sudo_password_missing(target, before):
 
 
 def test_sudo_password_wrong(target, before):
+    """A sudo user with a wrong password: sudo's refusal named, nothing run."""
     res = fab(target, "provision", env_file=target.env_file,
               host=f"{SUDO_USER}@{target.info.alias}",
               FABRIC_SUDO_PASSWORD="wrong " + SUDO_PASSWORD)
@@ -143,6 +146,7 @@ def test_sudo_password_wrong(target, before):
     pytest.param(["provison"], "No idea what 'provison' is!", id="unknown-task"),
 ])
 def test_unknown_task_or_argument(target, before, args, named):
+    """Fabric refuses what it does not know before any task runs."""
     res = fab(target, *args, env_file=target.env_file)
     assert_refused(res, 1, named)
     assert_unchanged(target, before)
