@@ -27,6 +27,7 @@ from .primitives import (
     Directory,
     File,
     Firewall,
+    Note,
     Ok,
     Packages,
     Resource,
@@ -114,6 +115,9 @@ class Certificate(Resource):
 def certbot_resources(h) -> list:
     """Everything ``certbot.setup`` declares, in order; NGINX's site switches to HTTPS last."""
     s = h.settings
+    if not nginx.https_wanted(s):
+        return [Note("certificate", "none: ACME_SERVER is empty, the site is served over "
+                                    "plain HTTP")]
     return [
         Packages(["certbot"]),
         # The base step allows these already; declared here too so that `fab certbot` alone
@@ -129,9 +133,6 @@ def certbot_resources(h) -> list:
 
 
 def certbot_step(h) -> None:
-    if not nginx.https_wanted(h.settings):
-        h.ok("certificate", "none: ACME_SERVER is empty, the site is served over plain HTTP")
-        return
     ensure(h, *certbot_resources(h))
 
 

@@ -20,6 +20,7 @@ from .host import StepFailed, session
 from .primitives import (
     Change,
     File,
+    Note,
     Ok,
     Packages,
     Resource,
@@ -92,7 +93,9 @@ def monitoring_resources(h) -> list:
     """Everything ``monitoring.setup`` declares, in order."""
     s = h.settings
     if not s.monitoring:
-        return role_resources(h)
+        return [Note("telegraf", f"not installed (MONITORING={s['MONITORING'] or 'empty'}, "
+                                 f"INFLUX_URL {'set' if s['INFLUX_URL'] else 'empty'})"),
+                *role_resources(h)]
     missing = missing_settings(s)
     if missing:
         raise StepFailed("monitoring", f"Telegraf is on (MONITORING={s['MONITORING'] or 'empty'}"
@@ -102,13 +105,7 @@ def monitoring_resources(h) -> list:
 
 
 def monitoring_step(h) -> None:
-    s = h.settings
-    resources = monitoring_resources(h)
-    if not s.monitoring:
-        h.ok("telegraf", f"not installed (MONITORING={s['MONITORING'] or 'empty'}, "
-                         f"INFLUX_URL {'set' if s['INFLUX_URL'] else 'empty'})")
-    if resources:
-        ensure(h, *resources)
+    ensure(h, *monitoring_resources(h))
 
 
 @task(default=True, help={"check": "Show what would change and change nothing."})

@@ -73,9 +73,14 @@ class Change:
 
 
 class Resource:
-    """Base class: subclasses set ``what`` and implement ``probe`` and ``plan``."""
+    """Base class: subclasses set ``what`` and implement ``probe`` and ``plan``.
+
+    ``reads_host = False`` marks a resource whose plan needs nothing from the host: it is
+    left out of the probe (a list of only such resources costs no round trip).
+    """
 
     what = "resource"
+    reads_host = True
 
     def probe(self) -> str:
         return ":"
@@ -87,7 +92,7 @@ class Resource:
 def ensure(host, *resources: Resource) -> int:
     """Bring ``resources`` to their state on ``host``; report each; return how many changed."""
     todo = list(resources)
-    states = host.probe([r.probe() for r in todo])
+    states = _probe(host, todo)
     changed = 0
     for i, resource in enumerate(todo):
         outcome = resource.plan(states[i], host)
@@ -101,8 +106,30 @@ def ensure(host, *resources: Resource) -> int:
         host.run("set -e\n" + outcome.script, what=resource.what)
         host.changed(resource.what, outcome.message, outcome.diff)
         if i + 1 < len(todo):
-            states[i + 1:] = host.probe([r.probe() for r in todo[i + 1:]])
+            states[i + 1:] = _probe(host, todo[i + 1:])
     return changed
+
+
+def _probe(host, resources: list[Resource]) -> list[str]:
+    """Each resource's state, read in one round trip (``""`` for those that read nothing)."""
+    states = iter(host.probe([r.probe() for r in resources if r.reads_host]))
+    return [next(states) if r.reads_host else "" for r in resources]
+
+
+class Note(Resource):
+    """A line of the report for something deliberately not done, with the reason.
+
+    It reads nothing and never changes anything: ``Note("certificate", "none: ACME_SERVER
+    is empty")`` keeps a skipped part of a step visible in the report.
+    """
+
+    reads_host = False
+
+    def __init__(self, what: str, message: str):
+        self.what, self.message = what, message
+
+    def plan(self, state, host):
+        return Ok(self.message)
 
 
 # -- templates -------------------------------------------------------------------

@@ -83,12 +83,13 @@ def all(c, check=False):  # noqa: A001 - "provision.all" reads best
             base_step(h)
             python.python_step(h)
             first = []
-        # One ensure for the steps that need no decision on the host: one probe round trip.
+        # Everything is declared (and every setting checked) before anything changes, and
+        # read in one probe round trip: the steps' later decisions (the site's switch to
+        # HTTPS once certbot has the certificate) are made on the host by the re-probes.
         ensure(h, *first, *db.db_resources(h), *celery.celery_resources(h),
-               *deploy.app_resources(h), *nginx.nginx_resources(h))
-        backup.backup_step(h)
-        certbot.certbot_step(h)
-        monitoring.monitoring_step(h)
+               *deploy.app_resources(h), *nginx.nginx_resources(h),
+               *backup.backup_resources(h), *certbot.certbot_resources(h),
+               *monitoring.monitoring_resources(h))
 
 
 @task(help={"check": "Show what would change and change nothing."})

@@ -3,7 +3,7 @@
 import pytest
 
 from tasks.host import Host, Result, StepFailed
-from tasks.primitives import Directory, File, Service, ensure
+from tasks.primitives import Directory, File, Note, Service, ensure
 from tests.fake import FakeConnection
 
 CONVERGED = [
@@ -20,6 +20,23 @@ def test_converged_host_costs_one_round_trip_and_changes_nothing(make_host):
     assert len(conn.scripts) == 1 and conn.applied == []
     assert host.round_trips == 1
     assert [line[0] for line in host.report.lines] == ["ok", "ok", "ok"]
+
+
+def test_notes_read_nothing_and_keep_the_other_states_in_place(make_host):
+    host, conn = make_host([(r"-- /opt/a ", "missing\n")] + CONVERGED)
+    changed = ensure(host, Note("first", "skipped: why"), Directory("/opt/a"),
+                     Note("second", "skipped too"), Directory("/opt/b"))
+    assert changed == 1 and "mkdir -p -- /opt/a" in conn.applied[0]
+    assert host.round_trips == 3  # probe, apply, probe of /opt/b (the notes read nothing)
+    assert [line[:2] for line in host.report.lines] == [
+        ("ok", "first"), ("changed", "directory /opt/a"), ("ok", "second"),
+        ("ok", "directory /opt/b")]
+    host, conn = make_host([(r"-- /opt/a ", "missing\n")])
+    assert ensure(host, Directory("/opt/a"), Note("last", "nothing to read")) == 1
+    assert host.round_trips == 2  # probe, apply: no probe for the note left
+    host, conn = make_host()
+    assert ensure(host, Note("only", "nothing to do")) == 0
+    assert conn.scripts == [] and host.round_trips == 0
 
 
 def test_change_applies_then_reprobes_the_rest(make_host):

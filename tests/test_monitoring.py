@@ -51,7 +51,7 @@ def test_bad_switch_and_short_password_are_named():
 
 def test_off_without_password_declares_nothing(make_host):
     host, conn = host_for(make_host, make_settings())
-    assert monitoring.monitoring_resources(host) == []
+    assert [type(r).__name__ for r in monitoring.monitoring_resources(host)] == ["Note"]
     monitoring.monitoring_step(host)
     assert conn.applied == [] and host.round_trips == 0
     assert host.report.lines == [("ok", "telegraf", "not installed (MONITORING=empty, "
@@ -62,7 +62,8 @@ def test_off_with_password_makes_only_the_role(make_host):
     s = make_settings(MONITORING="off", MONITORING_DB_PASSWORD="monitoring-password-x")
     host, conn = host_for(make_host, s, answers=[(r"pg_authid", ""), (r"pg_auth_members", "0")])
     names = [r.what for r in monitoring.monitoring_resources(host)]
-    assert names == ["postgresql role monitoring", "postgresql role monitoring in pg_monitor"]
+    assert names == ["telegraf", "postgresql role monitoring",
+                     "postgresql role monitoring in pg_monitor"]
     monitoring.monitoring_step(host)
     applied = "\n".join(conn.applied)
     assert 'CREATE ROLE "monitoring" LOGIN PASSWORD \'SCRAM-SHA-256$4096:' in applied
