@@ -8,6 +8,7 @@ facts: no task reads one). What it covers and what it does differently: bench/pe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -68,13 +69,10 @@ def install(work: Path) -> str:
 def command(work: Path, manifest: Path, ssh_config: Path,
             host: str) -> tuple[list[str], dict[str, str]]:
     """argv and environment of one ansible-playbook converge of ``host`` (an ssh_config alias)."""
-    import sys
-
-    sys.path.insert(0, str(HERE))
-    try:
-        import playbook
-    finally:
-        sys.path.remove(str(HERE))
+    spec = importlib.util.spec_from_file_location("ansible_bench_playbook",
+                                                  HERE / "playbook.py")
+    playbook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(playbook)
     site = playbook.write(Path(manifest), work / "ansible-run")
     env = dict(os.environ,
                ANSIBLE_CONFIG=str(HERE / "ansible.cfg"),
