@@ -181,6 +181,13 @@ class Builder:
     def add(self, task: dict) -> None:
         self.tasks.append(task)
 
+    def pg_prereq(self) -> None:
+        """python3-psycopg2 before the first PostgreSQL task, when no packages task took it."""
+        if self.psycopg_at is None:
+            self.psycopg_at = -1
+            self.add({"name": f"packages {PG_PREREQ} (for community.postgresql)",
+                      "ansible.builtin.apt": {"name": [PG_PREREQ], "state": "present"}})
+
     def build(self) -> None:
         rs, i = self.resources, 0
         while i < len(rs):
@@ -302,6 +309,7 @@ class Builder:
 
     # PostgreSQL (as the postgres superuser, through its local socket)
     def pg_setting(self, r: dict) -> None:
+        self.pg_prereq()
         self.unit_handlers.setdefault("restart postgresql.service", {
             "name": "restart postgresql.service",
             "ansible.builtin.systemd_service": {"name": "postgresql.service",
@@ -312,6 +320,7 @@ class Builder:
             "notify": ["restart postgresql.service"]})
 
     def pg_role(self, r: dict) -> None:
+        self.pg_prereq()
         self.passwords[r["name"]] = r["password"]
         self.add({"name": f"postgresql role {r['name']}",
                   "community.postgresql.postgresql_user": {
@@ -321,12 +330,14 @@ class Builder:
                   **PG_BECOME, "no_log": True})
 
     def pg_database(self, r: dict) -> None:
+        self.pg_prereq()
         self.add({"name": f"postgresql database {r['name']}",
                   "community.postgresql.postgresql_db": {
                       "name": r["name"], "owner": r["owner"], "encoding": r["encoding"],
                       "template": "template0"}, **PG_BECOME})
 
     def pg_membership(self, r: dict) -> None:
+        self.pg_prereq()
         self.add({"name": f"postgresql role {r['member']} in {r['role']}",
                   "community.postgresql.postgresql_membership": {
                       "groups": [r["role"]], "target_roles": [r["member"]],
