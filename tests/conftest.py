@@ -119,7 +119,7 @@ find / -xdev \( -path /proc -o -path /sys -o -path /run -o -path /tmp -o -path /
   -o -path '/var/lib/postgresql/*/main' -o -path /var/lib/redis -o -path /var/lib/celery \
   -o -path '/opt/*/backup/*' \) -prune -o -printf 'file %p %m %u %g %s %T@\n' | sort
 dpkg-query -W -f 'package ${Package} ${Version} ${Status}\n'
-ls -la --time-style=+%s /var/log | grep -v ' journal$' | sed 's/^/log /'
+ls -la --time-style=+%s /var/log | grep -v -e ' journal$' -e '^total ' | sed 's/^/log /'
 for save in iptables-save ip6tables-save; do
   command -v $save >/dev/null && $save | grep -v '^#' | sed "s/\[[0-9]*:[0-9]*\]//; s/^/$save /"
 done
