@@ -138,7 +138,8 @@ def export(env_file: Path, ssh_config: Path, host: str, out: Path) -> Path:
         provision.all.body(c)
     manifest = out / "manifest.json"
     manifest.write_text(json.dumps(
-        {"resources": [describe(r, out, n) for n, r in enumerate(declared)]}, indent=1))
+        {"resources": [describe(r, out, n) for n, r in enumerate(declared)
+                       if not isinstance(r, P.Note)]}, indent=1))  # notes declare nothing
     manifest.chmod(0o600)
     return manifest
 
