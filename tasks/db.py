@@ -131,8 +131,9 @@ def scram_matches(password: str, verifier: str) -> bool:
 class PostgresSetting(Resource):
     """A server setting that takes effect on restart (``listen_addresses``), set with ALTER SYSTEM.
 
-    The server is restarted once when the setting changed, or when a change of it is still
-    pending (a run that died between the two).
+    The server is restarted once when the setting changed, or when our value is written but
+    still waiting for a restart (a run that died between the two). A different value waiting
+    for a restart (someone's ALTER SYSTEM) is overwritten with ours, without a restart.
     """
 
     def __init__(self, name: str, value: str):
@@ -140,19 +141,25 @@ class PostgresSetting(Resource):
         self.what = f"postgresql {name}"
 
     def probe(self) -> str:
-        return psql_probe("SELECT setting, pending_restart FROM pg_settings "
-                          f"WHERE name = {sql_literal(self.name)};")
+        # running value | waiting for a restart? | the value a restart would give
+        return psql_probe("SELECT s.setting, s.pending_restart, coalesce((SELECT f.setting "
+                          "FROM pg_file_settings f WHERE f.name = s.name "
+                          "ORDER BY f.seqno DESC LIMIT 1), s.boot_val) FROM pg_settings s "
+                          f"WHERE s.name = {sql_literal(self.name)};")
 
     def plan(self, state, host):
-        setting, _, pending = state.strip().partition("|")
+        setting, pending, waiting = (state.strip().split("|") + ["", ""])[:3]
         restart = "systemctl restart postgresql.service"
-        if setting == self.value and pending == "f":
+        alter = sql_script(f"ALTER SYSTEM SET {self.name} = {sql_literal(self.value)};")
+        if setting == self.value and pending != "t":
             return Ok(f"{self.value!r}")
-        if setting == self.value:
+        if setting == self.value and waiting == self.value:
             return Change("restarted (a change of it was pending)", restart)
-        sql = f"ALTER SYSTEM SET {self.name} = {sql_literal(self.value)};"
+        if setting == self.value:
+            return Change(f"{waiting!r} was waiting for a restart: set back to {self.value!r} "
+                          "(no restart)", alter + "\n" + sql_script("SELECT pg_reload_conf();"))
         was = "unknown, PostgreSQL not running" if setting == "unavailable" else repr(setting)
-        return Change(f"{was} -> {self.value!r} (restarted)", f"{sql_script(sql)}\n{restart}")
+        return Change(f"{was} -> {self.value!r} (restarted)", f"{alter}\n{restart}")
 
 
 class PostgresRole(Resource):

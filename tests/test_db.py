@@ -80,11 +80,14 @@ ROLE_OK = f"t|{PG15_VERIFIERS['pencil']}"
 
 
 @pytest.mark.parametrize("resource, state, expect", [
-    (db.PostgresSetting("listen_addresses", "localhost"), "localhost|f\n", Ok("'localhost'")),
-    (db.PostgresSetting("listen_addresses", "localhost"), "*|f\n",
+    (db.PostgresSetting("listen_addresses", "localhost"), "localhost|f|localhost\n",
+     Ok("'localhost'")),
+    (db.PostgresSetting("listen_addresses", "localhost"), "*|f|*\n",
      "'*' -> 'localhost' (restarted)"),
-    (db.PostgresSetting("listen_addresses", "localhost"), "localhost|t\n",
+    (db.PostgresSetting("listen_addresses", "localhost"), "localhost|t|localhost\n",
      "restarted (a change of it was pending)"),
+    (db.PostgresSetting("listen_addresses", "localhost"), "localhost|t|*\n",
+     "'*' was waiting for a restart: set back to 'localhost' (no restart)"),
     (db.PostgresSetting("listen_addresses", "localhost"), "unavailable\n",
      "unknown, PostgreSQL not running -> 'localhost' (restarted)"),
     (db.PostgresRole("app", "pencil"), ROLE_OK, Ok("can log in, SCRAM password up to date")),
