@@ -135,10 +135,14 @@ def export(env_file: Path, ssh_config: Path, host: str, out: Path) -> Path:
     config.load_ssh_config()
     declared: list = []
     (out / "files").mkdir(parents=True, exist_ok=True)
-    # The session's report would only say that nothing was converged: keep it out of the way.
-    with Connection(host, config=config) as c, recording(declared), \
-            redirect_stdout(io.StringIO()):
-        provision.all.body(c)
+    # The session's report would only say that nothing was converged: shown on failure only.
+    report = io.StringIO()
+    try:
+        with Connection(host, config=config) as c, recording(declared), redirect_stdout(report):
+            provision.all.body(c)
+    except BaseException:
+        print(report.getvalue(), end="")
+        raise
     manifest = out / "manifest.json"
     manifest.write_text(json.dumps(
         {"resources": [describe(r, out, n) for n, r in enumerate(declared)
