@@ -167,6 +167,9 @@ def noop(target: Target) -> dict:
             changes[name].add(count(out))
             if name == "fabstack":
                 trips.add(fab_summary(out)[1])
+    # The same no-op with no other tool's run just before it (whose traces the host may
+    # still be writing away: journal, PostgreSQL, apt's caches).
+    alone = [run(target.fab("provision"), target.env)[0] for _ in range(RUNS)]
     redeploy, redeploy_trips = [], set()
     for _ in range(RUNS):
         wall, out = run(target.fab(*REDEPLOY), target.env)
@@ -185,7 +188,7 @@ def noop(target: Target) -> dict:
         "converge": [{"tool": name, "version": versions.get(name, ""), **stats(w),
                       "ratio": statistics.median(w) / ours,
                       "changed": sorted(changes[name])} for name, w in walls.items()],
-        "round_trips": sorted(trips),
+        "round_trips": sorted(trips), "alone": stats(alone),
         "redeploy": {**stats(redeploy), "round_trips": sorted(redeploy_trips)},
         "ssh_floor": stats(floor), "fab_startup": stats(startup),
         "exposure": {unit: float(exposure[unit]) for unit in APP_UNITS if unit in exposure},
@@ -195,6 +198,7 @@ def noop(target: Target) -> dict:
         print(line(f"{row['tool']} {row['version']}".strip(), row,
                    f"x{row['ratio']:.1f} of ours, changed: {row['changed']}"))
     print(f"  fab provision SSH command round trips per run: {result['round_trips']}")
+    print(line(f"fab provision, {RUNS} runs back to back", result["alone"]))
     print(line("fab deploy, release already current", result["redeploy"],
                f"{result['redeploy']['round_trips']} SSH round trips"))
     print(line("SSH floor: ssh host true", result["ssh_floor"]))
@@ -292,6 +296,8 @@ def table(results: dict) -> str:
                 f"x{c['ratio']:.1f}", f"changed per run: {', '.join(map(str, c['changed']))}"
                 + (f"; {', '.join(map(str, r['round_trips']))} SSH round trips"
                    if c["tool"] == "fabstack" else ""))
+        row("no-op converge: `fab provision`, runs back to back (no peer run between)",
+            r["alone"], "", "the same command, on a host no other tool has just run on")
         row("`fab deploy` of the release already current", r["redeploy"], "",
             f"{', '.join(map(str, r['redeploy']['round_trips']))} SSH round trips")
         row("SSH floor: `ssh host true`", r["ssh_floor"])
