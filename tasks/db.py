@@ -75,6 +75,40 @@ def psql_probe(sql: str) -> str:
     return sql_script(sql, "-At -v ON_ERROR_STOP=1") + " 2>/dev/null || echo unavailable"
 
 
+class JointPsql:
+    """Reads several :class:`PostgresResource` in one psql session (a ``joint`` probe).
+
+    Each query's rows follow a marker line; a query psql did not answer (the server is down,
+    or an earlier query failed) reads as ``unavailable``, as it does alone.
+    """
+
+    MARK = "@@fabstack-sql@@"
+
+    def probe(self, resources) -> str:
+        return psql_probe("".join(f"\\echo {self.MARK}{i}\n{r.sql}\n"
+                                  for i, r in enumerate(resources)))
+
+    def split(self, output: str, n: int) -> list[str]:
+        answers = {}
+        for part in output.split(self.MARK)[1:]:
+            index, _, rows = part.partition("\n")
+            answers[int(index)] = rows
+        return [answers.get(i, "unavailable\n") for i in range(n)]
+
+
+class PostgresResource(Resource):
+    """A resource read with one SQL query, ``sql``, run by the postgres superuser.
+
+    In one :func:`ensure`, all of them are read in a single psql session.
+    """
+
+    joint = JointPsql()
+    sql: str  # the query; its rows are the state plan() reads
+
+    def probe(self) -> str:
+        return psql_probe(self.sql)
+
+
 # -- SCRAM-SHA-256 verifiers, as PostgreSQL stores them ------------------------------------
 
 def _prohibited(c: str) -> bool:
@@ -128,7 +162,7 @@ def scram_matches(password: str, verifier: str) -> bool:
 
 # -- resources ---------------------------------------------------------------------------
 
-class PostgresSetting(Resource):
+class PostgresSetting(PostgresResource):
     """A server setting that takes effect on restart (``listen_addresses``), set with ALTER SYSTEM.
 
     The server is restarted once when the setting changed, or when our value is written but
@@ -140,12 +174,13 @@ class PostgresSetting(Resource):
         self.name, self.value = name, value
         self.what = f"postgresql {name}"
 
-    def probe(self) -> str:
+    @property
+    def sql(self) -> str:
         # running value | waiting for a restart? | the value a restart would give
-        return psql_probe("SELECT s.setting, s.pending_restart, coalesce((SELECT f.setting "
-                          "FROM pg_file_settings f WHERE f.name = s.name "
-                          "ORDER BY f.seqno DESC LIMIT 1), s.boot_val) FROM pg_settings s "
-                          f"WHERE s.name = {sql_literal(self.name)};")
+        return ("SELECT s.setting, s.pending_restart, coalesce((SELECT f.setting "
+                "FROM pg_file_settings f WHERE f.name = s.name "
+                "ORDER BY f.seqno DESC LIMIT 1), s.boot_val) FROM pg_settings s "
+                f"WHERE s.name = {sql_literal(self.name)};")
 
     def plan(self, state, host):
         setting, pending, waiting = (state.strip().split("|") + ["", ""])[:3]
@@ -162,7 +197,7 @@ class PostgresSetting(Resource):
         return Change(f"{was} -> {self.value!r} (restarted)", f"{alter}\n{restart}")
 
 
-class PostgresRole(Resource):
+class PostgresRole(PostgresResource):
     """A login role whose password is ``password``, stored as a SCRAM-SHA-256 verifier.
 
     The verifier is computed here and sent on psql's stdin: the clear password reaches
@@ -173,9 +208,10 @@ class PostgresRole(Resource):
         self.name, self.password = name, password
         self.what = f"postgresql role {name}"
 
-    def probe(self) -> str:
-        return psql_probe("SELECT rolcanlogin, coalesce(rolpassword, '') FROM pg_authid "
-                          f"WHERE rolname = {sql_literal(self.name)};")
+    @property
+    def sql(self) -> str:
+        return ("SELECT rolcanlogin, coalesce(rolpassword, '') FROM pg_authid "
+                f"WHERE rolname = {sql_literal(self.name)};")
 
     def plan(self, state, host):
         state = state.strip()
@@ -193,16 +229,17 @@ class PostgresRole(Resource):
                       sql_script(f"ALTER ROLE {sql_ident(self.name)} LOGIN {password};"))
 
 
-class PostgresDatabase(Resource):
+class PostgresDatabase(PostgresResource):
     """A UTF-8 database owned by ``owner`` (so the owner's migrations can create tables)."""
 
     def __init__(self, name: str, owner: str):
         self.name, self.owner = name, owner
         self.what = f"postgresql database {name}"
 
-    def probe(self) -> str:
-        return psql_probe("SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding) "
-                          f"FROM pg_database WHERE datname = {sql_literal(self.name)};")
+    @property
+    def sql(self) -> str:
+        return ("SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding) "
+                f"FROM pg_database WHERE datname = {sql_literal(self.name)};")
 
     def plan(self, state, host):
         state = state.strip()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from fabric import task
 
-from .db import PostgresRole, psql_probe, sql_ident, sql_literal, sql_script
+from .db import PostgresResource, PostgresRole, sql_ident, sql_literal, sql_script
 from .host import StepFailed, session
 from .primitives import (
     Change,
@@ -23,7 +23,6 @@ from .primitives import (
     Note,
     Ok,
     Packages,
-    Resource,
     Service,
     apt_repository,
     ensure,
@@ -36,19 +35,20 @@ TELEGRAF_CONF = "/etc/telegraf/telegraf.conf"
 STATS_ROLE = "pg_monitor"
 
 
-class PostgresMembership(Resource):
+class PostgresMembership(PostgresResource):
     """Role ``member`` is a member of role ``role`` (e.g. pg_monitor)."""
 
     def __init__(self, member: str, role: str):
         self.member, self.role = member, role
         self.what = f"postgresql role {member} in {role}"
 
-    def probe(self) -> str:
-        return psql_probe("SELECT count(*) FROM pg_auth_members m "
-                          "JOIN pg_roles r ON r.oid = m.roleid "
-                          "JOIN pg_roles u ON u.oid = m.member "
-                          f"WHERE r.rolname = {sql_literal(self.role)} "
-                          f"AND u.rolname = {sql_literal(self.member)};")
+    @property
+    def sql(self) -> str:
+        return ("SELECT count(*) FROM pg_auth_members m "
+                "JOIN pg_roles r ON r.oid = m.roleid "
+                "JOIN pg_roles u ON u.oid = m.member "
+                f"WHERE r.rolname = {sql_literal(self.role)} "
+                f"AND u.rolname = {sql_literal(self.member)};")
 
     def plan(self, state, host):
         if state.strip() == "1":

@@ -77,10 +77,14 @@ class Resource:
 
     ``reads_host = False`` marks a resource whose plan needs nothing from the host: it is
     left out of the probe (a list of only such resources costs no round trip).
+    Resources that share a ``joint`` (an object with ``probe(resources) -> str`` and
+    ``split(output, n) -> list[str]``) are read together by one snippet it writes, e.g. one
+    psql session for every PostgreSQL resource instead of one each.
     """
 
     what = "resource"
     reads_host = True
+    joint = None
 
     def probe(self) -> str:
         return ":"
@@ -112,8 +116,29 @@ def ensure(host, *resources: Resource) -> int:
 
 def _probe(host, resources: list[Resource]) -> list[str]:
     """Each resource's state, read in one round trip (``""`` for those that read nothing)."""
-    states = iter(host.probe([r.probe() for r in resources if r.reads_host]))
-    return [next(states) if r.reads_host else "" for r in resources]
+    snippets: list = []
+    slots: list = []  # per resource: None, (snippet,) or (snippet, joint, place in joint)
+    joints: dict = {}  # joint -> (snippet index, its resources)
+    for r in resources:
+        if not r.reads_host:
+            slots.append(None)
+        elif r.joint is None:
+            slots.append((len(snippets),))
+            snippets.append(r.probe())
+        else:
+            if r.joint not in joints:
+                joints[r.joint] = (len(snippets), [])
+                snippets.append(None)
+            index, members = joints[r.joint]
+            slots.append((index, r.joint, len(members)))
+            members.append(r)
+    for joint, (index, members) in joints.items():
+        snippets[index] = joint.probe(members)
+    outputs = host.probe(snippets)
+    parts = {joint: joint.split(outputs[index], len(members))
+             for joint, (index, members) in joints.items()}
+    return ["" if slot is None else outputs[slot[0]] if len(slot) == 1 else
+            parts[slot[1]][slot[2]] for slot in slots]
 
 
 class Note(Resource):

@@ -3,7 +3,8 @@
 Scripts reach a real host on stdin; the fake receives them the same way. Probe
 scripts (split at their markers) are answered snippet by snippet from
 ``answers``: a list of ``(regex, output)`` tried in order, first match wins,
-no match answers "". Every other script is recorded in ``applied`` and
+no match answers "" (a joint psql snippet is answered query by query, the same way).
+Every other script is recorded in ``applied`` and
 succeeds (or fails, when it matches a regex in ``failing``).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from tasks.db import JointPsql
 from tasks.host import PROBE_MARK, Result
 
 
@@ -39,7 +41,14 @@ class FakeConnection:
         chunks = re.split(rf"^echo '{re.escape(PROBE_MARK)}(\d+)'\n", script, flags=re.M)
         out = []
         for index, snippet in zip(chunks[1::2], chunks[2::2], strict=True):
-            answer = next((text for pattern, text in self.answers
-                           if re.search(pattern, snippet)), "")
-            out.append(f"{PROBE_MARK}{index}\n{answer}")
+            out.append(f"{PROBE_MARK}{index}\n{self._answer(snippet)}")
         return "".join(out)
+
+    def _answer(self, snippet: str) -> str:
+        mark = JointPsql.MARK
+        if mark not in snippet:
+            return next((text for pattern, text in self.answers
+                         if re.search(pattern, snippet)), "")
+        queries = re.split(rf"^\\echo {re.escape(mark)}(\d+)\n", snippet, flags=re.M)
+        return "".join(f"{mark}{index}\n{self._answer(query)}"
+                       for index, query in zip(queries[1::2], queries[2::2], strict=True))

@@ -257,8 +257,10 @@ def fresh(resource) -> str:
 
 
 def answers_for(resources, **states):
-    """Fake answers: each probe gets its converged state, or ``states[what]``."""
-    return [("^" + re.escape(r.probe()) + "$", states.get(r.what, converged(r)))
+    """Fake answers: each probe (or query, read in the joint psql session) gets its converged
+    state, or ``states[what]``."""
+    return [(re.escape(r.sql) if isinstance(r, db.PostgresResource)
+             else "^" + re.escape(r.probe()) + "$", states.get(r.what, converged(r)))
             for r in resources]
 
 
@@ -347,3 +349,20 @@ def test_redis_and_celery_conf_render_from_settings():
 
 def test_pgpass_line_escapes_colons_and_backslashes():
     assert db.pgpass_line("u", "d", "a:b\\c") == "localhost:*:d:u:a\\:b\\\\c\n"
+
+
+def test_postgres_resources_are_read_in_one_psql_session(make_host, settings):
+    host, conn = host_for(make_host, settings)
+    resources = [db.PostgresRole("app", "pencil"), Directory("/opt/a"),
+                 db.PostgresDatabase("app", "app"), db.PostgresSetting("listen_addresses", "lo")]
+    conn.answers = answers_for(resources)
+    assert ensure(host, *resources) == 0
+    assert conn.scripts[0].count("psql") == 1 and host.round_trips == 1
+
+
+def test_joint_psql_reads_unanswered_queries_as_unavailable():
+    joint = db.JointPsql()
+    # the second query failed (psql stopped, the snippet said so), the third never ran
+    out = f"{joint.MARK}0\nt|x\n{joint.MARK}1\nunavailable\n"
+    assert joint.split(out, 3) == ["t|x\n", "unavailable\n", "unavailable\n"]
+    assert joint.split("unavailable\n", 2) == ["unavailable\n"] * 2  # server down
