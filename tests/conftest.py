@@ -253,6 +253,16 @@ def revert(repo) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
+@pytest.fixture(scope="module")
+def stack(target, app_repo, pebble_env):
+    """The converged stack: provisioned, the example app deployed over HTTPS; its settings."""
+    values = {"DEPLOY_REPO": str(app_repo), "DEPLOY_SUBDIR": "example", **pebble_env}
+    target.write_env(**values)
+    target.fab("provision")
+    target.fab("deploy")
+    return values
+
+
 @pytest.fixture(scope="session")
 def pebble(sandbox, tmp_path_factory):
     """Pebble and its DNS on the sandbox's host address, every name resolving to the target."""

@@ -65,16 +65,6 @@ READ_ONLY = ("releases", "status")
 
 
 @pytest.fixture(scope="module")
-def stack(target, app_repo, pebble_env):
-    """Settings of the converged stack (the example app over HTTPS); provisioned, deployed."""
-    values = {"DEPLOY_REPO": str(app_repo), "DEPLOY_SUBDIR": "example", **pebble_env}
-    target.write_env(**values)
-    target.fab("provision")
-    target.fab("deploy")
-    return values
-
-
-@pytest.fixture(scope="module")
 def secret_runs(target, stack, app_repo):
     """With the hostile secrets: provision, then deploy a new commit, the sampler running."""
     target.write_env(**stack, **SECRETS)

@@ -28,14 +28,10 @@ SETTINGS_ERROR = "Nothing was changed on any host."
 
 
 @pytest.fixture(scope="module")
-def stack(target, app_repo, pebble_env):
-    """The settings of a converged host with the example app deployed over HTTPS."""
-    values = {"DEPLOY_REPO": str(app_repo), "DEPLOY_SUBDIR": "example", **pebble_env}
-    target.write_env(**values)
-    target.fab("provision")
-    target.fab("deploy")
+def stack(stack, target):
+    """conftest's converged stack, with the sudo user the sudo cases log in as."""
     ensure_sudo_user(target)
-    return values
+    return stack
 
 
 @pytest.fixture
