@@ -1,9 +1,9 @@
 """Python: the configured interpreter and the app's virtualenv (/opt/APP/venv).
 
-The distro's python is used when its version matches PYTHON_VERSION; on Ubuntu
-the deadsnakes PPA supplies other versions; elsewhere the task stops and names
-the versions that can be had. The virtualenv is recreated only when its
-interpreter's version changes.
+An empty PYTHON_VERSION (the default) means the distro's ``python3``, whatever its version
+(Debian 12: 3.11, Debian 13: 3.13). A version such as 3.12 is taken from the distro when it
+has it, from the deadsnakes PPA on Ubuntu otherwise; elsewhere the task stops and says what
+can be had. The virtualenv is recreated only when its interpreter's minor version changes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from fabric import task
 
 from .host import StepFailed, session
-from .primitives import AptUpdate, Command, Packages, apt_repository, ensure
+from .primitives import AptUpdate, Command, Packages, apt_repository, ensure, q
 
 DEADSNAKES_KEY = ("https://keyserver.ubuntu.com/pks/lookup?op=get&search="
                   "0xF23C5A6CF475977595C89F51BA6932366A755776")
@@ -27,37 +27,46 @@ def os_release(text: str) -> dict[str, str]:
     return out
 
 
+def interpreter(version: str) -> str:
+    """The interpreter's command for PYTHON_VERSION: ``python3.X``, or ``python3`` when empty."""
+    return f"python{version}" if version else "python3"
+
+
 def python_resources(h, release: dict[str, str], candidate: bool) -> list:
     """Resources for PYTHON_VERSION on a host with ``release`` (its /etc/os-release)."""
     s = h.settings
     version = s["PYTHON_VERSION"]
-    packages = [f"python{version}", f"python{version}-venv", f"python{version}-dev"]
+    python = interpreter(version)
     resources = []
     if not candidate:
         distro = f"{release.get('NAME', 'this system')} {release.get('VERSION_ID', '')}".strip()
         if release.get("ID") != "ubuntu":
-            raise StepFailed("python", f"Python {version} is not available on {distro}: set "
-                             "PYTHON_VERSION to the distro's python3 version (Debian 12: 3.11, "
-                             "Debian 13: 3.13), or use Ubuntu, where the deadsnakes PPA "
+            raise StepFailed("python", f"Python {version or '3'} is not available on {distro}: "
+                             "leave PYTHON_VERSION empty for the distro's python3 (Debian 12: "
+                             "3.11, Debian 13: 3.13), or use Ubuntu, where the deadsnakes PPA "
                              "provides other versions")
         resources += apt_repository("deadsnakes", DEADSNAKES_URI, release["VERSION_CODENAME"],
                                     "main", DEADSNAKES_KEY)
     venv = s.venv_dir
+    # The virtualenv's minor version (pyvenv.cfg) must be the interpreter's, read on the host
+    # when PYTHON_VERSION is empty: a distro upgrade that moves python3 recreates it.
+    want = q(version) if version else (
+        f"$({python} -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' 2>/dev/null)")
     resources += [
-        Packages(packages),
+        Packages([python, f"{python}-venv", f"{python}-dev"]),
         Command(f"virtualenv {venv}",
-                unless=f"grep -Eq '^version *= *{version.replace('.', '[.]')}[.]' "
-                       f"{venv}/pyvenv.cfg",
-                message=f"created with python{version}",
-                script=f"rm -rf {venv}\npython{version} -m venv {venv}"),
+                unless=f'want={want} && [ -n "$want" ] && '
+                       f'grep -Eq "^version *= *$want[.]" {q(venv + "/pyvenv.cfg")}',
+                message=f"created with {python}",
+                script=f"rm -rf {q(venv)}\n{python} -m venv {q(venv)}"),
     ]
     return resources
 
 
 def facts(h, version: str) -> tuple[dict[str, str], bool]:
-    """The host's /etc/os-release, and whether apt can install python``version``."""
+    """The host's /etc/os-release, and whether apt can install PYTHON_VERSION's interpreter."""
     release, policy = h.probe(["cat /etc/os-release",
-                               f"apt-cache policy python{version} 2>/dev/null"])
+                               f"apt-cache policy {interpreter(version)} 2>/dev/null"])
     candidate = any(line.split(":", 1)[1].strip() not in ("", "(none)")
                     for line in policy.splitlines() if "Candidate:" in line)
     return os_release(release), candidate
@@ -74,6 +83,6 @@ def python_step(h) -> None:
 
 @task(default=True, help={"check": "Show what would change and change nothing."})
 def setup(c, check=False):
-    """Install PYTHON_VERSION and create the app's virtualenv with it."""
+    """Install PYTHON_VERSION (empty: the distro's python3) and the app's virtualenv."""
     with session(c, "python", check) as h:
         python_step(h)

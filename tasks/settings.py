@@ -83,8 +83,8 @@ def check_email(value: str) -> str | None:
 
 
 def check_python_version(value: str) -> str | None:
-    if not re.match(r"^3\.\d{1,2}$", value):
-        return "must be a Python 3 minor version such as 3.11"
+    if value and not re.match(r"^3\.\d{1,2}$", value):
+        return "must be empty (the distro's python3) or a Python 3 minor version such as 3.12"
     return None
 
 
@@ -266,8 +266,9 @@ KEYS: tuple[Key, ...] = (
         check=check_domain),
     Key("ADMIN_EMAIL", "Operator's e-mail, the contact for the TLS certificate",
         check=check_email),
-    Key("PYTHON_VERSION", "Python minor version for the app's virtualenv (the distro's "
-        "python when it matches; deadsnakes on Ubuntu otherwise)", "3.11", check_python_version),
+    Key("PYTHON_VERSION", "Python minor version for the app's virtualenv, e.g. 3.12 (the "
+        "distro's when it has it; deadsnakes on Ubuntu otherwise). Empty: the distro's python3 "
+        "(Debian 12: 3.11, Debian 13: 3.13)", "", check_python_version),
     Key("BASE_PACKAGES", "Space-separated apt packages every server gets",
         "neovim net-tools git python3 virtualenv"),
     Key("APT_CACHE_MAX_AGE", "Seconds before the host's apt lists are refreshed again",
