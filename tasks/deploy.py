@@ -122,14 +122,29 @@ def _unlock(h) -> None:
     h.run(f"rm -rf {q(_layout(h.settings)['lock'])}", what="deploy lock")
 
 
-def _state(h) -> tuple[str, list[str]]:
-    """The current release's id and every release, oldest first."""
+def prerequisites(s) -> dict[str, str]:
+    """What a deploy needs that ``fab provision`` makes: path on the host -> what it is."""
+    from .backup import script_path
+    from .nginx import site_path
+
+    return {f"{s.venv_dir}/bin/python": "the virtualenv",
+            s.app_env_file: "the app's environment file",
+            f"/etc/systemd/system/{s.app}.service": "gunicorn's unit",
+            site_path(s): "the NGINX site",
+            script_path(s): "the backup script"}
+
+
+def _state(h) -> tuple[str, list[str], list[str]]:
+    """The current release's id, every release (oldest first), and the missing prerequisites."""
     paths = _layout(h.settings)
-    current, listing = h.probe([
+    needed = prerequisites(h.settings)
+    current, listing, missing = h.probe([
         f"readlink {q(paths['current'])} 2>/dev/null | xargs -r basename",
         f"ls -1 {q(paths['releases'])} 2>/dev/null | grep -v '^[.]'",
+        "".join(f"[ -e {q(path)} ] || echo {q(path)}\n" for path in needed) + "true",
     ])
-    return current.strip(), sorted(listing.split())
+    return (current.strip(), sorted(listing.split()),
+            [f"{needed[path]} ({path})" for path in missing.split()])
 
 
 def _upload(h, data: bytes) -> str:
@@ -324,7 +339,11 @@ def deploy_release(h, ref: str | None = None, force: bool = False) -> None:
     try:
         if remote:
             source = _resolve_remote(h)
-        current, releases = _state(h)
+        current, releases, missing = _state(h)
+        if missing:
+            raise StepFailed("provisioned", f"the host is not fully provisioned, missing "
+                             f"{', '.join(missing)}: run `fab provision` first (a provision "
+                             "that stopped part-way is finished by running it again)")
         if current.endswith(f"-{source.commit[:12]}") and not force:
             healthy, detail = health_check(h, current, timeout=10)
             if not healthy:
@@ -357,7 +376,7 @@ def deploy_release(h, ref: str | None = None, force: bool = False) -> None:
 
 
 def rollback_release(h) -> None:
-    current, releases = _state(h)
+    current, releases, _ = _state(h)
     if current not in releases or releases.index(current) == 0:
         raise StepFailed("rollback", f"no release before {current or 'the current one'} "
                          f"(releases: {', '.join(releases) or 'none'})")
@@ -395,7 +414,7 @@ def rollback(c):
 def releases(c):
     """List the releases on the host, marking the current one."""
     with session(c, "releases") as h:
-        current, listing = _state(h)
+        current, listing, _ = _state(h)
         for release in listing:
             h.ok(f"release {release}", "current" if release == current else "kept")
 
