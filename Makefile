@@ -1,13 +1,17 @@
 # The two entry points of the README, and what they need.
 #   make demo  - install everything, boot the local sandbox host, provision it and deploy the
 #                example app over HTTPS
-#   make test  - install everything, run all tests (unit and real-host)
+#   make test  - install everything, run all tests (unit, then real-host on Debian 12 and 13)
+#   make unit  - the unit tests only (no root, no sandbox)
 PY ?= python3
 VENV := .venv
-SYSTEM_PACKAGES := debootstrap systemd-container tinyproxy iproute2 openssh-client pebble
+# Every program the tests, the sandbox, the demo and the bench start on this machine comes from
+# one of these (tests/test_setup.py keeps it so).
+SYSTEM_PACKAGES := debootstrap systemd-container tinyproxy-bin iproute2 openssh-client pebble \
+	rsync git curl openssl
 FAB := $(VENV)/bin/fab
 
-.PHONY: setup system-deps demo test lint sandbox-down bench
+.PHONY: setup system-deps demo test unit lint sandbox-down bench
 
 setup: system-deps $(VENV)/.installed
 
@@ -26,8 +30,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(FAB) sandbox.demo
 
+# The unit tests, then the real-host tests on a fresh sandbox of each supported Debian release.
 test: setup
-	$(VENV)/bin/pytest -ra
+	$(VENV)/bin/pytest -ra -m 'not realhost'
+	FABSTACK_TEST_SUITE=bookworm $(VENV)/bin/pytest -ra -m realhost
+	FABSTACK_TEST_SUITE=trixie $(VENV)/bin/pytest -ra -m realhost
+
+# The fast tests alone: no root, no sandbox, a few seconds.
+unit: $(VENV)/.installed
+	$(VENV)/bin/pytest -ra -m 'not realhost'
 
 lint: setup
 	$(VENV)/bin/ruff check .

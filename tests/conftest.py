@@ -26,6 +26,12 @@ REALHOST_ORDER = ("provision", "db", "celery", "web", "deploy", "backup", "statu
 
 
 def pytest_collection_modifyitems(items):
+    """Mark every test that needs the sandbox ``realhost`` (``make unit`` leaves them out), and
+    order the real-host modules like a server's life."""
+    for item in items:
+        if "sandbox" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realhost)
+
     def rank(item):
         name = item.path.stem.removeprefix("test_realhost_")
         return REALHOST_ORDER.index(name) if name in REALHOST_ORDER else -1
@@ -49,6 +55,7 @@ def make_host(settings, capsys):
 # -- real-host tests: the sandbox Debian target ------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
+TEST_SUITE = os.environ.get("FABSTACK_TEST_SUITE", "bookworm")
 FAB = str(Path(sys.executable).parent / "fab")
 
 
@@ -64,7 +71,7 @@ def sandbox():
     if os.geteuid() != 0:
         pytest.skip("real-host tests boot a systemd-nspawn target and need root")
     name, subnet = os.environ.get("FABSTACK_TEST_SANDBOX", "test:10.213.50").split(":")
-    box = Sandbox(name=name, subnet=subnet)
+    box = Sandbox(name=name, subnet=subnet, suite=TEST_SUITE)
     info = box.up(fresh=not os.environ.get("FABSTACK_REUSE_SANDBOX"))
     yield info
     if not os.environ.get("FABSTACK_KEEP_SANDBOX"):
@@ -128,7 +135,8 @@ command -v psql >/dev/null && (cd / && runuser -u postgres -- psql -XAt -d postg
    FROM pg_authid UNION ALL SELECT 'database ' || datname FROM pg_database ORDER BY 1") \
   2>/dev/null
 head -qn1 /var/lib/postgresql/*/main/postmaster.pid 2>/dev/null | sed 's/^/postmaster /'
-ps -C nginx,gunicorn,redis-server,celery,python3.11 -o pid=,user=,comm= | sed 's/^/process/'
+ps -eo pid=,user=,comm= | grep -E ' (nginx|gunicorn|redis-server|celery|python3[.0-9]*)$' \
+  | sed 's/^/process/'
 true
 """
 

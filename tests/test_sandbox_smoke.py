@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from tasks.sandbox import Sandbox, SandboxError, _wait_gone, fix_image
+from tests.conftest import TEST_SUITE
 
 
 def test_names_must_fit_interface_names():
@@ -60,7 +61,7 @@ needs_root = pytest.mark.skipif(
 @pytest.mark.realhost
 @needs_root
 def test_up_reboot_crash_down():
-    box = Sandbox(name="smoke", subnet="10.213.45")
+    box = Sandbox(name="smoke", subnet="10.213.45", suite=TEST_SUITE)
 
     def ssh(command):
         info = box.info()
