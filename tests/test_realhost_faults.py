@@ -58,9 +58,10 @@ until pid=$(pgrep -f '^apt-get -q -y .* install -- '); do
   sleep 0.005
 done
 # apt-get's parent is fab's /bin/sh -s, whose parent is the sshd of fab's connection
+# ("sshd-session: ..." from OpenSSH 9.8 on, Debian 13)
 shell=$(ps -o ppid= -p $pid | tr -d ' '); sshd=$(ps -o ppid= -p $shell | tr -d ' ')
 case "$(ps -o args= -p $sshd)" in
-  sshd:*) kill -9 $sshd && echo "cut sshd $sshd under apt-get $pid";;
+  sshd:*|sshd-session:*) kill -9 $sshd && echo "cut sshd $sshd under apt-get $pid";;
   *) echo "apt-get $pid is not under an SSH session: $(ps -o args= -p $sshd)";;
 esac
 """
