@@ -113,7 +113,7 @@ def backup_resources(h) -> list:
     return [
         Packages(["rsync"]),
         Group(BACKUP_GROUP),
-        User(BACKUP_USER, group=BACKUP_GROUP, home=BACKUP_HOME, groups=[s.app]),
+        User(BACKUP_USER, group=BACKUP_GROUP, home=BACKUP_HOME),
         Directory(BACKUP_HOME, BACKUP_USER, BACKUP_GROUP, 0o700),
         File(f"{BACKUP_HOME}/.pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]),
              owner=BACKUP_USER, group=BACKUP_GROUP, mode=0o600, secret=True),

@@ -294,7 +294,7 @@ def db_resources(h) -> list:
              mode=0o640, notify=["redis-server:restart"]),
         Service("redis-server"),
         Group("celery"),
-        User("celery", group="celery", home=CELERY_HOME, groups=[app]),
+        User("celery", group="celery", home=CELERY_HOME),
         Directory(CELERY_HOME, "celery", "celery", 0o750),
         File(s.app_env_file, render("app.conf.j2", s), group=app, mode=0o640, secret=True,
              notify=(*CELERY_RESTART, f"{app}.service:restart")),
