@@ -23,7 +23,6 @@ import gzip
 import socket
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,19 +131,6 @@ def _state(h) -> tuple[str, list[str]]:
     return current.strip(), sorted(listing.split())
 
 
-def _upload(h, data: bytes) -> str:
-    """Put ``data`` in a private temporary file on the host; return its path."""
-    path = f"/tmp/fabstack-{uuid.uuid4().hex}.tar.gz"
-    h.step = "upload the release"
-    h.conn.open()
-    sftp = h.conn.sftp()
-    with sftp.open(path, "wb") as f:
-        f.chmod(0o600)
-        f.write(data)
-    h.round_trips += 1
-    return path
-
-
 def _env_lines(h, release_dir: str) -> str:
     """Shell lines that load the app's environment with PYTHONPATH at ``release_dir``."""
     paths = _layout(h.settings)
@@ -157,8 +143,8 @@ def _prepare(h, source: Source, release: str, current: str) -> None:
     paths = _layout(s)
     rel = f"{paths['releases']}/{release}"
     if source.archive is not None:
-        upload = _upload(h, source.archive)
-        fetch = f"tar -xzf {q(upload)} -C {q(rel)} || fail\nrm -f {q(upload)}\n"
+        upload = h.upload(source.archive, "release.tar.gz", "upload the release")
+        fetch = f"tar -xzf {q(upload)} -C {q(rel)} || fail\n{h.drop_upload(upload)}\n"
     else:
         fetch = _remote_fetch(s, source.commit, rel)
     old_req = f"{paths['releases']}/{current}/requirements.txt" if current else "/dev/null"

@@ -12,11 +12,14 @@ collects a :class:`Report`. Tasks open one with :func:`session`.
 from __future__ import annotations
 
 import os
+import posixpath
 import shlex
+import shutil
 import socket
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -170,6 +173,34 @@ class Host:
                 status += f" (killed by signal {res.exited - 128})"
             raise StepFailed(what, self.mask(f"{status}: {detail}"))
         return res
+
+    def upload(self, source: bytes | str, name: str, what: str) -> str:
+        """Copy ``source`` (bytes, or the path of a file here) to the host by SFTP; its path there.
+
+        It lands in a new folder of /tmp made 0700 before anything is written into it, so
+        nobody else on the host can open the file at any moment; :meth:`drop_upload` gives
+        the shell line that removes folder and file.
+        """
+        self.step = what
+        folder = f"/tmp/fabstack-{uuid.uuid4().hex}"
+        self.conn.open()
+        sftp = self.conn.sftp()
+        sftp.mkdir(folder, mode=0o700)
+        path = f"{folder}/{name}"
+        with sftp.open(path, "xb") as f:
+            f.set_pipelined(True)
+            if isinstance(source, bytes):
+                f.write(source)
+            else:
+                with open(source, "rb") as local:
+                    shutil.copyfileobj(local, f, 1 << 20)
+        self.round_trips += 1
+        return path
+
+    @staticmethod
+    def drop_upload(path: str) -> str:
+        """The shell line that removes an :meth:`upload` and its private folder."""
+        return f"rm -rf -- {shlex.quote(posixpath.dirname(path))}"
 
     def probe(self, snippets: list[str]) -> list[str]:
         """Run read-only shell ``snippets`` in one round trip; return each one's stdout."""

@@ -127,3 +127,41 @@ def test_session_before_any_answer_blames_the_connection(tmp_path, monkeypatch, 
         ensure(h, Directory("/opt/a"))
     assert "[fakehost] failed       connection: cannot talk to fakehost: Connection refused" \
         in capsys.readouterr().out
+
+
+class FakeSftp:
+    """Records what an upload does, in order: the folder's mode before any file is opened."""
+
+    def __init__(self):
+        self.calls, self.data = [], io.BytesIO()
+
+    def mkdir(self, path, mode=0o777):
+        self.calls.append(("mkdir", path, mode))
+
+    def open(self, path, mode):
+        self.calls.append(("open", path, mode))
+        sftp = self
+
+        class File(io.BytesIO):
+            def set_pipelined(self, on):
+                pass
+
+            def close(self):
+                sftp.data.write(self.getvalue())
+                super().close()
+        return File()
+
+
+@pytest.mark.parametrize("source", [b"archive bytes", "file"])
+def test_an_upload_lands_in_a_folder_private_before_it_is_written(make_host, tmp_path, source):
+    h, conn = make_host()
+    sftp = FakeSftp()
+    conn.open, conn.sftp = (lambda: None), (lambda: sftp)
+    if source == "file":
+        (tmp_path / "x.dump").write_bytes(b"dump bytes")
+        source = str(tmp_path / "x.dump")
+    path = h.upload(source, "x.dump", "upload dump")
+    folder = path.rsplit("/", 1)[0]
+    assert sftp.calls == [("mkdir", folder, 0o700), ("open", path, "xb")]
+    assert sftp.data.getvalue() in (b"archive bytes", b"dump bytes")
+    assert h.drop_upload(path) == f"rm -rf -- {folder}" and folder.startswith("/tmp/fabstack-")
