@@ -5,6 +5,12 @@ on its standard input, so nothing in it (secrets included) ever appears in a
 process's arguments. As a non-root user the script runs under ``sudo -S``;
 the sudo password, when one is needed, goes in on the same stdin.
 
+Every script runs under coreutils ``timeout`` (``fabstack.command_timeout`` seconds, 1800 by
+default; probes ``fabstack.probe_timeout``, 300): when it expires the script and everything
+it started (its process group: a hung psql or systemctl) are killed and the step fails,
+naming host, step and the timeout. The SSH channel waits a little longer, in case the host
+stops answering altogether.
+
 :class:`Host` counts SSH round trips, masks secrets in everything it prints and
 collects a :class:`Report`. Tasks open one with :func:`session`.
 """
@@ -33,6 +39,14 @@ from . import settings as settings_mod
 MASK = "********"
 PROBE_MARK = "@@fabstack-probe@@"
 DIFF_LINES = 40  # longer diffs are cut in the report
+COMMAND_TIMEOUT = 1800  # seconds: apt installs and upgrades can take many minutes
+PROBE_TIMEOUT = 300  # seconds: reading state is quick, a probe that hangs is stuck
+KILL_AFTER = 5  # seconds between timeout's TERM and its KILL
+CHANNEL_GRACE = 30  # seconds the SSH channel waits beyond the remote timeout
+
+
+class ChannelTimeout(TimeoutError):
+    """The host sent nothing more, not even timeout's verdict, within the channel's wait."""
 
 
 class ConnectionLost(EOFError):
@@ -97,9 +111,12 @@ class Host:
     """One target host: runs scripts, batches probes, masks secrets, keeps the report."""
 
     def __init__(self, conn, settings: settings_mod.Settings, check: bool = False,
-                 sudo_password: str | None = None, out=None, executor=None):
+                 sudo_password: str | None = None, out=None, executor=None,
+                 command_timeout: int = COMMAND_TIMEOUT, probe_timeout: int = PROBE_TIMEOUT):
         self.conn = conn
-        self._exec = executor or (lambda command, stdin: ssh_exec(conn, command, stdin))
+        self._exec = executor or (lambda command, stdin, wait: ssh_exec(conn, command, stdin,
+                                                                        wait))
+        self.command_timeout, self.probe_timeout = command_timeout, probe_timeout
         self.settings = settings
         self.check = check
         self.sudo_password = sudo_password
@@ -128,14 +145,26 @@ class Host:
         self.report.add("failed", what, self.mask(message))
 
     # -- commands -----------------------------------------------------------
-    def _raw(self, command: str, stdin: str) -> Result:
+    def _raw(self, command: str, stdin: str, timeout: int | None = None) -> Result:
+        """One command; ``timeout``: the one it runs under (coreutils timeout), if any."""
+        wait = (timeout or self.probe_timeout) + KILL_AFTER + CHANNEL_GRACE
+        started = time.monotonic()
         try:
-            res = self._exec(command, stdin)
+            res = self._exec(command, stdin, wait)
         except ConnectionLost as exc:
             raise StepFailed(self.step or "connection", f"lost the connection to {self.name} "
                              f"during this step ({exc}); it may be half done: run the task "
                              "again to finish it") from exc
+        except ChannelTimeout as exc:
+            raise StepFailed(self.step or "connection", f"timed out after {wait} s on "
+                             f"{self.name}: the host stopped answering") from exc
         self.round_trips += 1
+        # 124: timeout's TERM ended it; 137: its KILL did (the script ignored TERM)
+        if (timeout is not None and res.exited in (124, 137)
+                and time.monotonic() - started >= timeout):
+            raise StepFailed(self.step or "command", f"timed out after {timeout} s on "
+                             f"{self.name} (stopped with everything it started; "
+                             "fabstack.command_timeout sets the limit)")
         return res
 
     def _privilege(self) -> str:
@@ -153,19 +182,24 @@ class Host:
                 raise StepFailed("sudo", f"sudo refused the password given for {self.conn.user}")
         return self._sudo
 
-    def run(self, script: str, what: str = "command", check: bool = True) -> Result:
+    def run(self, script: str, what: str = "command", check: bool = True,
+            timeout: int | None = None) -> Result:
         """Run ``script`` as root with ``/bin/sh``; raise StepFailed if it fails and ``check``.
 
-        ``what`` names the step in the report, and in the error if the connection drops.
+        ``what`` names the step in the report, and in the error if the connection drops or
+        the script outlives ``timeout`` seconds (default: the host's ``command_timeout``).
         """
         self.step = what
+        timeout = timeout or self.command_timeout
+        shell = f"timeout -k {KILL_AFTER} {timeout} /bin/sh -s"
         mode = self._privilege()
         if mode == "root":
-            res = self._raw("/bin/sh -s", script)
+            res = self._raw(shell, script, timeout)
         elif mode == "nopasswd":
-            res = self._raw("sudo -n /bin/sh -s", script)
+            res = self._raw(f"sudo -n {shell}", script, timeout)
         else:
-            res = self._raw("sudo -k -S -p '' /bin/sh -s", self.sudo_password + "\n" + script)
+            res = self._raw(f"sudo -k -S -p '' {shell}", self.sudo_password + "\n" + script,
+                            timeout)
         if check and not res.ok:
             detail = (res.stderr.strip() or res.stdout.strip() or "no output")[-2000:]
             status = f"exit {res.exited}"
@@ -208,7 +242,7 @@ class Host:
             return []
         script = "".join(f"echo '{PROBE_MARK}{i}'\n{snippet}\n"
                          for i, snippet in enumerate(snippets))
-        res = self.run(script, what="probe host state", check=False)
+        res = self.run(script, what="probe host state", check=False, timeout=self.probe_timeout)
         parts = res.stdout.split(PROBE_MARK)[1:]
         if len(parts) != len(snippets):
             raise StepFailed("probe host state", self.mask(
@@ -216,11 +250,12 @@ class Host:
         return [part.split("\n", 1)[1] if "\n" in part else "" for part in parts]
 
 
-def ssh_exec(conn, command: str, stdin: str) -> Result:
+def ssh_exec(conn, command: str, stdin: str, wait: float) -> Result:
     """Run ``command`` on Fabric connection ``conn`` with ``stdin`` as its input: one round trip.
 
     Goes straight to a paramiko channel: Invoke's stdin pump feeds a byte per
-    10 ms, far too slow for scripts.
+    10 ms, far too slow for scripts. Raises ChannelTimeout when the host sends nothing
+    for ``wait`` seconds.
     """
     conn.open()
     sock = conn.transport.sock
@@ -229,6 +264,7 @@ def ssh_exec(conn, command: str, stdin: str) -> Result:
         # Without it, Nagle's algorithm and delayed ACKs cost ~40 ms per command.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     chan = conn.transport.open_session()
+    chan.settimeout(wait)
     try:
         chan.exec_command(command)
         stderr = bytearray()
@@ -249,7 +285,11 @@ def ssh_exec(conn, command: str, stdin: str) -> Result:
             stdout = f.read()
         for t in threads:
             t.join()
+        if not chan.status_event.wait(wait):
+            raise ChannelTimeout
         code = chan.recv_exit_status()
+    except TimeoutError as exc:
+        raise ChannelTimeout from exc
     finally:
         chan.close()
     if code == -1 and _connection_lost(conn.transport):
@@ -309,7 +349,9 @@ def session(c, title: str, check: bool = False):
         raise Exit(f"error: {exc}\nNothing was changed on any host.", code=2) from None
     _check_host_keys(c)
     host = Host(c, settings, check=check,
-                sudo_password=c.config.get("sudo", {}).get("password"))
+                sudo_password=c.config.get("sudo", {}).get("password"),
+                command_timeout=int(cfg.get("command_timeout", COMMAND_TIMEOUT)),
+                probe_timeout=int(cfg.get("probe_timeout", PROBE_TIMEOUT)))
     started = time.monotonic()
     failure = None
     try:

@@ -1,13 +1,15 @@
 """The SSH layer of tasks/host.py: a dropped connection or a killed command, reported clearly."""
 
 import io
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
 from invoke.exceptions import Exit
 
 from tasks import host as host_mod
-from tasks.host import ConnectionLost, Result, StepFailed, session, ssh_exec
+from tasks.host import ConnectionLost, Host, Result, StepFailed, session, ssh_exec
 from tasks.primitives import Directory, ensure
 from tests.conftest import VALID
 from tests.fake import FakeConnection
@@ -16,8 +18,13 @@ from tests.fake import FakeConnection
 class FakeChannel:
     """A paramiko channel whose command ends with ``code`` (-1: no exit status came)."""
 
-    def __init__(self, code: int, stdout: bytes = b""):
-        self.code, self.stdout = code, stdout
+    def __init__(self, code: int, stdout: bytes = b"", silent: bool = False):
+        self.code, self.stdout, self.silent = code, stdout, silent
+        self.status_event = threading.Event()
+        self.status_event.set()
+
+    def settimeout(self, seconds):
+        self.timeout = seconds
 
     def exec_command(self, command):
         pass
@@ -29,6 +36,8 @@ class FakeChannel:
         pass
 
     def makefile(self, mode):
+        if self.silent:  # what paramiko does when nothing comes within the channel's timeout
+            raise TimeoutError
         return io.BytesIO(self.stdout)
 
     def makefile_stderr(self, mode):
@@ -55,25 +64,26 @@ class FakeTransport:
         return self.active
 
 
-def conn_with(code: int, active: bool, stdout: bytes = b""):
+def conn_with(code: int, active: bool, stdout: bytes = b"", silent: bool = False):
     return SimpleNamespace(open=lambda: None,
-                           transport=FakeTransport(FakeChannel(code, stdout), active))
+                           transport=FakeTransport(FakeChannel(code, stdout, silent), active))
 
 
 def test_a_connection_that_dies_under_a_command_is_lost():
     with pytest.raises(ConnectionLost, match="closed before the command finished"):
-        ssh_exec(conn_with(-1, active=False), "/bin/sh -s", "sleep 60")
+        ssh_exec(conn_with(-1, active=False), "/bin/sh -s", "sleep 60", 10)
 
 
 def test_a_command_killed_by_a_signal_on_a_live_connection_is_its_own_failure():
-    res = ssh_exec(conn_with(-1, active=True, stdout=b"partial"), "/bin/sh -s", "kill -9 $$")
+    res = ssh_exec(conn_with(-1, active=True, stdout=b"partial"), "/bin/sh -s", "kill -9 $$",
+                   10)
     assert (res.exited, res.stdout) == (-1, "partial")
 
 
 def test_lost_connection_fails_the_running_step_naming_the_host(make_host):
     host, conn = make_host([(r"-- /opt/a ", "missing\n")])
 
-    def execute(command, stdin):
+    def execute(command, stdin, wait):
         if "mkdir" in stdin:
             raise ConnectionLost("the SSH connection closed before the command finished")
         return conn.exec_script(command, stdin)
@@ -88,7 +98,7 @@ def test_lost_connection_fails_the_running_step_naming_the_host(make_host):
 
 def test_a_command_killed_by_a_signal_says_so(make_host):
     host, _conn = make_host()
-    host._exec = lambda command, stdin: Result("", "Reading package lists...", 137)
+    host._exec = lambda command, stdin, wait: Result("", "Reading package lists...", 137)
     with pytest.raises(StepFailed, match=r"^packages: exit 137 \(killed by signal 9\): Reading"):
         host.run("apt-get install -y neovim", what="packages")
 
@@ -104,7 +114,7 @@ def test_session_names_the_step_a_connection_error_cut(tmp_path, monkeypatch, ca
     """An SSH error after the host answered once belongs to the step that was running."""
     fake = FakeConnection(answers=[(r"-- /opt/a ", "missing\n")])
 
-    def execute(conn, command, stdin):
+    def execute(conn, command, stdin, wait):
         if "mkdir" in stdin:
             raise OSError("Socket is closed")
         return fake.exec_script(command, stdin)
@@ -119,7 +129,7 @@ def test_session_names_the_step_a_connection_error_cut(tmp_path, monkeypatch, ca
 
 
 def test_session_before_any_answer_blames_the_connection(tmp_path, monkeypatch, capsys):
-    def refuse(conn, command, stdin):
+    def refuse(conn, command, stdin, wait):
         raise ConnectionRefusedError("Connection refused")
 
     monkeypatch.setattr(host_mod, "ssh_exec", refuse)
@@ -165,3 +175,41 @@ def test_an_upload_lands_in_a_folder_private_before_it_is_written(make_host, tmp
     assert sftp.calls == [("mkdir", folder, 0o700), ("open", path, "xb")]
     assert sftp.data.getvalue() in (b"archive bytes", b"dump bytes")
     assert h.drop_upload(path) == f"rm -rf -- {folder}" and folder.startswith("/tmp/fabstack-")
+
+
+def test_every_script_runs_under_timeout_and_says_so_when_it_expires(settings):
+    seen = []
+
+    def hang(command, stdin, wait):  # what coreutils timeout returns once it stopped the script
+        seen.append((command, wait))
+        time.sleep(1)
+        return Result("", "", 124)
+
+    h = Host(FakeConnection(host="web1"), settings, executor=hang, command_timeout=600)
+    with pytest.raises(StepFailed) as err:
+        h.run("psql -c 'select pg_sleep(9999)'", what="row counts", timeout=1)
+    assert seen == [("timeout -k 5 1 /bin/sh -s", 1 + 5 + 30)]
+    assert err.value.what == "row counts"
+    assert err.value.message.startswith("timed out after 1 s on web1 (stopped with everything")
+    h.run("true", check=False)
+    assert seen[-1][0] == "timeout -k 5 600 /bin/sh -s"
+
+
+def test_a_quick_exit_124_is_the_scripts_own_failure(settings):
+    h = Host(FakeConnection(), settings, executor=lambda command, stdin, wait: Result("", "x", 124))
+    with pytest.raises(StepFailed) as err:
+        h.run("exit 124", what="step")
+    assert err.value.message == "exit 124: x"
+
+
+def test_a_host_that_stops_answering_times_out_on_the_channel(settings):
+    with pytest.raises(host_mod.ChannelTimeout):
+        ssh_exec(conn_with(0, True, silent=True), "true", "", 10)
+
+    def silent(command, stdin, wait):
+        raise host_mod.ChannelTimeout
+
+    h = Host(FakeConnection(host="web1"), settings, executor=silent, probe_timeout=60)
+    with pytest.raises(StepFailed) as err:
+        h.probe(["true"])
+    assert err.value.message == "timed out after 95 s on web1: the host stopped answering"

@@ -11,6 +11,7 @@ fixture provisions and deploys first. It leaves the host converged and serving.
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -228,6 +229,44 @@ def test_lost_connection_names_host_and_step_then_converges(target, served):
     assert target.sh("dpkg --audit").stdout.strip() == ""
     after = target.fab("provision")
     assert changed_count(after.stdout) == 0, after.stdout
+
+
+HANG_FABFILE = """
+from fabric import task
+
+from tasks import build_namespace
+from tasks.host import session
+from tasks.primitives import Command, ensure
+
+
+@task
+def hang(c):
+    \"\"\"A step that never ends by itself.\"\"\"
+    with session(c, "hang") as h:
+        ensure(h, Command("stuck step", "sleep 317 & wait"))
+
+
+ns = build_namespace()
+ns.add_task(hang)
+"""
+
+
+def test_a_step_that_hangs_times_out_naming_host_and_step(target, tmp_path):
+    """fabstack.command_timeout: the step fails when it expires, and nothing it started stays."""
+    (tmp_path / "fabfile.py").write_text(HANG_FABFILE)
+    env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file), PYTHONPATH=str(REPO),
+               FABRIC_FABSTACK_COMMAND_TIMEOUT="3")
+    started = time.monotonic()
+    res = subprocess.run([FAB, "-r", str(tmp_path), "-S", str(target.info.ssh_config),
+                          "-H", target.info.alias, "hang"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    took = time.monotonic() - started
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert failed_line("stuck step", res.stdout).startswith(
+        f"[{target.info.alias}] failed       stuck step: timed out after 3 s on "
+        f"{target.info.alias}"), res.stdout + res.stderr
+    assert took < 15, took
+    assert target.sh("pgrep -af 'sleep 317'", check=False).stdout == ""
 
 
 # -- failed deploys -------------------------------------------------------------------------
