@@ -32,7 +32,7 @@ def build_namespace() -> Collection:
     ns = Collection()
     for module in (provision, python, db, backup, celery, nginx, certbot, monitoring, sandbox):
         ns.add_collection(Collection.from_module(module))
-    for name in ("deploy", "rollback", "releases", "deploy_unlock", "gunicorn"):
+    for name in ("deploy", "rollback", "releases", "gunicorn"):
         ns.add_task(getattr(deploy, name))
     ns.add_task(status.status)
     for name in ("backup_db", "restore_db"):

@@ -327,7 +327,7 @@ def _interactive(c, h, command: str) -> None:
 @task
 def psql(c):
     """Open psql in the app's database as the app's role (password from a root-only file)."""
-    with session(c, "db.psql") as h:
+    with session(c, "db.psql", lock=False) as h:
         s = h.settings
         _interactive(c, h, f"env PGPASSFILE={q(s.conf_dir + '/pgpass')} psql -h localhost "
                            f"-U {q(s.db_user)} -d {q(s.db_name)}")
@@ -336,5 +336,5 @@ def psql(c):
 @task(name="redis-cli")
 def redis_cli(c):
     """Open redis-cli on the host's Redis (the cache is database 1, Celery's queues 0)."""
-    with session(c, "db.redis-cli") as h:
+    with session(c, "db.redis-cli", lock=False) as h:
         _interactive(c, h, "redis-cli")

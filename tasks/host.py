@@ -11,12 +11,18 @@ it started (its process group: a hung psql or systemctl) are killed and the step
 naming host, step and the timeout. The SSH channel waits a little longer, in case the host
 stops answering altogether.
 
+Runs that change a host hold its lock (:data:`LOCK_FILE`) from their first command to their
+end: a ``flock`` held by a shell on an SSH channel of their own, so it goes with the
+connection however the run ends (a killed fab included). The first command waits on the
+host until the lock is held, which saves a round trip of its own.
+
 :class:`Host` counts SSH round trips, masks secrets in everything it prints and
 collects a :class:`Report`. Tasks open one with :func:`session`.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
 import posixpath
 import shlex
@@ -43,6 +49,10 @@ COMMAND_TIMEOUT = 1800  # seconds: apt installs and upgrades can take many minut
 PROBE_TIMEOUT = 300  # seconds: reading state is quick, a probe that hangs is stuck
 KILL_AFTER = 5  # seconds between timeout's TERM and its KILL
 CHANNEL_GRACE = 30  # seconds the SSH channel waits beyond the remote timeout
+LOCK_FILE = "/run/fabstack.lock"  # flock-ed by the run that holds the host; says who it is
+# (LOCK_FILE.refused: the last run refused, so that its first command stops waiting)
+LOCK_WAIT = 10  # seconds a run waits for another to release the host lock
+LOCK_GATE_EXIT = 75  # the first command's exit status when the lock was not taken
 
 
 class ChannelTimeout(TimeoutError):
@@ -112,10 +122,17 @@ class Host:
 
     def __init__(self, conn, settings: settings_mod.Settings, check: bool = False,
                  sudo_password: str | None = None, out=None, executor=None,
-                 command_timeout: int = COMMAND_TIMEOUT, probe_timeout: int = PROBE_TIMEOUT):
+                 command_timeout: int = COMMAND_TIMEOUT, probe_timeout: int = PROBE_TIMEOUT,
+                 lock: str | None = None, holder=None):
         self.conn = conn
         self._exec = executor or (lambda command, stdin, wait: ssh_exec(conn, command, stdin,
                                                                         wait))
+        self._hold = holder or (lambda command, stdin: HeldCommand(conn, command, stdin,
+                                                                   LOCK_WAIT + CHANNEL_GRACE))
+        # the task that takes the host lock at its first command (None: it takes none)
+        self._lock_task = lock
+        self._lock = None  # the lock's holder, once asked for
+        self._lock_token = uuid.uuid4().hex
         self.command_timeout, self.probe_timeout = command_timeout, probe_timeout
         self.settings = settings
         self.check = check
@@ -182,6 +199,54 @@ class Host:
                 raise StepFailed("sudo", f"sudo refused the password given for {self.conn.user}")
         return self._sudo
 
+    def _root_command(self, shell: str, script: str) -> tuple[str, str]:
+        """The command and stdin that run ``script`` with ``shell`` as root."""
+        mode = self._privilege()
+        if mode == "root":
+            return shell, script
+        if mode == "nopasswd":
+            return f"sudo -n {shell}", script
+        return f"sudo -k -S -p '' {shell}", self.sudo_password + "\n" + script
+
+    # -- the host lock ------------------------------------------------------
+    def _lock_script(self) -> str:
+        """The holder: takes the lock (waiting LOCK_WAIT s), says who holds it, keeps it."""
+        who = (f"{getpass.getuser()}@{socket.gethostname()} since "
+               f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, task {self._lock_task}")
+        return (f"exec 9>>{LOCK_FILE} || exit 1\n"
+                f"if ! flock -w {LOCK_WAIT} 9; then\n"
+                f"  printf '%s\\n' {self._lock_token} > {LOCK_FILE}.refused\n"
+                f"  echo \"busy $(cut -d' ' -f2- {LOCK_FILE})\"; exit 3\nfi\n"
+                f"printf '%s\\n' {shlex.quote(self._lock_token + ' ' + who)} > {LOCK_FILE}\n"
+                # held until the channel closes: the run's end, or its connection's
+                "echo locked\nexec cat >/dev/null\n")
+
+    def _lock_gate(self) -> str:
+        """Lines that wait until this run's holder has the lock (the first command's start)."""
+        token = self._lock_token
+        return (f"i=0; until grep -qsF {token} {LOCK_FILE}; do\n"
+                f"  [ $i -lt {(LOCK_WAIT + 5) * 100} ] && ! grep -qsF {token} {LOCK_FILE}.refused"
+                f" || exit {LOCK_GATE_EXIT}\n"
+                "  i=$((i + 1)); sleep 0.01\ndone\n")
+
+    def _confirm_lock(self) -> None:
+        answer = self._lock.answer()
+        if answer != "locked":
+            self.step = "host lock"
+            who = answer.removeprefix("busy ").strip() if answer.startswith("busy") else ""
+            raise StepFailed("host lock", "another fabstack run holds the host lock: "
+                             f"{who or 'no answer from the lock'} (waited {LOCK_WAIT} s); "
+                             "nothing was done")
+
+    def take_lock(self) -> None:
+        """Hold the host lock now (it is otherwise taken by the first command)."""
+        if self._lock_task is not None and self._lock is None:
+            self.run(":", what="host lock")
+
+    def release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+
     def run(self, script: str, what: str = "command", check: bool = True,
             timeout: int | None = None) -> Result:
         """Run ``script`` as root with ``/bin/sh``; raise StepFailed if it fails and ``check``.
@@ -191,15 +256,14 @@ class Host:
         """
         self.step = what
         timeout = timeout or self.command_timeout
-        shell = f"timeout -k {KILL_AFTER} {timeout} /bin/sh -s"
-        mode = self._privilege()
-        if mode == "root":
-            res = self._raw(shell, script, timeout)
-        elif mode == "nopasswd":
-            res = self._raw(f"sudo -n {shell}", script, timeout)
-        else:
-            res = self._raw(f"sudo -k -S -p '' {shell}", self.sudo_password + "\n" + script,
-                            timeout)
+        first = self._lock_task is not None and self._lock is None
+        if first:
+            self._lock = self._hold(*self._root_command("/bin/sh -s", self._lock_script()))
+            script = self._lock_gate() + script
+        res = self._raw(*self._root_command(f"timeout -k {KILL_AFTER} {timeout} /bin/sh -s",
+                                            script), timeout)
+        if first:
+            self._confirm_lock()
         if check and not res.ok:
             detail = (res.stderr.strip() or res.stdout.strip() or "no output")[-2000:]
             status = f"exit {res.exited}"
@@ -215,6 +279,7 @@ class Host:
         nobody else on the host can open the file at any moment; :meth:`drop_upload` gives
         the shell line that removes folder and file.
         """
+        self.take_lock()
         self.step = what
         folder = f"/tmp/fabstack-{uuid.uuid4().hex}"
         self.conn.open()
@@ -297,6 +362,32 @@ def ssh_exec(conn, command: str, stdin: str, wait: float) -> Result:
     return Result(stdout.decode(errors="replace"), stderr.decode(errors="replace"), code)
 
 
+class HeldCommand:
+    """A command that runs as long as its SSH channel stays open (the host lock's holder).
+
+    ``stdin`` is sent and left open: the command sees its end when the channel closes,
+    by :meth:`close` or with the connection (fab killed, network gone).
+    """
+
+    def __init__(self, conn, command: str, stdin: str, wait: float):
+        conn.open()
+        self.chan = conn.transport.open_session()
+        self.chan.settimeout(wait)
+        self.chan.exec_command(command)
+        self.chan.sendall(stdin.encode())
+        self.out = self.chan.makefile("rb")
+
+    def answer(self) -> str:
+        """The command's first line of output ("" if none came)."""
+        try:
+            return self.out.readline().decode(errors="replace").strip()
+        except (OSError, EOFError, SSHException):
+            return ""
+
+    def close(self) -> None:
+        self.chan.close()
+
+
 def _connection_lost(transport) -> bool:
     """True when ``transport`` died (a command without an exit status may have been killed).
 
@@ -334,11 +425,13 @@ def _check_host_keys(c) -> None:
 
 
 @contextmanager
-def session(c, title: str, check: bool = False):
+def session(c, title: str, check: bool = False, lock: bool = True):
     """Open a :class:`Host` for task ``title`` on connection ``c`` and print its report.
 
     Settings are loaded and validated first (before any connection is opened);
-    failures become a non-zero exit with the step and reason named.
+    failures become a non-zero exit with the step and reason named. Unless ``lock`` is
+    false (tasks that only read) or in check mode, the run holds the host lock from its
+    first command on.
     """
     cfg = c.config.get("fabstack", {})
     check = check or bool(cfg.get("check", False))
@@ -351,7 +444,8 @@ def session(c, title: str, check: bool = False):
     host = Host(c, settings, check=check,
                 sudo_password=c.config.get("sudo", {}).get("password"),
                 command_timeout=int(cfg.get("command_timeout", COMMAND_TIMEOUT)),
-                probe_timeout=int(cfg.get("probe_timeout", PROBE_TIMEOUT)))
+                probe_timeout=int(cfg.get("probe_timeout", PROBE_TIMEOUT)),
+                lock=title if lock and not check else None)
     started = time.monotonic()
     failure = None
     try:
@@ -365,6 +459,7 @@ def session(c, title: str, check: bool = False):
         host.failed(what, f"cannot talk to {host.name}: {exc or type(exc).__name__}")
         failure = exc
     finally:
+        host.release_lock()
         print(host.report.summary(title, time.monotonic() - started, host.round_trips),
               flush=True)
     if failure is not None:

@@ -152,7 +152,7 @@ def assess(s, answers: list[str]) -> list[Line]:
 def status(c):
     """One screen on the host's health; exits 1 naming what is wrong (for cron or CI)."""
     problems: list[str] = []
-    with session(c, "status") as h:
+    with session(c, "status", lock=False) as h:
         s = h.settings
         answers = h.probe(snippets(s))
         for line in assess(s, answers):

@@ -103,6 +103,22 @@ def test_a_command_killed_by_a_signal_says_so(make_host):
         host.run("apt-get install -y neovim", what="packages")
 
 
+class FakeHolder:
+    """The host lock's holder: answers ``answer`` (what the host's flock script prints)."""
+
+    made: list = []
+
+    def __init__(self, conn=None, command="", stdin="", wait=0, answer="locked"):
+        self.command, self.stdin, self._answer, self.closed = command, stdin, answer, False
+        FakeHolder.made.append(self)
+
+    def answer(self):
+        return self._answer
+
+    def close(self):
+        self.closed = True
+
+
 def fake_context(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("".join(f"{key}={value}\n" for key, value in VALID.items()))
@@ -120,6 +136,7 @@ def test_session_names_the_step_a_connection_error_cut(tmp_path, monkeypatch, ca
         return fake.exec_script(command, stdin)
 
     monkeypatch.setattr(host_mod, "ssh_exec", execute)
+    monkeypatch.setattr(host_mod, "HeldCommand", FakeHolder)
     with pytest.raises(Exit) as exc, session(fake_context(tmp_path), "provision") as h:
         ensure(h, Directory("/opt/a"))
     assert exc.value.code == 1
@@ -133,6 +150,7 @@ def test_session_before_any_answer_blames_the_connection(tmp_path, monkeypatch, 
         raise ConnectionRefusedError("Connection refused")
 
     monkeypatch.setattr(host_mod, "ssh_exec", refuse)
+    monkeypatch.setattr(host_mod, "HeldCommand", FakeHolder)
     with pytest.raises(Exit), session(fake_context(tmp_path), "provision") as h:
         ensure(h, Directory("/opt/a"))
     assert "[fakehost] failed       connection: cannot talk to fakehost: Connection refused" \
@@ -213,3 +231,46 @@ def test_a_host_that_stops_answering_times_out_on_the_channel(settings):
     with pytest.raises(StepFailed) as err:
         h.probe(["true"])
     assert err.value.message == "timed out after 95 s on web1: the host stopped answering"
+
+
+def test_the_first_command_waits_for_the_host_lock_then_it_is_held_to_the_end(settings):
+    conn = FakeConnection(answers=[(r"-- /opt/a ", "missing\n")])
+    holders = []
+    h = Host(conn, settings, executor=conn.exec_script, lock="provision",
+             holder=lambda command, stdin: holders.append(FakeHolder(None, command, stdin))
+             or holders[-1])
+    ensure(h, Directory("/opt/a"))
+    [holder] = holders
+    assert holder.command == "/bin/sh -s"
+    assert "flock -w 10 9" in holder.stdin and ", task provision" in holder.stdin
+    token = h._lock_token
+    assert conn.scripts[0].startswith(f"i=0; until grep -qsF {token} /run/fabstack.lock; do")
+    assert all(token not in script for script in conn.scripts[1:])
+    assert not holder.closed
+    h.release_lock()
+    assert holder.closed
+
+
+def test_a_run_refused_by_the_host_lock_says_who_holds_it(settings):
+    conn = FakeConnection()
+    busy = "busy ann@laptop since 2026-11-30 04:00:00 UTC, task deploy"
+    h = Host(conn, settings, executor=conn.exec_script, lock="provision",
+             holder=lambda command, stdin: FakeHolder(answer=busy))
+    with pytest.raises(StepFailed) as err:
+        h.probe(["true"])
+    assert err.value.what == "host lock"
+    assert err.value.message == ("another fabstack run holds the host lock: ann@laptop since "
+                                 "2026-11-30 04:00:00 UTC, task deploy (waited 10 s); nothing "
+                                 "was done")
+
+
+@pytest.mark.parametrize("check, lock", [(True, True), (False, False)])
+def test_check_mode_and_read_only_tasks_take_no_lock(tmp_path, monkeypatch, check, lock):
+    fake = FakeConnection()
+    monkeypatch.setattr(host_mod, "ssh_exec", lambda conn, command, stdin, wait:
+                        fake.exec_script(command, stdin))
+    FakeHolder.made = []
+    monkeypatch.setattr(host_mod, "HeldCommand", FakeHolder)
+    with session(fake_context(tmp_path), "deploy", check=check, lock=lock) as h:
+        h.probe(["true"])
+    assert FakeHolder.made == [] and "flock" not in fake.scripts[0]

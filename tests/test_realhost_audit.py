@@ -65,7 +65,6 @@ ACTIONS = {
     "backup-db": "makes a new dump every time (tests/test_realhost_backup.py)",
     "restore-db": "restores a dump on purpose, after asking (tests/test_realhost_backup.py)",
     "rollback": "switches to the previous release on purpose (tests/test_realhost_deploy.py)",
-    "deploy-unlock": "removes a stale lock (tests/test_realhost_deploy.py)",
     "celery.restart": "restarts the workers on purpose",
     "releases": "reads only: checked below to leave the host as it was",
     "status": "reads only: checked below to leave the host as it was",

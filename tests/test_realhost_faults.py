@@ -190,6 +190,7 @@ def test_run_cut_between_writing_a_unit_and_reloading_it(target, env, served):
             fab.kill()  # as a laptop that dies, or an operator's kill -9
             cut = fab.communicate()[0]
         assert moment == "written", cut
+        target.sh("flock -w 5 /run/fabstack.lock true")  # the killed run's lock went with it
         stranded = gunicorn(target)
         # the moment in between: the new file is on disk, systemd still runs the old one
         assert (stranded.need_reload, stranded.pid, stranded.marker) == \
@@ -251,22 +252,50 @@ ns.add_task(hang)
 """
 
 
-def test_a_step_that_hangs_times_out_naming_host_and_step(target, tmp_path):
-    """fabstack.command_timeout: the step fails when it expires, and nothing it started stays."""
+def start_hang(target, tmp_path, timeout: int) -> subprocess.Popen:
+    """``fab hang`` (HANG_FABFILE) with ``timeout`` as fabstack.command_timeout, started."""
     (tmp_path / "fabfile.py").write_text(HANG_FABFILE)
     env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file), PYTHONPATH=str(REPO),
-               FABRIC_FABSTACK_COMMAND_TIMEOUT="3")
+               FABRIC_FABSTACK_COMMAND_TIMEOUT=str(timeout))
+    return subprocess.Popen([FAB, "-r", str(tmp_path), "-S", str(target.info.ssh_config),
+                             "-H", target.info.alias, "hang"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_a_step_that_hangs_times_out_naming_host_and_step(target, tmp_path):
+    """fabstack.command_timeout: the step fails when it expires, and nothing it started stays."""
     started = time.monotonic()
-    res = subprocess.run([FAB, "-r", str(tmp_path), "-S", str(target.info.ssh_config),
-                          "-H", target.info.alias, "hang"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = start_hang(target, tmp_path, 3).communicate(timeout=120)[0]
     took = time.monotonic() - started
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert failed_line("stuck step", res.stdout).startswith(
+    assert failed_line("stuck step", out).startswith(
         f"[{target.info.alias}] failed       stuck step: timed out after 3 s on "
-        f"{target.info.alias}"), res.stdout + res.stderr
+        f"{target.info.alias}"), out
     assert took < 15, took
     assert target.sh("pgrep -af 'sleep 317'", check=False).stdout == ""
+
+
+def test_a_run_is_refused_while_another_holds_the_host_lock_and_a_killed_one_frees_it(
+        target, served, tmp_path):
+    """fab hang holds the lock: a deploy is refused naming it; fab killed: the lock is free."""
+    hang = start_hang(target, tmp_path, 60)
+    try:
+        deadline = time.monotonic() + 30
+        while ", task hang" not in target.sh("cat /run/fabstack.lock", check=False).stdout:
+            assert time.monotonic() < deadline, "fab hang never took the lock"
+            time.sleep(0.2)
+        refused = target.fab("deploy", "--force", check=False)
+        assert refused.returncode == 1, refused.stdout
+        assert re.search(r"failed +host lock: another fabstack run holds the host lock: "
+                         r"\S+@\S+ since [\d-]+ [\d:]+ \w+, task hang \(waited 10 s\); "
+                         "nothing was done", refused.stdout), refused.stdout
+        assert "release" not in refused.stdout
+    finally:
+        hang.kill()  # as a laptop that dies, or an operator's kill -9
+        hang.communicate()
+    # sshd closes the dead run's channels: the lock goes with them
+    target.sh("flock -w 5 /run/fabstack.lock true")
+    assert changed_count(target.fab("provision").stdout) == 0
+    target.sh("pkill -f 'sleep 317'; true")  # the stuck step itself ends at its timeout
 
 
 # -- failed deploys -------------------------------------------------------------------------
