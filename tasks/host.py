@@ -286,7 +286,7 @@ class Host:
         sftp = self.conn.sftp()
         sftp.mkdir(folder, mode=0o700)
         path = f"{folder}/{name}"
-        with sftp.open(path, "xb") as f:
+        with sftp.open(path, "wb") as f:
             f.set_pipelined(True)
             if isinstance(source, bytes):
                 f.write(source)

@@ -190,7 +190,7 @@ def test_an_upload_lands_in_a_folder_private_before_it_is_written(make_host, tmp
         source = str(tmp_path / "x.dump")
     path = h.upload(source, "x.dump", "upload dump")
     folder = path.rsplit("/", 1)[0]
-    assert sftp.calls == [("mkdir", folder, 0o700), ("open", path, "xb")]
+    assert sftp.calls == [("mkdir", folder, 0o700), ("open", path, "wb")]
     assert sftp.data.getvalue() in (b"archive bytes", b"dump bytes")
     assert h.drop_upload(path) == f"rm -rf -- {folder}" and folder.startswith("/tmp/fabstack-")
 
