@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fabric import task
 
+from .executor import every_host
 from .host import StepFailed, session
 from .primitives import PENDING_DIR, File, ReleaseService, ensure, q, render
 
@@ -361,6 +362,7 @@ def rollback(c):
         rollback_release(h)
 
 
+@every_host
 @task
 def releases(c):
     """List the releases on the host, marking the current one."""
