@@ -271,7 +271,7 @@ def test_a_step_that_hangs_times_out_naming_host_and_step(target, tmp_path):
         f"[{target.info.alias}] failed       stuck step: timed out after 3 s on "
         f"{target.info.alias}"), out
     assert took < 15, took
-    assert target.sh("pgrep -af 'sleep 317'", check=False).stdout == ""
+    assert target.sh("pgrep -af 'sleep 31[7]'", check=False).stdout == ""
 
 
 def test_a_run_is_refused_while_another_holds_the_host_lock_and_a_killed_one_frees_it(
@@ -295,7 +295,7 @@ def test_a_run_is_refused_while_another_holds_the_host_lock_and_a_killed_one_fre
     # sshd closes the dead run's channels: the lock goes with them
     target.sh("flock -w 5 /run/fabstack.lock true")
     assert changed_count(target.fab("provision").stdout) == 0
-    target.sh("pkill -f 'sleep 317'; true")  # the stuck step itself ends at its timeout
+    target.sh("pkill -f 'sleep 31[7]'; true")  # the stuck step itself ends at its timeout
 
 
 # -- failed deploys -------------------------------------------------------------------------
