@@ -231,12 +231,15 @@ class Host:
 
     def _confirm_lock(self) -> None:
         answer = self._lock.answer()
-        if answer != "locked":
-            self.step = "host lock"
-            who = answer.removeprefix("busy ").strip() if answer.startswith("busy") else ""
+        if answer == "locked":
+            return
+        self.step = "host lock"
+        if answer.startswith("busy "):
             raise StepFailed("host lock", "another fabstack run holds the host lock: "
-                             f"{who or 'no answer from the lock'} (waited {LOCK_WAIT} s); "
+                             f"{answer.removeprefix('busy ')} (waited {LOCK_WAIT} s); "
                              "nothing was done")
+        raise StepFailed("host lock", f"could not take the host lock ({LOCK_FILE}: "
+                         f"{answer or 'no answer'}); nothing was done")
 
     def take_lock(self) -> None:
         """Hold the host lock now (it is otherwise taken by the first command)."""
@@ -244,6 +247,7 @@ class Host:
             self.run(":", what="host lock")
 
     def release_lock(self) -> None:
+        """Let the host lock go (closing its channel ends the holder), if this run holds it."""
         if self._lock is not None:
             self._lock.close()
 

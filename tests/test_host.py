@@ -274,3 +274,13 @@ def test_check_mode_and_read_only_tasks_take_no_lock(tmp_path, monkeypatch, chec
     with session(fake_context(tmp_path), "deploy", check=check, lock=lock) as h:
         h.probe(["true"])
     assert FakeHolder.made == [] and "flock" not in fake.scripts[0]
+
+
+def test_a_lock_that_cannot_be_taken_is_not_blamed_on_another_run(settings):
+    conn = FakeConnection()
+    h = Host(conn, settings, executor=conn.exec_script, lock="deploy",
+             holder=lambda command, stdin: FakeHolder(answer=""))
+    with pytest.raises(StepFailed) as err:
+        h.run("true")
+    assert err.value.message == ("could not take the host lock (/run/fabstack.lock: no answer); "
+                                 "nothing was done")
