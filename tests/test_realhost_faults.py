@@ -58,12 +58,15 @@ until pid=$(pgrep -f '^apt-get -q -y .* install -- '); do
   [ $(date +%s) -lt $end ] || {{ echo "apt-get install never seen"; exit 1; }}
   sleep 0.005
 done
-# apt-get's parent is fab's /bin/sh -s, whose parent is the sshd of fab's connection
-shell=$(ps -o ppid= -p $pid | tr -d ' '); sshd=$(ps -o ppid= -p $shell | tr -d ' ')
-case "$(ps -o args= -p $sshd)" in
-  sshd:*) kill -9 $sshd && echo "cut sshd $sshd under apt-get $pid";;
-  *) echo "apt-get $pid is not under an SSH session: $(ps -o args= -p $sshd)";;
-esac
+# apt-get runs under fab's /bin/sh -s (under coreutils timeout), below the sshd of fab's
+# connection ("sshd-session: ..." from OpenSSH 9.8 on, Debian 13): the first one up the tree
+p=$pid
+while p=$(ps -o ppid= -p $p | tr -d ' ') && [ "${{p:-1}}" -gt 1 ]; do
+  case "$(ps -o args= -p $p)" in
+    sshd:*|sshd-session:*) kill -9 $p && echo "cut sshd $p under apt-get $pid"; exit 0;;
+  esac
+done
+echo "apt-get $pid is not under an SSH session"
 """
 
 
