@@ -298,7 +298,8 @@ def db_resources(h) -> list:
         Directory(CELERY_HOME, "celery", "celery", 0o750),
         File(s.app_env_file, render("app.conf.j2", s), group=app, mode=0o640, secret=True,
              notify=(*CELERY_RESTART, f"{app}.service:restart")),
-        File(f"{conf}/celery.conf", render("celery.conf.j2", s), group="celery", mode=0o640,
+        # read by systemd for the units (EnvironmentFile=), not by the celery account
+        File(f"{conf}/celery.conf", render("celery.conf.j2", s), mode=0o600,
              notify=CELERY_RESTART),
         File(f"{conf}/pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]), mode=0o600,
              secret=True),
