@@ -5,7 +5,9 @@ defaults live in the ``fabstack`` config section and can be overridden in
 ``fabric.yaml`` or with ``FABRIC_FABSTACK_*`` environment variables:
 
 - ``env_file``: the settings file to read (default ``.env``);
-- ``check``: plan only, change nothing (the same as each task's ``--check``).
+- ``check``: plan only, change nothing (the same as each task's ``--check``);
+- ``command_timeout``, ``probe_timeout``: seconds a command that changes the host, or one
+  that reads its state, may run before it is stopped and its step fails (1800, 300).
 """
 
 from invoke import Collection
@@ -23,16 +25,19 @@ from . import (
     sandbox,
     status,
 )
+from .host import COMMAND_TIMEOUT, PROBE_TIMEOUT
 
 
 def build_namespace() -> Collection:
     ns = Collection()
     for module in (provision, python, db, backup, celery, nginx, certbot, monitoring, sandbox):
         ns.add_collection(Collection.from_module(module))
-    for name in ("deploy", "rollback", "releases", "deploy_unlock", "gunicorn"):
+    for name in ("deploy", "rollback", "releases", "gunicorn"):
         ns.add_task(getattr(deploy, name))
     ns.add_task(status.status)
     for name in ("backup_db", "restore_db"):
         ns.add_task(getattr(backup, name))
-    ns.configure({"fabstack": {"env_file": ".env", "check": False}})
+    ns.configure({"fabstack": {"env_file": ".env", "check": False,
+                               "command_timeout": COMMAND_TIMEOUT,
+                               "probe_timeout": PROBE_TIMEOUT}})
     return ns

@@ -113,7 +113,7 @@ def backup_resources(h) -> list:
     return [
         Packages(["rsync"]),
         Group(BACKUP_GROUP),
-        User(BACKUP_USER, group=BACKUP_GROUP, home=BACKUP_HOME, groups=[s.app]),
+        User(BACKUP_USER, group=BACKUP_GROUP, home=BACKUP_HOME),
         Directory(BACKUP_HOME, BACKUP_USER, BACKUP_GROUP, 0o700),
         File(f"{BACKUP_HOME}/.pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]),
              owner=BACKUP_USER, group=BACKUP_GROUP, mode=0o600, secret=True),
@@ -204,14 +204,9 @@ def upload_dump(h, local: str) -> str:
     s = h.settings
     name = path.name if path.name.endswith(".dump") else path.name + ".dump"
     dest = f"{s.backup_dir}/uploads/{name}"
-    tmp = f"/tmp/fabstack-{uuid.uuid4().hex}.dump"
-    h.conn.open()
-    sftp = h.conn.sftp()
-    sftp.put(str(path), tmp)
-    sftp.chmod(tmp, 0o600)
-    h.round_trips += 1
+    tmp = h.upload(str(path), name, "upload dump")
     h.run(f"install -o {BACKUP_USER} -g {BACKUP_GROUP} -m 0640 {q(tmp)} {q(dest)}\n"
-          f"rc=$?; rm -f {q(tmp)}; exit $rc", what="upload dump")
+          f"rc=$?; {h.drop_upload(tmp)}; exit $rc", what="upload dump")
     h.changed("upload dump", f"{path} -> {dest}")
     return dest
 

@@ -294,11 +294,12 @@ def db_resources(h) -> list:
              mode=0o640, notify=["redis-server:restart"]),
         Service("redis-server"),
         Group("celery"),
-        User("celery", group="celery", home=CELERY_HOME, groups=[app]),
+        User("celery", group="celery", home=CELERY_HOME),
         Directory(CELERY_HOME, "celery", "celery", 0o750),
         File(s.app_env_file, render("app.conf.j2", s), group=app, mode=0o640, secret=True,
              notify=(*CELERY_RESTART, f"{app}.service:restart")),
-        File(f"{conf}/celery.conf", render("celery.conf.j2", s), group="celery", mode=0o640,
+        # read by systemd for the units (EnvironmentFile=), not by the celery account
+        File(f"{conf}/celery.conf", render("celery.conf.j2", s), mode=0o600,
              notify=CELERY_RESTART),
         File(f"{conf}/pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]), mode=0o600,
              secret=True),
@@ -327,7 +328,7 @@ def _interactive(c, h, command: str) -> None:
 @task
 def psql(c):
     """Open psql in the app's database as the app's role (password from a root-only file)."""
-    with session(c, "db.psql") as h:
+    with session(c, "db.psql", lock=False) as h:
         s = h.settings
         _interactive(c, h, f"env PGPASSFILE={q(s.conf_dir + '/pgpass')} psql -h localhost "
                            f"-U {q(s.db_user)} -d {q(s.db_name)}")
@@ -336,5 +337,5 @@ def psql(c):
 @task(name="redis-cli")
 def redis_cli(c):
     """Open redis-cli on the host's Redis (the cache is database 1, Celery's queues 0)."""
-    with session(c, "db.redis-cli") as h:
+    with session(c, "db.redis-cli", lock=False) as h:
         _interactive(c, h, "redis-cli")

@@ -9,8 +9,8 @@ gunicorn and asks the health endpoint through NGINX until it
 answers from the new release (an app that sends an ``X-Release`` header with
 the contents of its REVISION file is waited for until it names the new
 release). Any failure before the switch leaves the current release serving;
-a failed health check puts the previous release back. A lock on the host
-refuses a second deploy while one runs.
+a failed health check puts the previous release back. The host lock (tasks/host.py)
+refuses a second deploy, or a provision, while one runs.
 
 gunicorn runs behind systemd socket activation (APP.socket), so even a
 restart queues requests instead of refusing them.
@@ -18,21 +18,18 @@ restart queues requests instead of refusing them.
 
 from __future__ import annotations
 
-import getpass
 import gzip
-import socket
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from fabric import task
 
+from .executor import every_host
 from .host import StepFailed, session
 from .primitives import PENDING_DIR, File, ReleaseService, ensure, q, render
 
-LOCK = ".deploy.lock"
 BOOT_MARK = "@@fabstack-boot-check@@"
 # Run as the app's user with its environment: the release's WSGI module must import (settings
 # read, apps loaded) and hold a callable ``application``, as gunicorn will need.
@@ -74,7 +71,7 @@ def is_remote(repo: str) -> bool:
 
 def _layout(s) -> dict[str, str]:
     return {"code": s.code_dir, "releases": f"{s.code_dir}/releases",
-            "current": f"{s.code_dir}/app", "lock": f"{s.code_dir}/{LOCK}",
+            "current": f"{s.code_dir}/app",
             "venv": s.venv_dir, "env": s.app_env_file}
 
 
@@ -102,26 +99,6 @@ def app_step(h) -> None:
 
 # -- the deploy --------------------------------------------------------------------------
 
-def _lock(h) -> None:
-    paths = _layout(h.settings)
-    holder = f"{getpass.getuser()}@{socket.gethostname()} since {time.strftime('%F %T %Z')}"
-    res = h.run(f"mkdir -p {q(paths['releases'])}\n"
-                f"if mkdir {q(paths['lock'])} 2>/dev/null; then\n"
-                f"  printf '%s\\n' {q(holder)} > {q(paths['lock'])}/holder\nelse\n"
-                f"  echo \"locked by $(cat {q(paths['lock'])}/holder 2>/dev/null)\"; exit 3\nfi",
-                what="deploy lock", check=False)
-    if res.exited == 3:
-        raise StepFailed("deploy lock", f"another deploy is running on this host "
-                         f"({res.stdout.strip()}); if it died, remove the lock with "
-                         "`fab deploy-unlock`")
-    if not res.ok:
-        raise StepFailed("deploy lock", res.stderr.strip())
-
-
-def _unlock(h) -> None:
-    h.run(f"rm -rf {q(_layout(h.settings)['lock'])}", what="deploy lock")
-
-
 def prerequisites(s) -> dict[str, str]:
     """What a deploy needs that ``fab provision`` makes: path on the host -> what it is."""
     from .backup import script_path
@@ -147,19 +124,6 @@ def _state(h) -> tuple[str, list[str], list[str]]:
             [f"{needed[path]} ({path})" for path in missing.split()])
 
 
-def _upload(h, data: bytes) -> str:
-    """Put ``data`` in a private temporary file on the host; return its path."""
-    path = f"/tmp/fabstack-{uuid.uuid4().hex}.tar.gz"
-    h.step = "upload the release"
-    h.conn.open()
-    sftp = h.conn.sftp()
-    with sftp.open(path, "wb") as f:
-        f.chmod(0o600)
-        f.write(data)
-    h.round_trips += 1
-    return path
-
-
 def _env_lines(h, release_dir: str) -> str:
     """Shell lines that load the app's environment with PYTHONPATH at ``release_dir``."""
     paths = _layout(h.settings)
@@ -172,12 +136,13 @@ def _prepare(h, source: Source, release: str, current: str) -> None:
     paths = _layout(s)
     rel = f"{paths['releases']}/{release}"
     if source.archive is not None:
-        upload = _upload(h, source.archive)
-        fetch = f"tar -xzf {q(upload)} -C {q(rel)} || fail\nrm -f {q(upload)}\n"
+        upload = h.upload(source.archive, "release.tar.gz", "upload the release")
+        fetch = f"tar -xzf {q(upload)} -C {q(rel)} || fail\n{h.drop_upload(upload)}\n"
     else:
         fetch = _remote_fetch(s, source.commit, rel)
     old_req = f"{paths['releases']}/{current}/requirements.txt" if current else "/dev/null"
-    h.run(f"fail() {{ rm -rf {q(rel)}; exit 1; }}\nmkdir {q(rel)} || exit 1\n{fetch}"
+    h.run(f"fail() {{ rm -rf {q(rel)}; exit 1; }}\n"
+          f"mkdir -p {q(paths['releases'])} && mkdir {q(rel)} || exit 1\n{fetch}"
           f"printf '%s\\n' {q(release)} > {q(rel)}/REVISION || fail\n"
           f"chown -R root:root {q(rel)} && chmod -R u=rwX,go=rX {q(rel)} || fail\n"
           f"test -f {q(rel)}/requirements.txt || {{ echo 'the release has no "
@@ -214,10 +179,22 @@ def _remote_fetch(s, commit: str, rel: str) -> str:
     return f"git -C {q(cache)} archive --format=tar {q(tree)} | tar -x -C {q(rel)} || fail\n"
 
 
-def _resolve_remote(h) -> Source:
-    """Mirror DEPLOY_REPO on the host (with DEPLOY_KEY) and resolve the ref there."""
+def _resolve_remote(h) -> Source | None:
+    """Mirror DEPLOY_REPO on the host (with DEPLOY_KEY) and resolve the ref there.
+
+    In check mode the mirror is read as it is, not updated (None: there is none yet).
+    """
     s = h.settings
     cache, key = f"{s.code_dir}/repo.git", f"{s.conf_dir}/deploy_key"
+    label = f"{s['DEPLOY_REPO']}@{s['DEPLOY_REF']}"
+    if h.check:
+        res = h.run(f"git -C {q(cache)} rev-parse --verify {q(s['DEPLOY_REF'] + '^{commit}')}",
+                    what="release source", check=False)
+        if not res.ok:
+            h.changed("release source", f"would mirror {s['DEPLOY_REPO']} on the host and "
+                      f"deploy {s['DEPLOY_REF']} (not resolved: check mode fetches nothing)")
+            return None
+        return Source(res.stdout.strip(), None, f"{label} (as last fetched)")
     if s["DEPLOY_KEY"]:
         ensure(h, File(key, Path(s["DEPLOY_KEY"]).expanduser().read_text(), mode=0o600,
                        secret=True))
@@ -230,7 +207,7 @@ def _resolve_remote(h) -> Source:
         f"else git clone --quiet --mirror {q(s['DEPLOY_REPO'])} {q(cache)} >&2; fi\n"
         f"git -C {q(cache)} rev-parse --verify {q(s['DEPLOY_REF'] + '^{commit}')}",
         what="release source")
-    return Source(res.stdout.strip(), None, f"{s['DEPLOY_REPO']}@{s['DEPLOY_REF']}")
+    return Source(res.stdout.strip(), None, label)
 
 
 def _backup_and_migrate(h, release: str) -> None:
@@ -335,44 +312,42 @@ def deploy_release(h, ref: str | None = None, force: bool = False) -> None:
     ref = ref or s["DEPLOY_REF"]
     remote = is_remote(s["DEPLOY_REPO"])
     source = None if remote else resolve_local(s["DEPLOY_REPO"], ref, s["DEPLOY_SUBDIR"])
-    _lock(h)
-    try:
-        if remote:
-            source = _resolve_remote(h)
-        current, releases, missing = _state(h)
-        if missing:
-            raise StepFailed("provisioned", f"the host is not fully provisioned, missing "
-                             f"{', '.join(missing)}: run `fab provision` first (a provision "
-                             "that stopped part-way is finished by running it again)")
-        if current.endswith(f"-{source.commit[:12]}") and not force:
-            healthy, detail = health_check(h, current, timeout=10)
-            if not healthy:
-                raise StepFailed("health check", f"release {current} is current but not "
-                                 f"healthy: {detail} (use --force to deploy it again)")
-            h.ok(f"release {current}", f"{source.commit[:12]} is already current; {detail}")
+    current, releases, missing = _state(h)
+    if missing:
+        raise StepFailed("provisioned", f"the host is not fully provisioned, missing "
+                         f"{', '.join(missing)}: run `fab provision` first (a provision "
+                         "that stopped part-way is finished by running it again)")
+    if remote:
+        source = _resolve_remote(h)
+        if source is None:
             return
-        release = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + f"-{source.commit[:12]}"
-        if h.check:
-            h.changed(f"release {release}", f"would deploy {source.label} "
-                      f"({source.commit[:12]}) over {current or 'nothing'}")
-            return
-        _prepare(h, source, release, current)
-        _backup_and_migrate(h, release)
-        _switch(h, release)
-        healthy, detail = health_check(h, release)
+    if current.endswith(f"-{source.commit[:12]}") and not force:
+        healthy, detail = health_check(h, current, timeout=10)
         if not healthy:
-            if current:
-                _switch(h, current)
-                h.run(f"rm -rf {q(_layout(s)['releases'])}/{q(release)}", what="rollback")
-                raise StepFailed("health check", f"{detail}; put release {current} back "
-                                 f"and removed {release}")
-            raise StepFailed("health check", f"{detail}; there is no earlier release to put "
-                             "back")
-        h.changed(f"release {release}", f"serving ({detail})")
-        _restart_workers(h)
-        _prune(h, releases + [release], int(s["RELEASES_KEEP"]), {release, current})
-    finally:
-        _unlock(h)
+            raise StepFailed("health check", f"release {current} is current but not "
+                             f"healthy: {detail} (use --force to deploy it again)")
+        h.ok(f"release {current}", f"{source.commit[:12]} is already current; {detail}")
+        return
+    release = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + f"-{source.commit[:12]}"
+    if h.check:
+        h.changed(f"release {release}", f"would deploy {source.label} "
+                  f"({source.commit[:12]}) over {current or 'nothing'}")
+        return
+    _prepare(h, source, release, current)
+    _backup_and_migrate(h, release)
+    _switch(h, release)
+    healthy, detail = health_check(h, release)
+    if not healthy:
+        if current:
+            _switch(h, current)
+            h.run(f"rm -rf {q(_layout(s)['releases'])}/{q(release)}", what="rollback")
+            raise StepFailed("health check", f"{detail}; put release {current} back "
+                             f"and removed {release}")
+        raise StepFailed("health check", f"{detail}; there is no earlier release to put "
+                         "back")
+    h.changed(f"release {release}", f"serving ({detail})")
+    _restart_workers(h)
+    _prune(h, releases + [release], int(s["RELEASES_KEEP"]), {release, current})
 
 
 def rollback_release(h) -> None:
@@ -381,17 +356,13 @@ def rollback_release(h) -> None:
         raise StepFailed("rollback", f"no release before {current or 'the current one'} "
                          f"(releases: {', '.join(releases) or 'none'})")
     previous = releases[releases.index(current) - 1]
-    _lock(h)
-    try:
-        _switch(h, previous)
-        healthy, detail = health_check(h, previous)
-        if not healthy:
-            _switch(h, current)
-            raise StepFailed("health check", f"{detail}; stayed on {current}")
-        h.changed("rollback", f"serving {previous} instead of {current} ({detail})")
-        _restart_workers(h)
-    finally:
-        _unlock(h)
+    _switch(h, previous)
+    healthy, detail = health_check(h, previous)
+    if not healthy:
+        _switch(h, current)
+        raise StepFailed("health check", f"{detail}; stayed on {current}")
+    h.changed("rollback", f"serving {previous} instead of {current} ({detail})")
+    _restart_workers(h)
 
 
 @task(help={"ref": "Git ref to deploy (default: DEPLOY_REF)",
@@ -410,21 +381,14 @@ def rollback(c):
         rollback_release(h)
 
 
+@every_host
 @task
 def releases(c):
     """List the releases on the host, marking the current one."""
-    with session(c, "releases") as h:
+    with session(c, "releases", lock=False) as h:
         current, listing, _ = _state(h)
         for release in listing:
             h.ok(f"release {release}", "current" if release == current else "kept")
-
-
-@task(name="deploy-unlock")
-def deploy_unlock(c):
-    """Remove a deploy lock left by a deploy that died (check that none is running!)."""
-    with session(c, "deploy-unlock") as h:
-        _unlock(h)
-        h.changed("deploy lock", "removed")
 
 
 @task(help={"check": "Show what would change and change nothing."})

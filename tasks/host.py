@@ -5,18 +5,33 @@ on its standard input, so nothing in it (secrets included) ever appears in a
 process's arguments. As a non-root user the script runs under ``sudo -S``;
 the sudo password, when one is needed, goes in on the same stdin.
 
+Every script runs under coreutils ``timeout`` (``fabstack.command_timeout`` seconds, 1800 by
+default; probes ``fabstack.probe_timeout``, 300): when it expires the script and everything
+it started (its process group: a hung psql or systemctl) are killed and the step fails,
+naming host, step and the timeout. The SSH channel waits a little longer, in case the host
+stops answering altogether.
+
+Runs that change a host hold its lock (:data:`LOCK_FILE`) from their first command to their
+end: a ``flock`` held by a shell on an SSH channel of their own, so it goes with the
+connection however the run ends (a killed fab included). The first command waits on the
+host until the lock is held, which saves a round trip of its own.
+
 :class:`Host` counts SSH round trips, masks secrets in everything it prints and
 collects a :class:`Report`. Tasks open one with :func:`session`.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
+import posixpath
 import shlex
+import shutil
 import socket
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -30,6 +45,18 @@ from . import settings as settings_mod
 MASK = "********"
 PROBE_MARK = "@@fabstack-probe@@"
 DIFF_LINES = 40  # longer diffs are cut in the report
+COMMAND_TIMEOUT = 1800  # seconds: apt installs and upgrades can take many minutes
+PROBE_TIMEOUT = 300  # seconds: reading state is quick, a probe that hangs is stuck
+KILL_AFTER = 5  # seconds between timeout's TERM and its KILL
+CHANNEL_GRACE = 30  # seconds the SSH channel waits beyond the remote timeout
+LOCK_FILE = "/run/fabstack.lock"  # flock-ed by the run that holds the host; says who it is
+# (LOCK_FILE.refused: the last run refused, so that its first command stops waiting)
+LOCK_WAIT = 10  # seconds a run waits for another to release the host lock
+LOCK_GATE_EXIT = 75  # the first command's exit status when the lock was not taken
+
+
+class ChannelTimeout(TimeoutError):
+    """The host sent nothing more, not even timeout's verdict, within the channel's wait."""
 
 
 class ConnectionLost(EOFError):
@@ -94,9 +121,19 @@ class Host:
     """One target host: runs scripts, batches probes, masks secrets, keeps the report."""
 
     def __init__(self, conn, settings: settings_mod.Settings, check: bool = False,
-                 sudo_password: str | None = None, out=None, executor=None):
+                 sudo_password: str | None = None, out=None, executor=None,
+                 command_timeout: int = COMMAND_TIMEOUT, probe_timeout: int = PROBE_TIMEOUT,
+                 lock: str | None = None, holder=None):
         self.conn = conn
-        self._exec = executor or (lambda command, stdin: ssh_exec(conn, command, stdin))
+        self._exec = executor or (lambda command, stdin, wait: ssh_exec(conn, command, stdin,
+                                                                        wait))
+        self._hold = holder or (lambda command, stdin: HeldCommand(conn, command, stdin,
+                                                                   LOCK_WAIT + CHANNEL_GRACE))
+        # the task that takes the host lock at its first command (None: it takes none)
+        self._lock_task = lock
+        self._lock = None  # the lock's holder, once asked for
+        self._lock_token = uuid.uuid4().hex
+        self.command_timeout, self.probe_timeout = command_timeout, probe_timeout
         self.settings = settings
         self.check = check
         self.sudo_password = sudo_password
@@ -125,14 +162,26 @@ class Host:
         self.report.add("failed", what, self.mask(message))
 
     # -- commands -----------------------------------------------------------
-    def _raw(self, command: str, stdin: str) -> Result:
+    def _raw(self, command: str, stdin: str, timeout: int | None = None) -> Result:
+        """One command; ``timeout``: the one it runs under (coreutils timeout), if any."""
+        wait = (timeout or self.probe_timeout) + KILL_AFTER + CHANNEL_GRACE
+        started = time.monotonic()
         try:
-            res = self._exec(command, stdin)
+            res = self._exec(command, stdin, wait)
         except ConnectionLost as exc:
             raise StepFailed(self.step or "connection", f"lost the connection to {self.name} "
                              f"during this step ({exc}); it may be half done: run the task "
                              "again to finish it") from exc
+        except ChannelTimeout as exc:
+            raise StepFailed(self.step or "connection", f"timed out after {wait} s on "
+                             f"{self.name}: the host stopped answering") from exc
         self.round_trips += 1
+        # 124: timeout's TERM ended it; 137: its KILL did (the script ignored TERM)
+        if (timeout is not None and res.exited in (124, 137)
+                and time.monotonic() - started >= timeout):
+            raise StepFailed(self.step or "command", f"timed out after {timeout} s on "
+                             f"{self.name} (stopped with everything it started; "
+                             "fabstack.command_timeout sets the limit)")
         return res
 
     def _privilege(self) -> str:
@@ -150,19 +199,75 @@ class Host:
                 raise StepFailed("sudo", f"sudo refused the password given for {self.conn.user}")
         return self._sudo
 
-    def run(self, script: str, what: str = "command", check: bool = True) -> Result:
-        """Run ``script`` as root with ``/bin/sh``; raise StepFailed if it fails and ``check``.
-
-        ``what`` names the step in the report, and in the error if the connection drops.
-        """
-        self.step = what
+    def _root_command(self, shell: str, script: str) -> tuple[str, str]:
+        """The command and stdin that run ``script`` with ``shell`` as root."""
         mode = self._privilege()
         if mode == "root":
-            res = self._raw("/bin/sh -s", script)
-        elif mode == "nopasswd":
-            res = self._raw("sudo -n /bin/sh -s", script)
-        else:
-            res = self._raw("sudo -k -S -p '' /bin/sh -s", self.sudo_password + "\n" + script)
+            return shell, script
+        if mode == "nopasswd":
+            return f"sudo -n {shell}", script
+        return f"sudo -k -S -p '' {shell}", self.sudo_password + "\n" + script
+
+    # -- the host lock ------------------------------------------------------
+    def _lock_script(self) -> str:
+        """The holder: takes the lock (waiting LOCK_WAIT s), says who holds it, keeps it."""
+        who = (f"{getpass.getuser()}@{socket.gethostname()} since "
+               f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, task {self._lock_task}")
+        return (f"exec 9>>{LOCK_FILE} || exit 1\n"
+                f"if ! flock -w {LOCK_WAIT} 9; then\n"
+                f"  printf '%s\\n' {self._lock_token} > {LOCK_FILE}.refused\n"
+                f"  echo \"busy $(cut -d' ' -f2- {LOCK_FILE})\"; exit 3\nfi\n"
+                f"printf '%s\\n' {shlex.quote(self._lock_token + ' ' + who)} > {LOCK_FILE}\n"
+                # held until the channel closes: the run's end, or its connection's
+                "echo locked\nexec cat >/dev/null\n")
+
+    def _lock_gate(self) -> str:
+        """Lines that wait until this run's holder has the lock (the first command's start)."""
+        token = self._lock_token
+        return (f"i=0; until grep -qsF {token} {LOCK_FILE}; do\n"
+                f"  [ $i -lt {(LOCK_WAIT + 5) * 100} ] && ! grep -qsF {token} {LOCK_FILE}.refused"
+                f" || exit {LOCK_GATE_EXIT}\n"
+                "  i=$((i + 1)); sleep 0.01\ndone\n")
+
+    def _confirm_lock(self) -> None:
+        answer = self._lock.answer()
+        if answer == "locked":
+            return
+        self.step = "host lock"
+        if answer.startswith("busy "):
+            raise StepFailed("host lock", "another fabstack run holds the host lock: "
+                             f"{answer.removeprefix('busy ')} (waited {LOCK_WAIT} s); "
+                             "nothing was done")
+        raise StepFailed("host lock", f"could not take the host lock ({LOCK_FILE}: "
+                         f"{answer or 'no answer'}); nothing was done")
+
+    def take_lock(self) -> None:
+        """Hold the host lock now (it is otherwise taken by the first command)."""
+        if self._lock_task is not None and self._lock is None:
+            self.run(":", what="host lock")
+
+    def release_lock(self) -> None:
+        """Let the host lock go (closing its channel ends the holder), if this run holds it."""
+        if self._lock is not None:
+            self._lock.close()
+
+    def run(self, script: str, what: str = "command", check: bool = True,
+            timeout: int | None = None) -> Result:
+        """Run ``script`` as root with ``/bin/sh``; raise StepFailed if it fails and ``check``.
+
+        ``what`` names the step in the report, and in the error if the connection drops or
+        the script outlives ``timeout`` seconds (default: the host's ``command_timeout``).
+        """
+        self.step = what
+        timeout = timeout or self.command_timeout
+        first = self._lock_task is not None and self._lock is None
+        if first:
+            self._lock = self._hold(*self._root_command("/bin/sh -s", self._lock_script()))
+            script = self._lock_gate() + script
+        res = self._raw(*self._root_command(f"timeout -k {KILL_AFTER} {timeout} /bin/sh -s",
+                                            script), timeout)
+        if first:
+            self._confirm_lock()
         if check and not res.ok:
             detail = (res.stderr.strip() or res.stdout.strip() or "no output")[-2000:]
             status = f"exit {res.exited}"
@@ -171,13 +276,42 @@ class Host:
             raise StepFailed(what, self.mask(f"{status}: {detail}"))
         return res
 
+    def upload(self, source: bytes | str, name: str, what: str) -> str:
+        """Copy ``source`` (bytes, or the path of a file here) to the host by SFTP; its path there.
+
+        It lands in a new folder of /tmp made 0700 before anything is written into it, so
+        nobody else on the host can open the file at any moment; :meth:`drop_upload` gives
+        the shell line that removes folder and file.
+        """
+        self.take_lock()
+        self.step = what
+        folder = f"/tmp/fabstack-{uuid.uuid4().hex}"
+        self.conn.open()
+        sftp = self.conn.sftp()
+        sftp.mkdir(folder, mode=0o700)
+        path = f"{folder}/{name}"
+        with sftp.open(path, "wb") as f:
+            f.set_pipelined(True)
+            if isinstance(source, bytes):
+                f.write(source)
+            else:
+                with open(source, "rb") as local:
+                    shutil.copyfileobj(local, f, 1 << 20)
+        self.round_trips += 1
+        return path
+
+    @staticmethod
+    def drop_upload(path: str) -> str:
+        """The shell line that removes an :meth:`upload` and its private folder."""
+        return f"rm -rf -- {shlex.quote(posixpath.dirname(path))}"
+
     def probe(self, snippets: list[str]) -> list[str]:
         """Run read-only shell ``snippets`` in one round trip; return each one's stdout."""
         if not snippets:
             return []
         script = "".join(f"echo '{PROBE_MARK}{i}'\n{snippet}\n"
                          for i, snippet in enumerate(snippets))
-        res = self.run(script, what="probe host state", check=False)
+        res = self.run(script, what="probe host state", check=False, timeout=self.probe_timeout)
         parts = res.stdout.split(PROBE_MARK)[1:]
         if len(parts) != len(snippets):
             raise StepFailed("probe host state", self.mask(
@@ -185,11 +319,12 @@ class Host:
         return [part.split("\n", 1)[1] if "\n" in part else "" for part in parts]
 
 
-def ssh_exec(conn, command: str, stdin: str) -> Result:
+def ssh_exec(conn, command: str, stdin: str, wait: float) -> Result:
     """Run ``command`` on Fabric connection ``conn`` with ``stdin`` as its input: one round trip.
 
     Goes straight to a paramiko channel: Invoke's stdin pump feeds a byte per
-    10 ms, far too slow for scripts.
+    10 ms, far too slow for scripts. Raises ChannelTimeout when the host sends nothing
+    for ``wait`` seconds.
     """
     conn.open()
     sock = conn.transport.sock
@@ -198,6 +333,7 @@ def ssh_exec(conn, command: str, stdin: str) -> Result:
         # Without it, Nagle's algorithm and delayed ACKs cost ~40 ms per command.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     chan = conn.transport.open_session()
+    chan.settimeout(wait)
     try:
         chan.exec_command(command)
         stderr = bytearray()
@@ -218,12 +354,42 @@ def ssh_exec(conn, command: str, stdin: str) -> Result:
             stdout = f.read()
         for t in threads:
             t.join()
+        if not chan.status_event.wait(wait):
+            raise ChannelTimeout
         code = chan.recv_exit_status()
+    except TimeoutError as exc:
+        raise ChannelTimeout from exc
     finally:
         chan.close()
     if code == -1 and _connection_lost(conn.transport):
         raise ConnectionLost("the SSH connection closed before the command finished")
     return Result(stdout.decode(errors="replace"), stderr.decode(errors="replace"), code)
+
+
+class HeldCommand:
+    """A command that runs as long as its SSH channel stays open (the host lock's holder).
+
+    ``stdin`` is sent and left open: the command sees its end when the channel closes,
+    by :meth:`close` or with the connection (fab killed, network gone).
+    """
+
+    def __init__(self, conn, command: str, stdin: str, wait: float):
+        conn.open()
+        self.chan = conn.transport.open_session()
+        self.chan.settimeout(wait)
+        self.chan.exec_command(command)
+        self.chan.sendall(stdin.encode())
+        self.out = self.chan.makefile("rb")
+
+    def answer(self) -> str:
+        """The command's first line of output ("" if none came)."""
+        try:
+            return self.out.readline().decode(errors="replace").strip()
+        except (OSError, EOFError, SSHException):
+            return ""
+
+    def close(self) -> None:
+        self.chan.close()
 
 
 def _connection_lost(transport) -> bool:
@@ -263,11 +429,13 @@ def _check_host_keys(c) -> None:
 
 
 @contextmanager
-def session(c, title: str, check: bool = False):
+def session(c, title: str, check: bool = False, lock: bool = True):
     """Open a :class:`Host` for task ``title`` on connection ``c`` and print its report.
 
     Settings are loaded and validated first (before any connection is opened);
-    failures become a non-zero exit with the step and reason named.
+    failures become a non-zero exit with the step and reason named. Unless ``lock`` is
+    false (tasks that only read) or in check mode, the run holds the host lock from its
+    first command on.
     """
     cfg = c.config.get("fabstack", {})
     check = check or bool(cfg.get("check", False))
@@ -278,7 +446,10 @@ def session(c, title: str, check: bool = False):
         raise Exit(f"error: {exc}\nNothing was changed on any host.", code=2) from None
     _check_host_keys(c)
     host = Host(c, settings, check=check,
-                sudo_password=c.config.get("sudo", {}).get("password"))
+                sudo_password=c.config.get("sudo", {}).get("password"),
+                command_timeout=int(cfg.get("command_timeout", COMMAND_TIMEOUT)),
+                probe_timeout=int(cfg.get("probe_timeout", PROBE_TIMEOUT)),
+                lock=title if lock and not check else None)
     started = time.monotonic()
     failure = None
     try:
@@ -292,6 +463,7 @@ def session(c, title: str, check: bool = False):
         host.failed(what, f"cannot talk to {host.name}: {exc or type(exc).__name__}")
         failure = exc
     finally:
+        host.release_lock()
         print(host.report.summary(title, time.monotonic() - started, host.round_trips),
               flush=True)
     if failure is not None:

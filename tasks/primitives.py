@@ -324,7 +324,8 @@ class Group(Resource):
 
 
 class User(Resource):
-    """A user with primary ``group``, ``home``, ``shell``, extra ``groups`` and a locked password.
+    """A user with primary ``group``, ``home``, ``shell``, a locked password and exactly the
+    supplementary ``groups`` given (it is taken out of any other: least privilege).
 
     The home directory is not created here: declare it as a :class:`Directory`.
     """
@@ -361,10 +362,16 @@ class User(Resource):
         if passwd[6] != self.shell:
             fixes.append(f"shell {passwd[6]} -> {self.shell}")
             args.append(f"--shell {q(self.shell)}")
-        missing = [g for g in self.groups if g not in info.get("groups", "").split()]
+        # id -Gn: the primary group, then the supplementary ones
+        have = set(info.get("groups", "").split()) - {self.group}
+        missing = [g for g in self.groups if g not in have]
+        extra = sorted(have - set(self.groups))
         if missing:
             fixes.append(f"added to {', '.join(missing)}")
-            args.append(f"--append --groups {q(','.join(missing))}")
+        if extra:
+            fixes.append(f"removed from {', '.join(extra)}")
+        if missing or extra:
+            args.append(f"--groups {q(','.join(self.groups))}")
         if info.get("password", "").strip() not in ("!", "*"):
             fixes.append("password login locked")
             args.append("--lock")

@@ -23,6 +23,7 @@ from .primitives import (
     Packages,
     User,
     ensure,
+    q,
     render,
 )
 
@@ -47,6 +48,19 @@ def network_resources(h) -> list:
     ]
 
 
+def media_readable(media_dir: str) -> Command:
+    """Everything in the media tree readable by all (NGINX and the backups account read it).
+
+    The app makes it so (its unit's UMask); this puts right what an earlier, stricter UMask
+    left (folders 0750 the backups account can no longer enter without the app's group).
+    """
+    hidden = (f"find {q(media_dir)} \\( -type d ! -perm -o=rx -o ! -type d ! -type l "
+              "! -perm -o=r \\)")
+    return Command(f"media {media_dir}", f"{hidden} -exec chmod o+rX -- {{}} +",
+                   unless=f"test -z \"$({hidden} -print -quit)\"",
+                   message="made readable by all (NGINX and backups read it)")
+
+
 def base_resources(h) -> list:
     """The base system: packages, the app's user and directories, the firewall."""
     s = h.settings
@@ -63,6 +77,7 @@ def base_resources(h) -> list:
         Directory(s.home_dir, app, app, 0o755),
         Directory(s.static_dir, "root", app, 0o755),
         Directory(s.media_dir, app, app, 0o755),
+        media_readable(s.media_dir),
         Directory(s.log_dir, app, app, 0o750),
         Firewall(["OpenSSH", "80/tcp", "443/tcp"]),
     ]

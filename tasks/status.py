@@ -5,7 +5,8 @@ the current release and when it was deployed, the newest database dump anywhere 
 /opt/APP/backup and its age, the TLS certificate's expiry, and the disk use of the app's
 data, the database and the backups. Something wrong (a service down, a certificate expiring
 within CERT_WARN_DAYS, no fresh backup, a nearly full disk) is named, and the exit status is 1,
-so the task can run from cron or CI.
+so the task can run from cron or CI. With several hosts (``-H a,b``) every host is reported,
+then fab exits 1 naming each unhealthy or unreachable one (tasks/executor.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from fabric import task
 from invoke.exceptions import Exit
 
+from .executor import every_host
 from .host import session
 from .primitives import q
 
@@ -148,11 +150,12 @@ def assess(s, answers: list[str]) -> list[Line]:
     return lines
 
 
+@every_host
 @task
 def status(c):
     """One screen on the host's health; exits 1 naming what is wrong (for cron or CI)."""
     problems: list[str] = []
-    with session(c, "status") as h:
+    with session(c, "status", lock=False) as h:
         s = h.settings
         answers = h.probe(snippets(s))
         for line in assess(s, answers):

@@ -27,7 +27,7 @@ class FakeConnection:
     scripts: list[str] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
 
-    def exec_script(self, command: str, script: str) -> Result:
+    def exec_script(self, command: str, script: str, wait: float = 0) -> Result:
         self.commands.append(command)
         self.scripts.append(script)
         if PROBE_MARK in script:

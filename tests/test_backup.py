@@ -162,7 +162,7 @@ def test_offsite_pubkey_must_be_a_public_key(tmp_path):
 
 def host_answering(settings, result):
     conn = FakeConnection()
-    return Host(conn, settings, executor=lambda command, stdin: result)
+    return Host(conn, settings, executor=lambda command, stdin, wait: result)
 
 
 def test_dump_database_reports_path_and_size(settings, capsys):

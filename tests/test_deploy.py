@@ -13,7 +13,7 @@ def prepare(make_host, requirements: Result):
     """Run deploy._prepare; the requirements-and-boot script answers ``requirements``."""
     host, conn = make_host()
 
-    def execute(command, stdin):
+    def execute(command, stdin, wait):
         conn.exec_script(command, stdin)
         return requirements if "pip install" in stdin else Result("", "", 0)
 

@@ -69,7 +69,7 @@ def test_failed_change_raises_with_step_name(make_host):
 def test_scripts_go_on_stdin_never_in_the_command_line(make_host):
     host, conn = make_host([(r"-- /etc/secret ", "missing\n")])
     ensure(host, File("/etc/secret", "PASSWORD=hunter2-xyz\n", mode=0o600, secret=True))
-    assert set(conn.commands) == {"/bin/sh -s"}
+    assert set(conn.commands) == {"timeout -k 5 300 /bin/sh -s", "timeout -k 5 1800 /bin/sh -s"}
     assert not any("hunter2" in c for c in conn.commands)
 
 
@@ -82,7 +82,7 @@ def test_secrets_are_masked_in_the_report(make_host, capsys):
 
 
 def test_sudo_user_without_password_is_told_what_to_do(settings):
-    def refuse(command, stdin):
+    def refuse(command, stdin, wait):
         return Result("", "a password is required", 1)
 
     host = Host(FakeConnection(user="deploy"), settings, executor=refuse)
@@ -94,12 +94,12 @@ def test_sudo_user_without_password_is_told_what_to_do(settings):
 def test_sudo_password_goes_on_stdin(settings):
     seen = []
 
-    def execute(command, stdin):
+    def execute(command, stdin, wait):
         seen.append((command, stdin))
         return Result("", "", 1 if command == "sudo -k -n true" else 0)
 
     host = Host(FakeConnection(user="deploy"), settings, sudo_password="s3cret-pw",
                 executor=execute)
     host.run("echo hi")
-    assert seen[-1] == ("sudo -k -S -p '' /bin/sh -s", "s3cret-pw\necho hi")
+    assert seen[-1] == ("sudo -k -S -p '' timeout -k 5 1800 /bin/sh -s", "s3cret-pw\necho hi")
     assert all("s3cret" not in command for command, _ in seen)

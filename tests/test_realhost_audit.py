@@ -40,6 +40,22 @@ CANARY_TCP, CANARY_UDP = 8765, 8766
 # celery, telegraf (its token), backups (its .pgpass).
 SERVICE_GROUPS = {APP, "celery", "telegraf", "backups"}
 
+# Every account of the stack and exactly the supplementary groups it is in (``id -Gn`` less
+# its own group): what each one reads and nothing more. backups reads the database with its
+# own .pgpass and the media (readable by all), nothing in conf/; celery gets its environment
+# from systemd (EnvironmentFile=, read as root); offsite reads the backups (only when an
+# OFFSITE_PUBKEY was set, as the backup module does).
+ACCOUNT_GROUPS = {
+    APP: set(),
+    "celery": set(),
+    "backups": set(),
+    "offsite": {"backups"},
+    "www-data": set(),
+    "postgres": {"ssl-cert"},
+    "redis": set(),
+}
+OPTIONAL_ACCOUNTS = {"offsite"}
+
 # Tasks that converge: a second run changes nothing.
 CONVERGING = ("provision.all", "provision.base", "python.setup", "db.setup", "backup.setup",
               "celery.setup", "gunicorn", "nginx.setup", "certbot.setup", "monitoring.setup",
@@ -49,7 +65,6 @@ ACTIONS = {
     "backup-db": "makes a new dump every time (tests/test_realhost_backup.py)",
     "restore-db": "restores a dump on purpose, after asking (tests/test_realhost_backup.py)",
     "rollback": "switches to the previous release on purpose (tests/test_realhost_deploy.py)",
-    "deploy-unlock": "removes a stale lock (tests/test_realhost_deploy.py)",
     "celery.restart": "restarts the workers on purpose",
     "releases": "reads only: checked below to leave the host as it was",
     "status": "reads only: checked below to leave the host as it was",
@@ -126,6 +141,40 @@ def test_no_file_holding_a_secret_is_readable_by_others(target, secret_runs):
         assert not mode & 0o004, f"{path} ({mode:04o}) is readable by everyone"
         assert not mode & 0o040 or group in SERVICE_GROUPS, \
             f"{path} ({mode:04o} {owner}:{group}) is readable by group {group}"
+
+
+def test_every_account_is_in_exactly_its_declared_groups(target, stack):
+    """``id -Gn`` of each account against ACCOUNT_GROUPS, and every member of the services'
+    groups is declared (no undeclared account is in the app's, backups' or celery's group)."""
+    out = target.sh("".join(f"echo \"{name}: $(id -Gn {name} 2>/dev/null)\"\n"
+                            for name in ACCOUNT_GROUPS)
+                    + "".join(f"echo \"group {g}: $(getent group {g} | cut -d: -f4)\"\n"
+                              for g in sorted(SERVICE_GROUPS))).stdout
+    print(f"\n{out}")
+    found = dict(line.split(": ", 1) for line in out.splitlines())
+    for name, declared in ACCOUNT_GROUPS.items():
+        groups = found[name].split()
+        if not groups and name in OPTIONAL_ACCOUNTS:
+            continue
+        assert groups, f"account {name} does not exist"
+        assert set(groups[1:]) - {groups[0]} == declared, f"{name} is in {groups}"
+    for group in SERVICE_GROUPS:
+        members = set(filter(None, found[f"group {group}"].split(",")))
+        declared = {name for name, groups in ACCOUNT_GROUPS.items() if group in groups}
+        assert members <= declared, f"group {group} has undeclared members {members - declared}"
+
+
+def test_backups_reads_the_media_but_nothing_in_conf(target, stack):
+    """The backups account: no secret of the app's environment, every media file."""
+    conf = target.sh(f"runuser -u backups -- cat /opt/{APP}/conf/{APP}.conf", check=False)
+    assert conf.returncode != 0 and "Permission denied" in conf.stderr, conf
+    target.sh(f"install -d -o {APP} -g {APP} -m 0750 /var/opt/{APP}/media/old && "
+              f"install -o {APP} -g {APP} -m 0640 /etc/hostname /var/opt/{APP}/media/old/a.txt")
+    try:
+        assert "made readable by all" in target.fab("provision.base").stdout
+        target.sh(f"runuser -u backups -- cat /var/opt/{APP}/media/old/a.txt")
+    finally:
+        target.sh(f"rm -rf /var/opt/{APP}/media/old")
 
 
 def test_exposure_of_the_app_and_celery_units(target, stack):

@@ -106,8 +106,12 @@ def test_download_then_upload_and_restore(target, deployed, tmp_path):
 
 
 def test_scheduled_script_by_hand_twice_then_with_faked_dates(target, deployed):
+    # a media file as the app makes it: its user, its unit's UMask (the backups account is in
+    # none of the app's groups)
     target.sh(f"rm -f {BACKUP}/daily/* {BACKUP}/weekly/* {BACKUP}/monthly/*; "
-              f"install -o {APP} -g {APP} -m 0640 /etc/hostname /var/opt/{APP}/media/a.txt")
+              f"rm -f /var/opt/{APP}/media/a.txt; runuser -u {APP} -- sh -c \"umask "
+              f"$(systemctl show -p UMask --value {APP}.service) && "
+              f"cat /etc/hostname > /var/opt/{APP}/media/a.txt\"")
     for _ in range(2):
         target.sh(SCRIPT + " scheduled")
         time.sleep(1.1)

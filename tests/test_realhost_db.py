@@ -113,11 +113,13 @@ def test_systemd_and_the_shell_read_every_value_as_in_env(runs, target):
 def test_files_and_who_may_read_them(runs, target):
     stat = target.sh(f"stat -c '%n %U %G %a' {CONF} {CELERY_CONF} /opt/{APP}/conf/pgpass "
                      "/etc/redis/redis.conf").stdout.splitlines()
-    assert stat == [f"{CONF} root {APP} 640", f"{CELERY_CONF} root celery 640",
+    assert stat == [f"{CONF} root {APP} 640", f"{CELERY_CONF} root root 600",
                     f"/opt/{APP}/conf/pgpass root root 600",
                     "/etc/redis/redis.conf redis redis 640"]
-    assert target.sh(f"runuser -u celery -- cat {CELERY_CONF}").stdout.startswith("# Managed")
-    assert target.sh(f"runuser -u nobody -- cat {CONF}", check=False).returncode != 0
+    # systemd reads both for Celery's units (EnvironmentFile=); no account but the app's reads
+    # the app's environment file
+    for user in ("celery", "backups", "nobody"):
+        assert target.sh(f"runuser -u {user} -- cat {CONF}", check=False).returncode != 0
 
 
 def test_redis_settings(runs, target):

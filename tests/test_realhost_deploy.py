@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tasks.sandbox import Sandbox
-from tests.conftest import changed_count, commit, revert
+from tests.conftest import changed_count, commit, host_state, revert, state_changes
 from tests.load import Load, get, release_served
 
 APP = "ratemyderp"
@@ -76,6 +76,15 @@ def test_redeploy_of_the_same_commit_changes_nothing(target, deployed):
     assert changed_count(again.stdout) == 0, again.stdout
 
 
+def test_deploy_check_changes_nothing_on_the_host(target, deployed, app_repo):
+    """--check of a new commit: says what it would deploy; the host's fingerprint is the same."""
+    commit(app_repo, "a release only checked", {"example/demo/static/demo/checked.txt": "1"})
+    before = host_state(target)
+    res = target.fab("deploy", "--check")
+    assert "would change release " in res.stdout and "would deploy " in res.stdout, res.stdout
+    assert state_changes(before, host_state(target)) == []
+
+
 def test_new_release_under_load_drops_no_request(target, deployed, app_repo):
     before = release_served(target.info.ip)
     page = app_repo / "example/demo/templates/demo/home.html"
@@ -121,15 +130,32 @@ def test_rollback_releases_and_retention(target, deployed, app_repo):
     assert len(kept) == 3, kept
 
 
-def test_a_second_deploy_is_refused_while_one_runs(target, deployed):
-    target.sh(f"mkdir /opt/{APP}/.deploy.lock && echo 'someone@else since now' "
-              f"> /opt/{APP}/.deploy.lock/holder")
+# Another run's hold on the host lock, as fabstack's own holder keeps it: until stdin closes.
+HOLD_LOCK = ("exec 9>>/run/fabstack.lock; flock 9; printf 'x someone@else since 04:00 UTC, "
+             "task provision\\n' > /run/fabstack.lock; echo held; exec cat >/dev/null")
+
+
+def test_deploy_rollback_and_restore_are_refused_while_another_run_holds_the_host_lock(
+        target, deployed):
+    holder = subprocess.Popen(["ssh", "-F", str(target.info.ssh_config), target.info.alias,
+                               HOLD_LOCK], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
     try:
-        res = target.fab("deploy", "--force", check=False)
-        assert res.returncode == 1
-        assert "another deploy is running" in res.stdout and "someone@else" in res.stdout
+        assert holder.stdout.readline().strip() == "held"
+        before = host_state(target)
+        for args in (("deploy", "--force"), ("rollback",),
+                     ("restore-db", "--dump", "none.dump", "--yes")):
+            res = target.fab(*args, check=False)
+            assert res.returncode == 1, res.stdout
+            assert "failed       host lock: another fabstack run holds the host lock: " \
+                "someone@else since 04:00 UTC, task provision (waited 10 s); nothing was done" \
+                in res.stdout, res.stdout
+        assert state_changes(before, host_state(target)) == []
     finally:
-        target.fab("deploy-unlock")
+        holder.kill()
+        holder.wait()
+    target.sh("flock -w 5 /run/fabstack.lock true")  # its connection closed: the lock is free
+    assert "is already current" in target.fab("deploy").stdout
 
 
 def test_no_secret_in_deploy_output(target, deployed):

@@ -11,6 +11,7 @@ fixture provisions and deploys first. It leaves the host converged and serving.
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -57,13 +58,15 @@ until pid=$(pgrep -f '^apt-get -q -y .* install -- '); do
   [ $(date +%s) -lt $end ] || {{ echo "apt-get install never seen"; exit 1; }}
   sleep 0.005
 done
-# apt-get's parent is fab's /bin/sh -s, whose parent is the sshd of fab's connection
-# ("sshd-session: ..." from OpenSSH 9.8 on, Debian 13)
-shell=$(ps -o ppid= -p $pid | tr -d ' '); sshd=$(ps -o ppid= -p $shell | tr -d ' ')
-case "$(ps -o args= -p $sshd)" in
-  sshd:*|sshd-session:*) kill -9 $sshd && echo "cut sshd $sshd under apt-get $pid";;
-  *) echo "apt-get $pid is not under an SSH session: $(ps -o args= -p $sshd)";;
-esac
+# apt-get runs under fab's /bin/sh -s (under coreutils timeout), below the sshd of fab's
+# connection ("sshd-session: ..." from OpenSSH 9.8 on, Debian 13): the first one up the tree
+p=$pid
+while p=$(ps -o ppid= -p $p | tr -d ' ') && [ "${{p:-1}}" -gt 1 ]; do
+  case "$(ps -o args= -p $p)" in
+    sshd:*|sshd-session:*) kill -9 $p && echo "cut sshd $p under apt-get $pid"; exit 0;;
+  esac
+done
+echo "apt-get $pid is not under an SSH session"
 """
 
 
@@ -190,6 +193,7 @@ def test_run_cut_between_writing_a_unit_and_reloading_it(target, env, served):
             fab.kill()  # as a laptop that dies, or an operator's kill -9
             cut = fab.communicate()[0]
         assert moment == "written", cut
+        target.sh("flock -w 5 /run/fabstack.lock true")  # the killed run's lock went with it
         stranded = gunicorn(target)
         # the moment in between: the new file is on disk, systemd still runs the old one
         assert (stranded.need_reload, stranded.pid, stranded.marker) == \
@@ -229,6 +233,72 @@ def test_lost_connection_names_host_and_step_then_converges(target, served):
     assert target.sh("dpkg --audit").stdout.strip() == ""
     after = target.fab("provision")
     assert changed_count(after.stdout) == 0, after.stdout
+
+
+HANG_FABFILE = """
+from fabric import task
+
+from tasks import build_namespace
+from tasks.host import session
+from tasks.primitives import Command, ensure
+
+
+@task
+def hang(c):
+    \"\"\"A step that never ends by itself.\"\"\"
+    with session(c, "hang") as h:
+        ensure(h, Command("stuck step", "sleep 317 & wait"))
+
+
+ns = build_namespace()
+ns.add_task(hang)
+"""
+
+
+def start_hang(target, tmp_path, timeout: int) -> subprocess.Popen:
+    """``fab hang`` (HANG_FABFILE) with ``timeout`` as fabstack.command_timeout, started."""
+    (tmp_path / "fabfile.py").write_text(HANG_FABFILE)
+    env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file), PYTHONPATH=str(REPO),
+               FABRIC_FABSTACK_COMMAND_TIMEOUT=str(timeout))
+    return subprocess.Popen([FAB, "-r", str(tmp_path), "-S", str(target.info.ssh_config),
+                             "-H", target.info.alias, "hang"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_a_step_that_hangs_times_out_naming_host_and_step(target, tmp_path):
+    """fabstack.command_timeout: the step fails when it expires, and nothing it started stays."""
+    started = time.monotonic()
+    out = start_hang(target, tmp_path, 3).communicate(timeout=120)[0]
+    took = time.monotonic() - started
+    assert failed_line("stuck step", out).startswith(
+        f"[{target.info.alias}] failed       stuck step: timed out after 3 s on "
+        f"{target.info.alias}"), out
+    assert took < 15, took
+    assert target.sh("pgrep -af 'sleep 31[7]'", check=False).stdout == ""
+
+
+def test_a_run_is_refused_while_another_holds_the_host_lock_and_a_killed_one_frees_it(
+        target, served, tmp_path):
+    """fab hang holds the lock: a deploy is refused naming it; fab killed: the lock is free."""
+    hang = start_hang(target, tmp_path, 60)
+    try:
+        deadline = time.monotonic() + 30
+        while ", task hang" not in target.sh("cat /run/fabstack.lock", check=False).stdout:
+            assert time.monotonic() < deadline, "fab hang never took the lock"
+            time.sleep(0.2)
+        refused = target.fab("deploy", "--force", check=False)
+        assert refused.returncode == 1, refused.stdout
+        assert re.search(r"failed +host lock: another fabstack run holds the host lock: "
+                         r"\S+@\S+ since [\d-]+ [\d:]+ \w+, task hang \(waited 10 s\); "
+                         "nothing was done", refused.stdout), refused.stdout
+        assert "release" not in refused.stdout
+    finally:
+        hang.kill()  # as a laptop that dies, or an operator's kill -9
+        hang.communicate()
+    # sshd closes the dead run's channels: the lock goes with them
+    target.sh("flock -w 5 /run/fabstack.lock true")
+    assert changed_count(target.fab("provision").stdout) == 0
+    target.sh("pkill -f 'sleep 31[7]'; true")  # the stuck step itself ends at its timeout
 
 
 # -- failed deploys -------------------------------------------------------------------------

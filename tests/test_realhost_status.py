@@ -5,10 +5,13 @@ tested with the fake connection (tests/test_monitoring.py); the monitoring role 
 anyway because its password is set, and is tested against the real PostgreSQL.
 """
 
+import os
 import re
 import subprocess
 
 import pytest
+
+from tests.conftest import FAB, REPO
 
 APP = "ratemyderp"
 MONITOR_USER = "monitoring"
@@ -96,3 +99,19 @@ def test_status_names_a_stopped_service_and_fails(target, deployed, unit):
     assert "UNHEALTHY, 1 problem" in res.stderr and unit in res.stderr, res.stderr
     again = target.fab("status", check=False)
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_status_of_several_hosts_reports_each_then_fails_naming_the_bad_ones(target, deployed):
+    """An unreachable host first (Fabric alone would stop there), then the sandbox: both are
+    reported, and fab exits 1 naming the unreachable one."""
+    down = target.info.ip.rsplit(".", 1)[0] + ".3"  # an address of the sandbox's subnet: no one
+    res = subprocess.run([FAB, "-S", str(target.info.ssh_config), "-H",
+                          f"{down},{target.info.alias}", "status"], cwd=REPO, timeout=300,
+                         env=dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file)),
+                         capture_output=True, text=True)
+    out = res.stdout
+    assert res.returncode == 1, out + res.stderr
+    assert re.search(rf"^\[{re.escape(down)}\] failed +connection: cannot talk to ", out, re.M), out
+    assert f"[{target.info.alias}] ok           service {APP}.service: active" in out, out
+    assert f"[{target.info.alias}] healthy" in out, out
+    assert res.stderr.strip().splitlines()[-1] == f"failed on 1 of 2 hosts: {down}", res.stderr
