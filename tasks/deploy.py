@@ -31,6 +31,7 @@ from fabric import task
 
 from .host import StepFailed, session
 from .primitives import PENDING_DIR, File, ReleaseService, ensure, q, render
+from .settings import is_remote
 
 LOCK = ".deploy.lock"
 BOOT_MARK = "@@fabstack-boot-check@@"
@@ -66,10 +67,6 @@ def resolve_local(repo: str, ref: str, subdir: str) -> Source:
     tree = f"{commit}:{subdir.strip('/')}" if subdir.strip("/") else commit
     archive = gzip.compress(git("archive", "--format=tar", tree), compresslevel=6)
     return Source(commit, archive, f"{path}@{ref}")
-
-
-def is_remote(repo: str) -> bool:
-    return "://" in repo or (":" in repo and "@" in repo.split(":", 1)[0])
 
 
 def _layout(s) -> dict[str, str]:
