@@ -23,6 +23,7 @@ from .primitives import (
     Packages,
     User,
     ensure,
+    refuse_conflicts,
     render,
 )
 
@@ -77,19 +78,20 @@ def all(c, check=False):  # noqa: A001 - "provision.all" reads best
     """Provision the whole stack in order, from the base system to monitoring."""
     with session(c, "provision", check) as h:
         release, candidate = python.facts(h, h.settings["PYTHON_VERSION"])
-        if candidate:
-            first = [*base_resources(h), *python.python_resources(h, release, candidate)]
-        else:  # no apt lists yet (or a PPA is needed): the base system first, then look again
-            base_step(h)
-            python.python_step(h)
-            first = []
         # Everything is declared (and every setting checked) before anything changes, and
         # read in one probe round trip: the steps' later decisions (the site's switch to
         # HTTPS once certbot has the certificate) are made on the host by the re-probes.
-        ensure(h, *first, *db.db_resources(h), *celery.celery_resources(h),
-               *deploy.app_resources(h), *nginx.nginx_resources(h),
-               *backup.backup_resources(h), *certbot.certbot_resources(h),
-               *monitoring.monitoring_resources(h))
+        rest = [*db.db_resources(h), *celery.celery_resources(h), *deploy.app_resources(h),
+                *nginx.nginx_resources(h), *backup.backup_resources(h),
+                *certbot.certbot_resources(h), *monitoring.monitoring_resources(h)]
+        if candidate:
+            first = [*base_resources(h), *python.python_resources(h, release, candidate)]
+        else:  # no apt lists yet (or a PPA is needed): the base system first, then look again
+            refuse_conflicts(h, [*base_resources(h), *rest])  # before the base system changes
+            base_step(h)
+            python.python_step(h)
+            first = []
+        ensure(h, *first, *rest)
 
 
 @task(help={"check": "Show what would change and change nothing."})
