@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from fabric import task
 
@@ -196,23 +197,47 @@ def _remote_fetch(s, commit: str, rel: str) -> str:
     return f"git -C {q(cache)} archive --format=tar {q(tree)} | tar -x -C {q(rel)} || fail\n"
 
 
+def remote_credentials(repo: str) -> tuple[str, str | None]:
+    """``repo`` without the ``user:password@`` (or token) an http(s) URL may carry, and that
+    credential as a git-credential-store line (None: it carries none)."""
+    parts = urlsplit(repo)
+    if parts.scheme not in ("http", "https") or parts.username is None:
+        return repo, None
+    host = parts.netloc.rpartition("@")[2]
+    return (urlunsplit(parts._replace(netloc=host)),
+            f"{parts.scheme}://{parts.username}:{parts.password or ''}@{host}\n")
+
+
 def _resolve_remote(h) -> Source:
-    """Mirror DEPLOY_REPO on the host (with DEPLOY_KEY) and resolve the ref there."""
+    """Mirror DEPLOY_REPO on the host (with DEPLOY_KEY) and resolve the ref there.
+
+    The mirror is root's only (0700). A credential in DEPLOY_REPO's URL never reaches a
+    command line (git hands a remote's URL to its helpers as an argument, which any user
+    on the host can read): the mirror gets the URL without it, and git reads it from a
+    root-only file through its ``store`` credential helper.
+    """
     s = h.settings
     cache, key = f"{s.code_dir}/repo.git", f"{s.conf_dir}/deploy_key"
-    if s["DEPLOY_KEY"]:
-        ensure(h, File(key, Path(s["DEPLOY_KEY"]).expanduser().read_text(), mode=0o600,
-                       secret=True))
+    credentials = f"{s.conf_dir}/git-credentials"
+    url, credential = remote_credentials(s["DEPLOY_REPO"])
+    ensure(h, File(credentials, credential or "", mode=0o600, secret=True,
+                   present=credential is not None),
+           *([File(key, Path(s["DEPLOY_KEY"]).expanduser().read_text(), mode=0o600,
+                   secret=True)] if s["DEPLOY_KEY"] else []))
     proxy = s["HTTP_PROXY"]
+    git = f"git -c credential.helper={q('store --file=' + credentials)} -C {q(cache)}"
     res = h.run(
         (f"export https_proxy={q(proxy)} http_proxy={q(proxy)}\n" if proxy else "")
         + f"export GIT_SSH_COMMAND=\"ssh -i {key} -o IdentitiesOnly=yes "
         f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={s.conf_dir}/known_hosts\"\n"
-        f"set -e\nif [ -d {q(cache)} ]; then git -C {q(cache)} remote update --prune >&2\n"
-        f"else git clone --quiet --mirror {q(s['DEPLOY_REPO'])} {q(cache)} >&2; fi\n"
+        f"export GIT_TERMINAL_PROMPT=0\nset -e\numask 077\n"
+        f"if [ -d {q(cache)} ]; then chmod 0700 {q(cache)}\n"
+        f"  {git} remote set-url origin {q(url)}\n  {git} remote update --prune >&2\n"
+        f"else {git.replace(f' -C {q(cache)}', '')} clone --quiet --mirror {q(url)} {q(cache)} "
+        ">&2; fi\n"
         f"git -C {q(cache)} rev-parse --verify {q(s['DEPLOY_REF'] + '^{commit}')}",
         what="release source")
-    return Source(res.stdout.strip(), None, f"{s['DEPLOY_REPO']}@{s['DEPLOY_REF']}")
+    return Source(res.stdout.strip(), None, f"{url}@{s['DEPLOY_REF']}")
 
 
 def _backup_and_migrate(h, release: str) -> None:

@@ -26,6 +26,7 @@ from .primitives import (
     refuse_conflicts,
     render,
 )
+from .settings import url_credentials
 
 EXTRA_CA_PATH = "/usr/local/share/ca-certificates/fabstack-extra.crt"
 CA_MARKER = "/var/lib/fabstack/pending/ca-certificates@update"
@@ -34,10 +35,12 @@ CA_MARKER = "/var/lib/fabstack/pending/ca-certificates@update"
 def network_resources(h) -> list:
     """Proxy for apt and pip, and the extra CA every TLS client on the host trusts."""
     s = h.settings
+    # root's only: the proxy's URL may hold a password (apt and pip run as root here)
+    secret = bool(url_credentials(s["HTTP_PROXY"]))
     resources = [
         File("/etc/apt/apt.conf.d/80fabstack-proxy", render("apt-proxy.conf.j2", s),
-             present=bool(s["HTTP_PROXY"])),
-        File("/etc/pip.conf", render("pip.conf.j2", s)),
+             mode=0o600, secret=secret, present=bool(s["HTTP_PROXY"])),
+        File("/etc/pip.conf", render("pip.conf.j2", s), mode=0o600, secret=secret),
     ]
     extra_ca = s["EXTRA_CA_CERT"]
     return resources + [

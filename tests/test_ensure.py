@@ -179,3 +179,20 @@ def test_a_fresh_provision_refuses_before_the_base_system_changes(make_host, mon
     with pytest.raises(StepFailed, match="user celery: exists on the host"):
         provision.all.body(None)
     assert conn.applied == []
+
+
+@pytest.mark.parametrize("proxy, secret", [("http://ops:pr0xy-pw@10.0.0.1:3128", True),
+                                           ("http://10.0.0.1:3128", False)])
+def test_proxy_files_are_root_only_and_secret_when_the_proxy_has_a_password(proxy, secret):
+    """apt and pip run as root: nobody else reads the proxy's password."""
+    from types import SimpleNamespace
+
+    from tasks import provision
+    from tasks import settings as settings_mod
+    from tests.conftest import VALID
+
+    s = settings_mod.parse({**VALID, "HTTP_PROXY": proxy})
+    files = provision.network_resources(SimpleNamespace(settings=s))[:2]
+    assert [(f.path, f.owner, f.mode, f.secret) for f in files] == [
+        ("/etc/apt/apt.conf.d/80fabstack-proxy", "root", 0o600, secret),
+        ("/etc/pip.conf", "root", 0o600, secret)]
