@@ -196,6 +196,21 @@ def check_local_file(value: str) -> str | None:
     return None
 
 
+def check_pem_file(label: str) -> Callable[[str], str | None]:
+    """A check: the value names a local file holding a PEM block whose label ends in ``label``
+    (CERTIFICATE, PRIVATE KEY), as the host's file it is copied to must."""
+    def check(value: str) -> str | None:
+        if not value:
+            return None
+        if problem := check_local_file(value):
+            return problem
+        text = Path(value).expanduser().read_text(errors="replace")
+        if not re.search(rf"^-----BEGIN [A-Z ]*{label}-----$", text, re.M):
+            return f"must name a PEM file with a {label} block: {value}"
+        return None
+    return check
+
+
 def check_positive_int(value: str) -> str | None:
     if not value.isdigit() or int(value) <= 0:
         return "must be a positive whole number"
@@ -374,7 +389,7 @@ KEYS: tuple[Key, ...] = (
     Key("HTTP_PROXY", "Proxy the host uses for apt and pip, e.g. http://10.0.0.1:3128 "
         "(empty: direct); one with user:password@ is a secret", "", check_url),
     Key("EXTRA_CA_CERT", "Local path of a PEM file with extra CA certificates the host must "
-        "trust, e.g. a corporate proxy's (empty: none)", "", check_local_file),
+        "trust, e.g. a corporate proxy's (empty: none)", "", check_pem_file("CERTIFICATE")),
     Key("POSTGRES_VERSION", "PostgreSQL major version from the PostgreSQL (PGDG) apt repository, "
         "e.g. 16 (empty: the distro's PostgreSQL). Choose it before the first provision: moving "
         "a host to another major version is an upgrade (pg_upgradecluster), not done here", "",
@@ -430,7 +445,7 @@ KEYS: tuple[Key, ...] = (
     Key("DEPLOY_REF", "Git ref deployed when `fab deploy` is given no --ref", "HEAD",
         check_git_ref),
     Key("DEPLOY_KEY", "Local path of the SSH private key the host reads a remote DEPLOY_REPO "
-        "with (empty: none)", "", check_local_file),
+        "with (empty: none)", "", check_pem_file("PRIVATE KEY")),
     Key("RELEASES_KEEP", "How many releases stay on the host (the current and the previous "
         "always do)", "5", check_positive_int),
     Key("GUNICORN_WORKERS", "gunicorn worker processes", "3", check_positive_int),

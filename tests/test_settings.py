@@ -199,3 +199,17 @@ def test_an_extra_set_with_both_prefixes_is_refused(tmp_path):
     with pytest.raises(settings_mod.SettingsError) as err:
         settings_mod.load(write(tmp_path, GOOD + "APP_ENV_X=1\nAPP_SECRET_ENV_X=2\n"))
     assert "APP_SECRET_ENV_X: X is set by APP_ENV_X too" in str(err.value)
+
+
+def test_files_copied_to_the_host_must_hold_what_they_are_for(tmp_path):
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    (tmp_path / "key").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    with pytest.raises(settings_mod.SettingsError) as err:
+        settings_mod.load(write(tmp_path, GOOD + f"EXTRA_CA_CERT={tmp_path}/ca.pem\n"
+                                f"DEPLOY_KEY={tmp_path}/key\n"))
+    assert f"EXTRA_CA_CERT: must name a PEM file with a CERTIFICATE block: {tmp_path}/ca.pem" \
+        in str(err.value)
+    assert "DEPLOY_KEY: must name a PEM file with a PRIVATE KEY block" in str(err.value)
+    (tmp_path / "key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nx\n")
+    s = settings_mod.load(write(tmp_path, GOOD + f"DEPLOY_KEY={tmp_path}/key\n"))
+    assert s["DEPLOY_KEY"] == f"{tmp_path}/key"
