@@ -158,7 +158,11 @@ def check_deploy_repo(value: str) -> str | None:
     if not value:
         return None
     if "://" in value:
-        return url_problem(value, ("https", "http", "ssh", "git"))
+        if problem := url_problem(value, ("https", "http", "ssh", "git")):
+            return problem
+        if urlsplit(value).scheme in ("ssh", "git") and urlsplit(value).password is not None:
+            return "must not hold a password in an ssh:// or git:// URL: use DEPLOY_KEY"
+        return None
     if is_remote(value) and _URL_BREAKERS.search(value):
         return "must be user@host:path without spaces, quotes or backslashes"
     return None

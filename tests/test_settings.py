@@ -131,6 +131,7 @@ def test_reserved_names_are_refused(tmp_path, line, named):
     ("DEPLOY_REPO='https://git.example.com/a b.git'", "DEPLOY_REPO: must be a https://"),
     ("DEPLOY_REPO=https://git.example.com:ssh/app.git", "DEPLOY_REPO: is not a URL that can"),
     ("DEPLOY_REPO=git@github.com:org/'app.git", "DEPLOY_REPO: must be user@host:path"),
+    ("DEPLOY_REPO=ssh://git:pw@git.example.com/app.git", "DEPLOY_REPO: must not hold a password"),
     ("DEPLOY_REF='main; rm -rf /'", "DEPLOY_REF: must be a git ref"),
     ("DEPLOY_REF=-n", "DEPLOY_REF: must be a git ref"),
     ("DEPLOY_REF=a..b", "DEPLOY_REF: must be a git ref"),
