@@ -38,6 +38,7 @@ from .primitives import (
     Service,
     User,
     apt_repository,
+    claim_script,
     ensure,
     q,
     render,
@@ -107,6 +108,10 @@ class PostgresResource(Resource):
 
     def probe(self) -> str:
         return psql_probe(self.sql)
+
+    def exists(self, state: str) -> bool:
+        """A row answered: the object exists (PostgreSQL not running reads as missing)."""
+        return state.strip() not in ("", "unavailable")
 
 
 # -- SCRAM-SHA-256 verifiers, as PostgreSQL stores them ------------------------------------
@@ -207,6 +212,7 @@ class PostgresRole(PostgresResource):
     def __init__(self, name: str, password: str):
         self.name, self.password = name, password
         self.what = f"postgresql role {name}"
+        self.claim = f"role {name}"
 
     @property
     def sql(self) -> str:
@@ -214,12 +220,11 @@ class PostgresRole(PostgresResource):
                 f"WHERE rolname = {sql_literal(self.name)};")
 
     def plan(self, state, host):
-        state = state.strip()
         password = f"PASSWORD {sql_literal(scram_verifier(self.password))}"
-        if state in ("", "unavailable"):
-            return Change("created (login, SCRAM password)",
-                          sql_script(f"CREATE ROLE {sql_ident(self.name)} LOGIN {password};"))
-        can_login, _, verifier = state.partition("|")
+        if not self.exists(state):
+            return Change("created (login, SCRAM password)", claim_script(self.claim) + sql_script(
+                f"CREATE ROLE {sql_ident(self.name)} LOGIN {password};"))
+        can_login, _, verifier = state.strip().partition("|")
         fixes = [] if can_login == "t" else ["login enabled"]
         if not scram_matches(self.password, verifier):
             fixes.append("password set (SCRAM)")
@@ -235,6 +240,7 @@ class PostgresDatabase(PostgresResource):
     def __init__(self, name: str, owner: str):
         self.name, self.owner = name, owner
         self.what = f"postgresql database {name}"
+        self.claim = f"database {name}"
 
     @property
     def sql(self) -> str:
@@ -242,13 +248,12 @@ class PostgresDatabase(PostgresResource):
                 f"FROM pg_database WHERE datname = {sql_literal(self.name)};")
 
     def plan(self, state, host):
-        state = state.strip()
         db, owner = sql_ident(self.name), sql_ident(self.owner)
-        if state in ("", "unavailable"):
-            return Change(f"created (UTF8, owner {self.owner})",
-                          sql_script(f"CREATE DATABASE {db} OWNER {owner} ENCODING 'UTF8' "
-                               "TEMPLATE template0;"))
-        have_owner, _, encoding = state.partition("|")
+        if not self.exists(state):
+            return Change(f"created (UTF8, owner {self.owner})", claim_script(self.claim)
+                          + sql_script(f"CREATE DATABASE {db} OWNER {owner} ENCODING 'UTF8' "
+                                       "TEMPLATE template0;"))
+        have_owner, _, encoding = state.strip().partition("|")
         if encoding != "UTF8":
             return Change(f"has encoding {encoding}, not UTF8: cannot fix (dump, recreate "
                           "and restore it)",

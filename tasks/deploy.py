@@ -23,12 +23,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from fabric import task
 
 from .executor import every_host
 from .host import StepFailed, session
 from .primitives import PENDING_DIR, File, ReleaseService, ensure, q, render
+from .settings import is_remote
 
 BOOT_MARK = "@@fabstack-boot-check@@"
 # Run as the app's user with its environment: the release's WSGI module must import (settings
@@ -63,10 +65,6 @@ def resolve_local(repo: str, ref: str, subdir: str) -> Source:
     tree = f"{commit}:{subdir.strip('/')}" if subdir.strip("/") else commit
     archive = gzip.compress(git("archive", "--format=tar", tree), compresslevel=6)
     return Source(commit, archive, f"{path}@{ref}")
-
-
-def is_remote(repo: str) -> bool:
-    return "://" in repo or (":" in repo and "@" in repo.split(":", 1)[0])
 
 
 def _layout(s) -> dict[str, str]:
@@ -179,32 +177,54 @@ def _remote_fetch(s, commit: str, rel: str) -> str:
     return f"git -C {q(cache)} archive --format=tar {q(tree)} | tar -x -C {q(rel)} || fail\n"
 
 
+def remote_credentials(repo: str) -> tuple[str, str | None]:
+    """``repo`` without the ``user:password@`` (or token) an http(s) URL may carry, and that
+    credential as a git-credential-store line (None: it carries none)."""
+    parts = urlsplit(repo)
+    if parts.scheme not in ("http", "https") or parts.username is None:
+        return repo, None
+    host = parts.netloc.rpartition("@")[2]
+    return (urlunsplit(parts._replace(netloc=host)),
+            f"{parts.scheme}://{parts.username}:{parts.password or ''}@{host}\n")
+
+
 def _resolve_remote(h) -> Source | None:
     """Mirror DEPLOY_REPO on the host (with DEPLOY_KEY) and resolve the ref there.
 
-    In check mode the mirror is read as it is, not updated (None: there is none yet).
+    The mirror is root's only (0700). A credential in DEPLOY_REPO's URL never reaches a
+    command line (git hands a remote's URL to its helpers as an argument, which any user
+    on the host can read): the mirror gets the URL without it, and git reads it from a
+    root-only file through its ``store`` credential helper. In check mode the mirror is read
+    as it is, not updated (None: there is none yet).
     """
     s = h.settings
     cache, key = f"{s.code_dir}/repo.git", f"{s.conf_dir}/deploy_key"
-    label = f"{s['DEPLOY_REPO']}@{s['DEPLOY_REF']}"
+    credentials = f"{s.conf_dir}/git-credentials"
+    url, credential = remote_credentials(s["DEPLOY_REPO"])
+    label = f"{url}@{s['DEPLOY_REF']}"
     if h.check:
         res = h.run(f"git -C {q(cache)} rev-parse --verify {q(s['DEPLOY_REF'] + '^{commit}')}",
                     what="release source", check=False)
         if not res.ok:
-            h.changed("release source", f"would mirror {s['DEPLOY_REPO']} on the host and "
-                      f"deploy {s['DEPLOY_REF']} (not resolved: check mode fetches nothing)")
+            h.changed("release source", f"would mirror {url} on the host and deploy "
+                      f"{s['DEPLOY_REF']} (not resolved: check mode fetches nothing)")
             return None
         return Source(res.stdout.strip(), None, f"{label} (as last fetched)")
-    if s["DEPLOY_KEY"]:
-        ensure(h, File(key, Path(s["DEPLOY_KEY"]).expanduser().read_text(), mode=0o600,
-                       secret=True))
+    ensure(h, File(credentials, credential or "", mode=0o600, secret=True,
+                   present=credential is not None),
+           *([File(key, Path(s["DEPLOY_KEY"]).expanduser().read_text(), mode=0o600,
+                   secret=True)] if s["DEPLOY_KEY"] else []))
     proxy = s["HTTP_PROXY"]
+    git = f"git -c credential.helper={q('store --file=' + credentials)} -C {q(cache)}"
     res = h.run(
         (f"export https_proxy={q(proxy)} http_proxy={q(proxy)}\n" if proxy else "")
         + f"export GIT_SSH_COMMAND=\"ssh -i {key} -o IdentitiesOnly=yes "
         f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={s.conf_dir}/known_hosts\"\n"
-        f"set -e\nif [ -d {q(cache)} ]; then git -C {q(cache)} remote update --prune >&2\n"
-        f"else git clone --quiet --mirror {q(s['DEPLOY_REPO'])} {q(cache)} >&2; fi\n"
+        f"export GIT_TERMINAL_PROMPT=0\nset -e\numask 077\n"
+        f"if [ -d {q(cache)} ]; then chmod 0700 {q(cache)}\n"
+        f"  {git} remote set-url origin {q(url)}\n  {git} remote update --prune >&2\n"
+        f"else {git.replace(f' -C {q(cache)}', '')} clone --quiet --mirror {q(url)} {q(cache)} "
+        ">&2; fi\n"
         f"git -C {q(cache)} rev-parse --verify {q(s['DEPLOY_REF'] + '^{commit}')}",
         what="release source")
     return Source(res.stdout.strip(), None, label)

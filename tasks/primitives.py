@@ -39,6 +39,11 @@ STATE_DIR = "/var/lib/fabstack"
 PENDING_DIR = f"{STATE_DIR}/pending"
 APT_STAMP = f"{STATE_DIR}/apt-lists-updated"
 UPGRADE_STAMP = f"{STATE_DIR}/upgrade-checked"
+# What fabstack created on this host (users, groups, PostgreSQL roles and databases), one
+# "KIND NAME" line each. Only these may be changed: an object of the same name that exists
+# without a line here belongs to someone else and is refused (Resource.conflict). Hosts
+# provisioned before the record existed need their lines added by hand.
+OWNED = f"{STATE_DIR}/owned"
 FILES_DIR = Path(__file__).resolve().parent.parent / "files"
 DIFF_LIMIT = 64 * 1024
 
@@ -85,6 +90,7 @@ class Resource:
     what = "resource"
     reads_host = True
     joint = None
+    claim: str | None = None  # "KIND NAME" of the object it creates, recorded in OWNED
 
     def probe(self) -> str:
         return ":"
@@ -92,11 +98,38 @@ class Resource:
     def plan(self, state: str, host) -> Ok | Change:
         raise NotImplementedError
 
+    def exists(self, state: str) -> bool:
+        """Whether the object of ``claim`` exists on the host, from the probe's ``state``."""
+        return False
+
+    def conflict(self, state: str, owned: set[str]) -> str | None:
+        """Why this resource must not act on what its probe found (None: it may).
+
+        By default: the object it claims exists and fabstack's record (OWNED) does not hold
+        it, so it belongs to the system or to someone else.
+        """
+        if self.claim and self.claim not in owned and self.exists(state):
+            return "exists on the host and was not created by fabstack"
+        return None
+
+
+def claim_script(claim: str) -> str:
+    """Shell that records ``claim`` in OWNED; runs *before* the object is created, so a run
+    killed in between leaves the line (and the next run creates the object) rather than an
+    object of ours that is not recorded."""
+    line = q(claim)
+    return (f"mkdir -p {STATE_DIR}\n"
+            f"grep -qxF -- {line} {OWNED} 2>/dev/null || echo {line} >> {OWNED}\n")
+
 
 def ensure(host, *resources: Resource) -> int:
-    """Bring ``resources`` to their state on ``host``; report each; return how many changed."""
+    """Bring ``resources`` to their state on ``host``; report each; return how many changed.
+
+    Nothing is changed when any resource conflicts with what its probe found (see
+    :meth:`Resource.conflict`): every conflict is named at once.
+    """
     todo = list(resources)
-    states = _probe(host, todo)
+    states = _read(host, todo)
     changed = 0
     for i, resource in enumerate(todo):
         outcome = resource.plan(states[i], host)
@@ -114,8 +147,32 @@ def ensure(host, *resources: Resource) -> int:
     return changed
 
 
-def _probe(host, resources: list[Resource]) -> list[str]:
-    """Each resource's state, read in one round trip (``""`` for those that read nothing)."""
+def refuse_conflicts(host, resources: list[Resource]) -> None:
+    """Read ``resources`` in one round trip and raise StepFailed if any conflicts, for a run
+    whose first changes come before it declares them (:func:`ensure` checks its own)."""
+    _read(host, list(resources))
+
+
+def _read(host, resources: list[Resource]) -> list[str]:
+    """Each resource's state (see :func:`_probe`), after checking that none conflicts."""
+    if not any(r.claim for r in resources):
+        return _probe(host, resources)
+    *states, record = _probe(host, resources, [f"cat {OWNED} 2>/dev/null; true"])
+    owned = set(record.splitlines())
+    conflicts = [f"{r.what}: {why}" for r, state in zip(resources, states, strict=True)
+                 if (why := r.conflict(state, owned))]
+    if conflicts:
+        from .host import StepFailed  # host imports this module
+
+        raise StepFailed("ownership", "refusing to touch what fabstack did not create (choose "
+                         "other names in the settings); nothing was changed:\n  "
+                         + "\n  ".join(conflicts))
+    return states
+
+
+def _probe(host, resources: list[Resource], extra: list[str] | tuple = ()) -> list[str]:
+    """Each resource's state (``""`` for those that read nothing), then the output of each
+    ``extra`` snippet, read in one round trip."""
     snippets: list = []
     slots: list = []  # per resource: None, (snippet,) or (snippet, joint, place in joint)
     joints: dict = {}  # joint -> (snippet index, its resources)
@@ -134,11 +191,11 @@ def _probe(host, resources: list[Resource]) -> list[str]:
             members.append(r)
     for joint, (index, members) in joints.items():
         snippets[index] = joint.probe(members)
-    outputs = host.probe(snippets)
+    outputs = host.probe(snippets + list(extra))
     parts = {joint: joint.split(outputs[index], len(members))
              for joint, (index, members) in joints.items()}
     return ["" if slot is None else outputs[slot[0]] if len(slot) == 1 else
-            parts[slot[1]][slot[2]] for slot in slots]
+            parts[slot[1]][slot[2]] for slot in slots] + outputs[len(snippets):]
 
 
 class Note(Resource):
@@ -313,14 +370,19 @@ class Group(Resource):
     def __init__(self, name: str, system: bool = True):
         self.name, self.system = name, system
         self.what = f"group {name}"
+        self.claim = f"group {name}"
 
     def probe(self) -> str:
         return f"getent group {q(self.name)}"
 
+    def exists(self, state):
+        return bool(state.strip())
+
     def plan(self, state, host):
-        if state.strip():
+        if self.exists(state):
             return Ok("exists")
-        return Change("created", f"groupadd {'--system ' if self.system else ''}{q(self.name)}")
+        return Change("created", claim_script(self.claim)
+                      + f"groupadd {'--system ' if self.system else ''}{q(self.name)}")
 
 
 class User(Resource):
@@ -335,6 +397,7 @@ class User(Resource):
         self.name, self.group, self.home, self.shell = name, group, home, shell
         self.system, self.groups = system, sorted(groups)
         self.what = f"user {name}"
+        self.claim = f"user {name}"
 
     def probe(self) -> str:
         n = q(self.name)
@@ -342,14 +405,19 @@ class User(Resource):
                 f"echo \"gid $(getent group {q(self.group)} | cut -d: -f3)\"; "
                 f"echo \"password $(getent shadow {n} | cut -d: -f2 | cut -c1)\"")
 
+    def exists(self, state):
+        lines = state.splitlines()
+        return bool(lines) and lines[0].count(":") == 6
+
     def plan(self, state, host):
         lines = state.splitlines()
         info = dict(line.split(" ", 1) if " " in line else (line, "") for line in lines[1:])
-        passwd = lines[0].split(":") if lines and lines[0].count(":") == 6 else None
+        passwd = lines[0].split(":") if self.exists(state) else None
         if passwd is None:
             extra = f" --groups {q(','.join(self.groups))}" if self.groups else ""
             return Change(f"created (group {self.group}, home {self.home}, shell {self.shell})",
-                          f"useradd {'--system ' if self.system else ''}--gid {q(self.group)} "
+                          claim_script(self.claim)
+                          + f"useradd {'--system ' if self.system else ''}--gid {q(self.group)} "
                           f"--home-dir {q(self.home)} --no-create-home --shell {q(self.shell)}"
                           f"{extra} {q(self.name)}")
         fixes, args = [], []

@@ -24,8 +24,10 @@ from .primitives import (
     User,
     ensure,
     q,
+    refuse_conflicts,
     render,
 )
+from .settings import url_credentials
 
 EXTRA_CA_PATH = "/usr/local/share/ca-certificates/fabstack-extra.crt"
 CA_MARKER = "/var/lib/fabstack/pending/ca-certificates@update"
@@ -34,10 +36,12 @@ CA_MARKER = "/var/lib/fabstack/pending/ca-certificates@update"
 def network_resources(h) -> list:
     """Proxy for apt and pip, and the extra CA every TLS client on the host trusts."""
     s = h.settings
+    # root's only: the proxy's URL may hold a password (apt and pip run as root here)
+    secret = bool(url_credentials(s["HTTP_PROXY"]))
     resources = [
         File("/etc/apt/apt.conf.d/80fabstack-proxy", render("apt-proxy.conf.j2", s),
-             present=bool(s["HTTP_PROXY"])),
-        File("/etc/pip.conf", render("pip.conf.j2", s)),
+             mode=0o600, secret=secret, present=bool(s["HTTP_PROXY"])),
+        File("/etc/pip.conf", render("pip.conf.j2", s), mode=0o600, secret=secret),
     ]
     extra_ca = s["EXTRA_CA_CERT"]
     return resources + [
@@ -92,19 +96,20 @@ def all(c, check=False):  # noqa: A001 - "provision.all" reads best
     """Provision the whole stack in order, from the base system to monitoring."""
     with session(c, "provision", check) as h:
         release, candidate = python.facts(h, h.settings["PYTHON_VERSION"])
-        if candidate:
-            first = [*base_resources(h), *python.python_resources(h, release, candidate)]
-        else:  # no apt lists yet (or a PPA is needed): the base system first, then look again
-            base_step(h)
-            python.python_step(h)
-            first = []
         # Everything is declared (and every setting checked) before anything changes, and
         # read in one probe round trip: the steps' later decisions (the site's switch to
         # HTTPS once certbot has the certificate) are made on the host by the re-probes.
-        ensure(h, *first, *db.db_resources(h), *celery.celery_resources(h),
-               *deploy.app_resources(h), *nginx.nginx_resources(h),
-               *backup.backup_resources(h), *certbot.certbot_resources(h),
-               *monitoring.monitoring_resources(h))
+        rest = [*db.db_resources(h), *celery.celery_resources(h), *deploy.app_resources(h),
+                *nginx.nginx_resources(h), *backup.backup_resources(h),
+                *certbot.certbot_resources(h), *monitoring.monitoring_resources(h)]
+        if candidate:
+            first = [*base_resources(h), *python.python_resources(h, release, candidate)]
+        else:  # no apt lists yet (or a PPA is needed): the base system first, then look again
+            refuse_conflicts(h, [*base_resources(h), *rest])  # before the base system changes
+            base_step(h)
+            python.python_step(h)
+            first = []
+        ensure(h, *first, *rest)
 
 
 @task(help={"check": "Show what would change and change nothing."})

@@ -9,13 +9,14 @@ defaults and raises :class:`SettingsError` naming *every* bad key at once.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
-from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 REQUIRED = object()
 
@@ -23,7 +24,7 @@ _PLACEHOLDER = re.compile(r"^<[^<>]*>$")
 _APP_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})+$")
-_EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
+_EMAIL = re.compile(r"^[^@\s<>\"'\\]+@[^@\s<>\"'\\]+$")
 _PG_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -34,8 +35,28 @@ BOOLEANS = ("true", "false", "yes", "no", "on", "off", "1", "0")
 _PUBKEY = re.compile(r"^(ssh|ecdsa|sk)-[\w@.-]+ [A-Za-z0-9+/=]+")
 _NGINX_SIZE = re.compile(r"^[0-9]{1,6}[kKmMgG]?$")
 LETSENCRYPT_ACME = "https://acme-v02.api.letsencrypt.org/directory"
-# Extra variables for the app's environment file: APP_ENV_FOO=x in .env becomes FOO=x.
+# Extra variables for the app's environment file: APP_ENV_FOO=x in .env becomes FOO=x, and
+# APP_SECRET_ENV_FOO=x too, masked in all output whatever its name and value.
 EXTRA_PREFIX = "APP_ENV_"
+SECRET_EXTRA_PREFIX = "APP_SECRET_ENV_"
+# An extra variable whose name holds one of these words is masked in all output.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|DSN|CREDENTIAL")
+# Accounts of the system and of the stack's services: never the app's user or group. Every
+# other account that exists on a host and was not created by fabstack is refused at
+# provision time (primitives.Resource.conflict).
+RESERVED_ACCOUNTS = frozenset((
+    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
+    "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "_apt", "messagebus",
+    "sshd", "postgres", "redis", "telegraf", "nginx",
+    "celery", "backups", "offsite",  # fabstack's own service accounts
+))
+RESERVED_DATABASES = frozenset(("postgres", "template0", "template1"))
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_URL_BREAKERS = re.compile(r"[\s\"'\\<>`]")
+_HOSTNAME = re.compile(r"^([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?|[0-9A-Fa-f:.]+)$")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?$")
+_GIT_REF = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/+@-]+(?<![./])$")
+_SUBDIR = re.compile(r"^[A-Za-z0-9._/+@ -]*$")
 # Variables fabstack writes into the app's environment file itself (see app_environment).
 MANAGED_ENV = (
     "PYTHONPATH", "DJANGO_SETTINGS_MODULE", "DJANGO_SECURE_SSL_REDIRECT", "DJANGO_STATIC_DIR",
@@ -53,6 +74,9 @@ class SettingsError(Exception):
 
 def check_app_name(value: str) -> str | None:
     if _APP_NAME.match(value):
+        if value in RESERVED_ACCOUNTS or value.startswith(("systemd-", "pg_")):
+            return (f"{value!r} is reserved (a system or service account, or a name fabstack "
+                    "uses itself): choose a name of the app's own")
         return None
     if not value:
         return "is empty: set the app's name (a valid Unix user name) or leave the key out"
@@ -88,12 +112,85 @@ def check_python_version(value: str) -> str | None:
     return None
 
 
+def url_problem(value: str, schemes: tuple[str, ...]) -> str | None:
+    """Why ``value`` is not a URL with one of ``schemes`` every file it lands in reads alike."""
+    names = " or ".join(f"{scheme}://" for scheme in schemes)
+    if found := _URL_BREAKERS.search(value):
+        return (f"must be a {names} URL without spaces, quotes or backslashes "
+                f"(found {found[0]!r})")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError as exc:
+        return f"is not a URL that can be parsed ({exc})"
+    if parts.scheme not in schemes or not parts.hostname:
+        return f"must be a {names} URL"
+    if not _HOSTNAME.match(parts.hostname):
+        return f"has a host name that cannot be parsed: {parts.hostname!r}"
+    return None
+
+
+def url_credentials(value: str) -> list[str]:
+    """The credentials a URL carries (its password; for http(s), a token as user name), and
+    the URL itself when it carries any: what must be masked."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return []
+    secret = parts.password or (parts.username if parts.scheme in ("http", "https") else None)
+    return [value, secret, unquote(secret)] if secret else []
+
+
 def check_url(value: str) -> str | None:
+    return url_problem(value, ("http", "https")) if value else None
+
+
+def check_https_url(value: str) -> str | None:
+    return url_problem(value, ("https",)) if value else None
+
+
+def is_remote(repo: str) -> bool:
+    """True when DEPLOY_REPO names a remote repository (URL or scp-like), not a local path."""
+    return "://" in repo or (":" in repo and "@" in repo.split(":", 1)[0])
+
+
+def check_deploy_repo(value: str) -> str | None:
     if not value:
         return None
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http:// or https:// URL (or empty)"
+    if "://" in value:
+        if problem := url_problem(value, ("https", "http", "ssh", "git")):
+            return problem
+        if urlsplit(value).scheme in ("ssh", "git") and urlsplit(value).password is not None:
+            return "must not hold a password in an ssh:// or git:// URL: use DEPLOY_KEY"
+        return None
+    if is_remote(value) and _URL_BREAKERS.search(value):
+        return "must be user@host:path without spaces, quotes or backslashes"
+    return None
+
+
+def check_git_ref(value: str) -> str | None:
+    if not _GIT_REF.match(value):
+        return ("must be a git ref such as HEAD, main, v1.2 or a commit: letters, digits and "
+                "._/+@-, no '..'")
+    return None
+
+
+def check_subdir(value: str) -> str | None:
+    if not _SUBDIR.match(value) or ".." in value.split("/"):
+        return ("must be a folder of the repository: letters, digits, spaces and ._/+@-, "
+                "no '..'")
+    return None
+
+
+def check_packages(value: str) -> str | None:
+    if bad := [name for name in value.split() if not _PACKAGE.match(name)]:
+        return f"{' '.join(map(repr, bad))}: not Debian package names (space-separated)"
+    return None
+
+
+def check_plain(value: str) -> str | None:
+    if found := re.search(r"[\"'\\]", value):
+        return f"must not hold quotes or backslashes (found {found[0]!r})"
     return None
 
 
@@ -101,6 +198,21 @@ def check_local_file(value: str) -> str | None:
     if value and not Path(value).expanduser().is_file():
         return f"names a file that does not exist on this machine: {value}"
     return None
+
+
+def check_pem_file(label: str) -> Callable[[str], str | None]:
+    """A check: the value names a local file holding a PEM block whose label ends in ``label``
+    (CERTIFICATE, PRIVATE KEY), as the host's file it is copied to must."""
+    def check(value: str) -> str | None:
+        if not value:
+            return None
+        if problem := check_local_file(value):
+            return problem
+        text = Path(value).expanduser().read_text(errors="replace")
+        if not re.search(rf"^-----BEGIN [A-Z ]*{label}-----$", text, re.M):
+            return f"must name a PEM file with a {label} block: {value}"
+        return None
+    return check
 
 
 def check_positive_int(value: str) -> str | None:
@@ -114,6 +226,18 @@ def check_pg_name(value: str) -> str | None:
         return ("must be empty (the app's name) or a PostgreSQL name: lowercase letter or '_' "
                 "first, then lowercase letters, digits, '_' or '-', at most 63 characters")
     return None
+
+
+def check_role_name(value: str) -> str | None:
+    if value == "postgres" or value.startswith("pg_"):
+        return f"{value!r} is PostgreSQL's own (the superuser, or a pg_ role): choose another"
+    return check_pg_name(value)
+
+
+def check_database_name(value: str) -> str | None:
+    if value in RESERVED_DATABASES:
+        return f"{value!r} is PostgreSQL's own database: choose another"
+    return check_pg_name(value)
 
 
 def check_min_length(minimum: int) -> Callable[[str], str | None]:
@@ -170,12 +294,6 @@ def check_nginx_size(value: str) -> str | None:
     return None
 
 
-def check_https_url(value: str) -> str | None:
-    if value and (urlsplit(value).scheme != "https" or not urlsplit(value).hostname):
-        return "must be an https:// URL (or empty)"
-    return None
-
-
 MONITORING_MODES = ("", "telegraf", "off")
 
 
@@ -185,8 +303,8 @@ def check_monitoring(value: str) -> str | None:
     return None
 
 
-def check_required_pg_name(value: str) -> str | None:
-    return check_pg_name(value) if value else "must be a PostgreSQL role name"
+def check_required_role_name(value: str) -> str | None:
+    return check_role_name(value) if value else "must be a PostgreSQL role name"
 
 
 def check_optional_min_length(minimum: int) -> Callable[[str], str | None]:
@@ -270,20 +388,21 @@ KEYS: tuple[Key, ...] = (
         "distro's when it has it; deadsnakes on Ubuntu otherwise). Empty: the distro's python3 "
         "(Debian 12: 3.11, Debian 13: 3.13)", "", check_python_version),
     Key("BASE_PACKAGES", "Space-separated apt packages every server gets",
-        "neovim net-tools git python3 virtualenv"),
+        "neovim net-tools git python3 virtualenv", check_packages),
     Key("APT_CACHE_MAX_AGE", "Seconds before the host's apt lists are refreshed again",
         "3600", check_positive_int),
     Key("HTTP_PROXY", "Proxy the host uses for apt and pip, e.g. http://10.0.0.1:3128 "
-        "(empty: direct)", "", check_url),
+        "(empty: direct); one with user:password@ is a secret", "", check_url),
     Key("EXTRA_CA_CERT", "Local path of a PEM file with extra CA certificates the host must "
-        "trust, e.g. a corporate proxy's (empty: none)", "", check_local_file),
+        "trust, e.g. a corporate proxy's (empty: none)", "", check_pem_file("CERTIFICATE")),
     Key("POSTGRES_VERSION", "PostgreSQL major version from the PostgreSQL (PGDG) apt repository, "
         "e.g. 16 (empty: the distro's PostgreSQL). Choose it before the first provision: moving "
         "a host to another major version is an upgrade (pg_upgradecluster), not done here", "",
         check_pg_version),
-    Key("DB_NAME", "Name of the app's PostgreSQL database (empty: APP_NAME)", "", check_pg_name),
+    Key("DB_NAME", "Name of the app's PostgreSQL database (empty: APP_NAME)", "",
+        check_database_name),
     Key("DB_USER", "PostgreSQL login role that owns the app's database (empty: APP_NAME)", "",
-        check_pg_name),
+        check_role_name),
     Key("DB_PASSWORD", "Password of the app's PostgreSQL role (any characters, at least 16); "
         "changing it changes the role's password on the next provision",
         check=check_min_length(16), secret=True),
@@ -305,8 +424,8 @@ KEYS: tuple[Key, ...] = (
     Key("INFLUX_URL", "InfluxDB v2 URL the app and monitoring write to (empty: none)", "",
         check_url),
     Key("INFLUX_TOKEN", "InfluxDB API token (empty: none)", "", secret=True),
-    Key("INFLUX_ORG", "InfluxDB organisation (empty: none)", ""),
-    Key("INFLUX_BUCKET", "InfluxDB bucket (empty: none)", ""),
+    Key("INFLUX_ORG", "InfluxDB organisation (empty: none)", "", check_plain),
+    Key("INFLUX_BUCKET", "InfluxDB bucket (empty: none)", "", check_plain),
     Key("CELERY_APP", "The app's Celery application (celery -A)", "config.celery_app",
         check_dotted),
     Key("CELERY_CONCURRENCY", "Worker processes of the Celery worker", "2", check_positive_int),
@@ -324,12 +443,14 @@ KEYS: tuple[Key, ...] = (
     # -- releases (fab deploy) --
     Key("DEPLOY_REPO", "Git repository of the app: a local path (its ref is archived here and "
         "uploaded) or a remote URL (mirrored on the host, read with DEPLOY_KEY); empty: "
-        "deploy refuses to run", ""),
+        "deploy refuses to run. A URL with a token or password in it is a secret", "",
+        check_deploy_repo),
     Key("DEPLOY_SUBDIR", "Folder of the repository that holds the app (manage.py, "
-        "requirements.txt); empty: its root", ""),
-    Key("DEPLOY_REF", "Git ref deployed when `fab deploy` is given no --ref", "HEAD"),
+        "requirements.txt); empty: its root", "", check_subdir),
+    Key("DEPLOY_REF", "Git ref deployed when `fab deploy` is given no --ref", "HEAD",
+        check_git_ref),
     Key("DEPLOY_KEY", "Local path of the SSH private key the host reads a remote DEPLOY_REPO "
-        "with (empty: none)", "", check_local_file),
+        "with (empty: none)", "", check_pem_file("PRIVATE KEY")),
     Key("RELEASES_KEEP", "How many releases stay on the host (the current and the previous "
         "always do)", "5", check_positive_int),
     Key("GUNICORN_WORKERS", "gunicorn worker processes", "3", check_positive_int),
@@ -357,9 +478,10 @@ KEYS: tuple[Key, ...] = (
         "MONITORING_DB_PASSWORD is set); empty: telegraf when INFLUX_URL is set, else off", "",
         check_monitoring),
     Key("INFLUX_SYSTEM_BUCKET", "InfluxDB bucket for the host's system metrics (cpu, mem, disk, "
-        "...); service and PostgreSQL metrics go to INFLUX_BUCKET. Empty: INFLUX_BUCKET", ""),
+        "...); service and PostgreSQL metrics go to INFLUX_BUCKET. Empty: INFLUX_BUCKET", "",
+        check_plain),
     Key("MONITORING_DB_USER", "PostgreSQL role Telegraf reads statistics with (pg_monitor, no "
-        "access to the app's data)", "monitoring", check_required_pg_name),
+        "access to the app's data)", "monitoring", check_required_role_name),
     Key("MONITORING_DB_PASSWORD", "Password of the monitoring role (at least 16 characters; "
         "empty: no role, and no PostgreSQL metrics)", "", check_optional_min_length(16),
         secret=True),
@@ -471,9 +593,13 @@ class Settings:
         return env | self.extras
 
 
-def parse(raw: dict[str, str | None], source: str = ".env") -> Settings:
-    """Validate ``raw`` (as read from a .env file) against :data:`KEYS`."""
-    problems: list[str] = []
+def parse(raw: dict[str, str | None], source: str = ".env",
+          problems: list[str] | None = None) -> Settings:
+    """Validate ``raw`` (as read from a .env file) against :data:`KEYS`.
+
+    ``problems`` already found in the file (by :func:`load`) are reported with the others.
+    """
+    problems = list(problems or [])
     values: dict[str, str] = {}
     secrets: list[str] = []
     for key in KEYS:
@@ -486,34 +612,63 @@ def parse(raw: dict[str, str | None], source: str = ".env") -> Settings:
         if _PLACEHOLDER.match(value.strip()):
             problems.append(f"{key.name}: still the placeholder {value!r}; set a real value")
             continue
+        # A secret may hold any character but NUL (its files quote it); nothing else holds
+        # a control character: it would break the line it lands on.
+        if "\0" in value or (not key.secret and _CONTROL.search(value)):
+            problems.append(f"{key.name}: holds a control character (a newline, tab or NUL)")
+            continue
         if key.check and (reason := key.check(value)):
             problems.append(f"{key.name}: {reason}")
-            continue
-        if "\0" in value:
-            problems.append(f"{key.name}: holds a NUL character")
             continue
         values[key.name] = value
         if key.secret and value:
             secrets.append(value)
-    extras = {}
+        secrets.extend(url_credentials(value))
+    extras: dict[str, str] = {}
     for name, value in raw.items():
-        if not name.startswith(EXTRA_PREFIX):
+        prefix = next((p for p in (EXTRA_PREFIX, SECRET_EXTRA_PREFIX) if name.startswith(p)), "")
+        if not prefix:
             continue
-        var, value = name[len(EXTRA_PREFIX):], value or ""
+        var, value = name[len(prefix):], value or ""
         if not _ENV_NAME.match(var):
             problems.append(f"{name}: {var!r} is not a valid environment variable name")
         elif var in MANAGED_ENV:
             problems.append(f"{name}: {var} is set by fabstack itself; set its own key instead")
+        elif var in extras:
+            problems.append(f"{name}: {var} is set by {EXTRA_PREFIX}{var} too; keep one")
         elif "\0" in value:
             problems.append(f"{name}: holds a NUL character")
         else:
             extras[var] = value
-            secrets.append(value)  # an operator's extra may be a credential: always masked
+            if prefix == SECRET_EXTRA_PREFIX or _SECRET_NAME.search(var.upper()):
+                secrets.append(value)
+            secrets.extend(url_credentials(value))
     if problems:
         raise SettingsError(f"{source} is not usable ({len(problems)} problem"
                             f"{'s' if len(problems) > 1 else ''}):\n  "
                             + "\n  ".join(problems))
     return Settings(values=values, source=source, secrets=secrets, extras=extras)
+
+
+def read(text: str) -> tuple[dict[str, str | None], list[str]]:
+    """The bindings of a .env file's ``text`` (values literal, no ``$VAR`` expansion) and the
+    problems of the file itself: a line that cannot be parsed, a key set more than once."""
+    raw: dict[str, str | None] = {}
+    lines: dict[str, list[int]] = {}
+    problems = []
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            problems.append(f"line {binding.original.line}: cannot be read as KEY=value: "
+                            f"{binding.original.string.strip()[:60]!r}")
+        elif binding.key is not None:
+            raw[binding.key] = binding.value
+            lines.setdefault(binding.key, []).append(binding.original.line)
+    for key, where in lines.items():
+        if len(where) > 1:
+            shown = ", ".join(map(str, where[:-1])) + f" and {where[-1]}"
+            problems.append(f"{key}: is set {'twice' if len(where) == 2 else f'{len(where)} times'}"
+                            f": lines {shown}; keep one")
+    return raw, problems
 
 
 def load(path: str | Path = ".env") -> Settings:
@@ -522,5 +677,5 @@ def load(path: str | Path = ".env") -> Settings:
     if not path.is_file():
         raise SettingsError(f"settings file {path} not found: copy conf.example.env to {path} "
                             "and fill it in")
-    raw = dotenv_values(path, interpolate=False)
-    return parse(raw, source=str(path))
+    raw, problems = read(path.read_text(errors="replace"))
+    return parse(raw, source=str(path), problems=problems)

@@ -24,6 +24,7 @@ from tasks.primitives import (
     render,
 )
 from tests.conftest import VALID, dotenv_quote
+from tests.fake import owned_answer
 
 # Verifiers made by PostgreSQL 15 itself (ALTER ROLE ... PASSWORD with scram-sha-256) for
 # passwords that take every path of SASLprep: ASCII as is, NFKC-normalised (U+2168 -> IX),
@@ -261,7 +262,7 @@ def answers_for(resources, **states):
     state, or ``states[what]``."""
     return [(re.escape(r.sql) if isinstance(r, db.PostgresResource)
              else "^" + re.escape(r.probe()) + "$", states.get(r.what, converged(r)))
-            for r in resources]
+            for r in resources] + [owned_answer(resources)]
 
 
 def host_for(make_host, settings, answers=(), check=False):

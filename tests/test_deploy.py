@@ -72,3 +72,47 @@ def test_a_release_that_cannot_boot_is_abandoned(make_host, capsys):
     assert conn.applied[-1] == f"rm -rf /opt/ratemyderp/releases/{RELEASE}"
     # the requirements themselves were fine, and reported so
     assert "changed      requirements: installed into the virtualenv" in capsys.readouterr().out
+
+
+# -- a remote DEPLOY_REPO with a credential ----------------------------------------------------
+
+def test_a_token_in_deploy_repo_never_reaches_a_command_line(make_host, capsys):
+    """The mirror gets the URL without the token; git reads it from a root-only file."""
+    import base64
+
+    from tasks import settings as settings_mod
+    from tests.conftest import VALID
+
+    token = "ghp_S3cretToken0123"
+    s = settings_mod.parse({**VALID, "DEPLOY_REPO": f"https://{token}@git.example.com/org/app.git",
+                            "DEPLOY_REF": "main"})
+    host, conn = make_host([(r"git-credentials", "missing\n")])
+    host.settings = s
+
+    def execute(command, stdin, wait):
+        res = conn.exec_script(command, stdin, wait)
+        return Result("abcdef1234567890\n", "", 0) if "rev-parse" in stdin else res
+
+    host._exec = execute
+    source = deploy._resolve_remote(host)
+    write, fetch = conn.applied[0], conn.scripts[-1]
+    assert "/opt/ratemyderp/conf/git-credentials" in write and "chmod 0600" in write
+    assert token not in write  # base64: the content travels encoded, as every file's does
+    stored = base64.b64decode(write.split("<<'FABSTACK_EOF'\n")[1].split("FABSTACK_EOF")[0])
+    assert stored == f"https://{token}:@git.example.com\n".encode()
+    assert token not in fetch and "umask 077" in fetch and "chmod 0700" in fetch
+    assert "clone --quiet --mirror https://git.example.com/org/app.git" in fetch
+    assert "credential.helper='store --file=/opt/ratemyderp/conf/git-credentials'" in fetch
+    assert source.label == "https://git.example.com/org/app.git@main"
+    assert token in s.secrets
+
+
+@pytest.mark.parametrize("repo, url, line", [
+    ("https://u:p%40w@git.example.com:8443/a.git", "https://git.example.com:8443/a.git",
+     "https://u:p%40w@git.example.com:8443\n"),
+    ("https://git.example.com/a.git", "https://git.example.com/a.git", None),
+    ("ssh://git@git.example.com/a.git", "ssh://git@git.example.com/a.git", None),
+    ("git@github.com:org/a.git", "git@github.com:org/a.git", None),
+])
+def test_remote_credentials(repo, url, line):
+    assert deploy.remote_credentials(repo) == (url, line)

@@ -3,7 +3,7 @@
 import pytest
 
 from tasks.host import Host, Result, StepFailed
-from tasks.primitives import Directory, File, Note, Service, ensure
+from tasks.primitives import Directory, File, Group, Note, Service, User, ensure
 from tests.fake import FakeConnection
 
 CONVERGED = [
@@ -103,3 +103,96 @@ def test_sudo_password_goes_on_stdin(settings):
     host.run("echo hi")
     assert seen[-1] == ("sudo -k -S -p '' timeout -k 5 1800 /bin/sh -s", "s3cret-pw\necho hi")
     assert all("s3cret" not in command for command, _ in seen)
+
+
+# -- what fabstack did not create is never touched -----------------------------------------
+
+ROOT_PASSWD = "root:x:0:0:root:/root:/bin/bash\ngroups root\ngid 0\npassword $\n"
+
+
+def test_an_account_fabstack_did_not_create_is_refused_before_any_change(make_host):
+    """APP_NAME=root slipping past the settings: nothing runs, every conflict is named."""
+    host, conn = make_host([(r"-- /opt/a ", "missing\n"), (r"getent passwd root", ROOT_PASSWD),
+                            (r"getent group root", "root:x:0:\n"),
+                            (r"cat /var/lib/fabstack/owned", "user app\ngroup app\n")])
+    with pytest.raises(StepFailed) as err:
+        ensure(host, Directory("/opt/a"), Group("root"),
+               User("root", group="root", home="/var/opt/root"))
+    assert conn.applied == [] and host.round_trips == 1
+    assert err.value.what == "ownership" and "nothing was changed" in err.value.message
+    assert "group root: exists on the host and was not created by fabstack" in err.value.message
+    assert "user root: exists on the host and was not created by fabstack" in err.value.message
+
+
+def test_the_fixed_service_accounts_existing_beforehand_are_refused(make_host, settings):
+    """A host whose `celery` and `backups` accounts are someone else's (not in the record)."""
+    from tasks import backup, db
+
+    host, conn = make_host([(r"getent passwd (celery|backups)",
+                             "x:x:120:120::/home/x:/bin/bash\ngroups x\ngid 120\npassword $\n"),
+                            (r"getent group (celery|backups)", "x:x:120:\n"),
+                            (r"cat /var/lib/fabstack/owned", "group ratemyderp\n")])
+    with pytest.raises(StepFailed) as err:
+        ensure(host, *db.db_resources(host), *backup.backup_resources(host))
+    assert conn.applied == []
+    for what in ("group celery", "user celery", "group backups", "user backups"):
+        assert f"{what}: exists on the host and was not created" in err.value.message
+
+
+def test_objects_fabstack_created_are_managed_and_new_ones_recorded_first(make_host):
+    host, conn = make_host([(r"getent group app", "app:x:999:\n"),
+                            (r"cat /var/lib/fabstack/owned", "group app\n")])
+    assert ensure(host, Group("app"), Group("new")) == 1
+    assert host.round_trips == 2  # probe (the record read with it), create
+    claim, create = conn.applied[0].index("'group new' >> /var/lib/fabstack/owned"), \
+        conn.applied[0].index("groupadd --system new")
+    assert claim < create  # a run killed in between leaves the claim, not a stray group
+
+
+def test_postgres_objects_not_created_by_fabstack_are_refused(make_host):
+    from tasks.db import PostgresDatabase, PostgresRole
+
+    host, conn = make_host([(r"FROM pg_authid", "t|SCRAM-SHA-256$4096:x$y:z\n"),
+                            (r"FROM pg_database", "postgres|UTF8\n")])
+    with pytest.raises(StepFailed) as err:
+        ensure(host, PostgresRole("shop", "a-password-of-16+"), PostgresDatabase("shop", "shop"))
+    assert conn.applied == [] and host.round_trips == 1
+    assert "postgresql role shop: exists on the host and was not created" in err.value.message
+    assert "postgresql database shop: exists on the host and was not created" in err.value.message
+    # PostgreSQL not running yet (a fresh host): nothing exists, nothing to refuse
+    host, conn = make_host([(r"psql", "unavailable\n")])
+    ensure(host, PostgresRole("shop", "a-password-of-16+"))
+    assert "'role shop' >> /var/lib/fabstack/owned" in conn.applied[0]
+
+
+def test_a_fresh_provision_refuses_before_the_base_system_changes(make_host, monkeypatch):
+    """Without apt lists the base system goes first: the later steps' objects are checked
+    before it does."""
+    from contextlib import nullcontext
+
+    from tasks import provision
+
+    celery = "celery:x:120:120::/home/c:/bin/bash\ngroups c\ngid 120\npassword $\n"
+    host, conn = make_host([(r"getent passwd celery", celery)])
+    monkeypatch.setattr(provision, "session", lambda c, title, check: nullcontext(host))
+    monkeypatch.setattr(provision.python, "facts", lambda h, version: ({"ID": "debian"}, None))
+    with pytest.raises(StepFailed, match="user celery: exists on the host"):
+        provision.all.body(None)
+    assert conn.applied == []
+
+
+@pytest.mark.parametrize("proxy, secret", [("http://ops:pr0xy-pw@10.0.0.1:3128", True),
+                                           ("http://10.0.0.1:3128", False)])
+def test_proxy_files_are_root_only_and_secret_when_the_proxy_has_a_password(proxy, secret):
+    """apt and pip run as root: nobody else reads the proxy's password."""
+    from types import SimpleNamespace
+
+    from tasks import provision
+    from tasks import settings as settings_mod
+    from tests.conftest import VALID
+
+    s = settings_mod.parse({**VALID, "HTTP_PROXY": proxy})
+    files = provision.network_resources(SimpleNamespace(settings=s))[:2]
+    assert [(f.path, f.owner, f.mode, f.secret) for f in files] == [
+        ("/etc/apt/apt.conf.d/80fabstack-proxy", "root", 0o600, secret),
+        ("/etc/pip.conf", "root", 0o600, secret)]

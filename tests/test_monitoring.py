@@ -76,7 +76,8 @@ def test_role_already_a_member_changes_nothing(make_host):
     s = make_settings(MONITORING_DB_PASSWORD="monitoring-password-x")
     verifier = scram_verifier("monitoring-password-x")
     host, conn = host_for(make_host, s, answers=[(r"pg_authid", f"t|{verifier}"),
-                                                 (r"pg_auth_members", "1")])
+                                                 (r"pg_auth_members", "1"),
+                                                 (r"fabstack/owned", "role monitoring\n")])
     monitoring.monitoring_step(host)
     assert conn.applied == []
 
@@ -147,7 +148,8 @@ def test_converged_telegraf_changes_nothing(make_host):
     resources = monitoring.monitoring_resources(host)
     conf = resources[6]
     conn.answers = [(r"pg_authid", f"t|{scram_verifier(ON['MONITORING_DB_PASSWORD'])}"),
-                    (r"pg_auth_members", "1"), (r"keyrings/influxdata\.asc", "skip"),
+                    (r"pg_auth_members", "1"), (r"fabstack/owned", "role monitoring\n"),
+                    (r"keyrings/influxdata\.asc", "skip"),
                     (r"influxdata\.sources",
                      f"regular file|root|root|644\n{resources[3].digest}\n"),
                     (r"apt-lists-updated", "100 200"), (r"dpkg-query", "telegraf ii \n"),

@@ -2,9 +2,11 @@
 
 One JSON file per case under tests/cases/<primitive>/. A case names the
 resource and its arguments, the raw output of the resource's probe on the
-host, and either ``ok`` (the message when nothing needs doing) or the change
-``message`` with the exact ``commands`` (or, for long scripts, the lines the
-script must contain in order) and optionally the ``diff`` shown.
+host, what fabstack's record says it created there (``owned``, optional), and
+either ``conflict`` (why the resource refuses to touch what it found), ``ok``
+(the message when nothing needs doing) or the change ``message`` with the exact
+``commands`` (or, for long scripts, the lines the script must contain in order)
+and optionally the ``diff`` shown.
 """
 
 import json
@@ -22,6 +24,10 @@ CASES = sorted((Path(__file__).parent / "cases").glob("*/*.json"))
 def test_case(path):
     case = json.loads(path.read_text())
     resource = getattr(primitives, case["resource"])(**case["args"])
+    conflict = resource.conflict(case["state"], set(case.get("owned", [])))
+    assert conflict == case.get("conflict"), conflict
+    if conflict:
+        return
     outcome = resource.plan(case["state"], SimpleNamespace(check=False))
     if "ok" in case:
         assert isinstance(outcome, primitives.Ok), outcome

@@ -2,8 +2,9 @@
 
 - Secrets: a provision that changes every secret and a deploy that does all its work (pip,
   dump, migrate, restarts) run with hostile secret values while a sampler records every
-  process's arguments on the host; no secret's marker may show in those, in fab's output, in
-  the journal, nor in any file a service's group or everyone may read.
+  process's arguments on the host (a password in the proxy's URL too); no secret's marker may
+  show in those, in fab's output, in the journal, nor in any file a service's group or
+  everyone may read.
 - Hardening: systemd's exposure figure of the app's, Celery's and beat's units, and which TCP
   ports answer from outside the host (this machine, to the sandbox's address).
 - Idempotence: every task of ``fab --list`` is classified; each converging one runs twice and
@@ -30,6 +31,9 @@ from tests.conftest import (
 )
 
 APP = "ratemyderp"
+# The proxy's password (the sandbox's proxy asks for none: one given travels all the same).
+PROXY_MARKER = "Mk9px"
+AUDIT_MARKERS = (*MARKERS, PROXY_MARKER)
 UNITS = (f"{APP}.service", "celery.service", "celerybeat.service")
 MAX_EXPOSURE = 4.0
 PUBLIC_PORTS = {22, 80, 443}
@@ -82,7 +86,8 @@ READ_ONLY = ("releases", "status")
 @pytest.fixture(scope="module")
 def secret_runs(target, stack, app_repo):
     """With the hostile secrets: provision, then deploy a new commit, the sampler running."""
-    target.write_env(**stack, **SECRETS)
+    proxy = target.info.proxy_url.replace("://", f"://ops:{PROXY_MARKER}-pw@", 1)
+    target.write_env(**stack, **SECRETS, HTTP_PROXY=proxy)
     requirements = app_repo / "example/requirements.txt"
     requirements.write_text(requirements.read_text() + f"# audit {time.time()}\n")
     subprocess.run(["git", "-C", str(app_repo), "commit", "-qam", "audit: new requirements"],
@@ -98,6 +103,7 @@ def test_the_audited_runs_did_their_work(secret_runs):
     provision, deploy = secret_runs["provision"].stdout, secret_runs["deploy"].stdout
     assert f"postgresql role {APP}: password set" in provision, provision
     assert f"file /opt/{APP}/conf/{APP}.conf" in provision, provision
+    assert "file /etc/pip.conf: content changed (holds secrets" in provision, provision
     for step in ("requirements: installed", "pre-migration backup: database dumped",
                  "serving"):
         assert step in deploy, (step, deploy)
@@ -113,14 +119,14 @@ def test_no_secret_in_process_arguments_output_or_journal(target, secret_runs):
     texts = {"process arguments": secret_runs["samples"], "journal": journal}
     for name in ("provision", "deploy"):
         texts[f"fab {name} output"] = secret_runs[name].stdout + secret_runs[name].stderr
-    for marker in MARKERS:
+    for marker in AUDIT_MARKERS:
         for where, text in texts.items():
             assert marker not in text, f"{marker} in the {where}"
 
 
 def secret_files(target) -> list[tuple[str, str, str, int]]:
     """Every file on the host holding a secret's marker: (path, owner, group, mode)."""
-    patterns = " ".join(f"-e {m}" for m in MARKERS)
+    patterns = " ".join(f"-e {m}" for m in AUDIT_MARKERS)
     out = target.sh(
         "for d in /*; do case $d in /proc|/sys|/dev) ;; *) printf '%s\\0' \"$d\";; esac; done "
         f"| xargs -0 grep -rlF --devices=skip {patterns} "
@@ -137,6 +143,7 @@ def test_no_file_holding_a_secret_is_readable_by_others(target, secret_runs):
         print(f"  {mode:04o} {owner}:{group} {path}")
     paths = {f[0] for f in files}
     assert f"/opt/{APP}/conf/{APP}.conf" in paths, "the walk found not even the app's conf"
+    assert "/etc/pip.conf" in paths, "the proxy's password is not where pip reads it"
     for path, owner, group, mode in files:
         assert not mode & 0o004, f"{path} ({mode:04o}) is readable by everyone"
         assert not mode & 0o040 or group in SERVICE_GROUPS, \

@@ -84,6 +84,30 @@ def test_state_fingerprint_is_stable_on_an_idle_host(target, before):
                  id="app-name-uppercase"),
     pytest.param({"APP_NAME": "r" * 33}, ["APP_NAME: '" + "r" * 33 + "' is 33 characters long",
                                           "at most 31 characters"], id="app-name-too-long"),
+    # names that would take over an account or a database that is not ours
+    pytest.param({"APP_NAME": "root"}, ["APP_NAME: 'root' is reserved"], id="app-name-root"),
+    pytest.param({"APP_NAME": "postgres"}, ["APP_NAME: 'postgres' is reserved"],
+                 id="app-name-postgres"),
+    pytest.param({"DB_USER": "postgres"}, ["DB_USER: 'postgres' is PostgreSQL's own"],
+                 id="db-user-postgres"),
+    pytest.param({"DB_NAME": "template1"}, ["DB_NAME: 'template1' is PostgreSQL's own"],
+                 id="db-name-template1"),
+    # values that would break the file they land in
+    pytest.param({"HTTP_PROXY": 'http://10.0.0.1:3128";\nAcquire::http::Proxy "http://evil'},
+                 ["HTTP_PROXY: holds a control character"], id="url-newline"),
+    pytest.param({"HTTP_PROXY": 'http://10.0.0.1:3128";'},
+                 ["HTTP_PROXY: must be a http:// or https:// URL without spaces, quotes or "
+                  "backslashes (found '\"')"], id="url-quote"),
+    pytest.param({"INFLUX_URL": "https://influx .example:8086"},
+                 ["INFLUX_URL: must be a http:// or https:// URL without spaces"], id="url-space"),
+    pytest.param({"ACME_SERVER": "https://acme.example:99999/dir"},
+                 ["ACME_SERVER: is not a URL that can be parsed (Port out of range"],
+                 id="url-port"),
+    pytest.param({"DEPLOY_REF": "main --upload-pack=touch /x"},
+                 ["DEPLOY_REF: must be a git ref"], id="git-ref"),
+    pytest.param({"BASE_PACKAGES": "git -oAPT::Get::AllowUnauthenticated=1"},
+                 ["BASE_PACKAGES: '-oAPT::Get::AllowUnauthenticated=1': not Debian package"],
+                 id="package-option"),
 ])
 def test_bad_settings(target, stack, before, tmp_path, bad, named):
     """Refused before any connection (exit 2), every bad key named."""
@@ -96,6 +120,53 @@ def test_bad_settings(target, stack, before, tmp_path, bad, named):
     assert_refused(res, 2, *named, SETTINGS_ERROR)
     assert "cannot talk to" not in res.stdout
     assert_unchanged(target, before)
+
+
+def test_a_key_set_twice(target, stack, before, tmp_path):
+    """Which of two values was meant is not guessed: both lines named."""
+    env_file = Target(target.info, tmp_path / ".env").write_env(**stack)
+    lines = env_file.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines, 1) if line.startswith("DOMAIN="))
+    env_file.write_text("\n".join(lines) + "\nDOMAIN=other.test\n")
+    res = fab(target, "provision", env_file=env_file)
+    assert_refused(res, 2, f"DOMAIN: is set twice: lines {first} and {len(lines) + 1}",
+                   SETTINGS_ERROR)
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("make, undo, key, value, named", [
+    pytest.param("useradd --system --no-create-home --shell /bin/bash intruder",
+                 "userdel intruder", "APP_NAME", "intruder",
+                 ["user intruder: exists on the host and was not created by fabstack",
+                  "group intruder: exists on the host and was not created by fabstack"],
+                 id="existing-user"),
+    pytest.param("cd / && runuser -u postgres -- psql -q -c 'CREATE ROLE intruder LOGIN'",
+                 "cd / && runuser -u postgres -- psql -q -c 'DROP ROLE intruder'",
+                 "DB_USER", "intruder",
+                 ["postgresql role intruder: exists on the host and was not created by fabstack"],
+                 id="existing-role"),
+    pytest.param("cd / && runuser -u postgres -- psql -q -c 'CREATE DATABASE intruder'",
+                 "cd / && runuser -u postgres -- psql -q -c 'DROP DATABASE intruder'",
+                 "DB_NAME", "intruder",
+                 ["postgresql database intruder: exists on the host and was not created"],
+                 id="existing-database"),
+])
+def test_an_object_fabstack_did_not_create_is_refused(target, stack, tmp_path, make, undo,
+                                                      key, value, named):
+    """A user, role or database that exists and is not fabstack's (made here by hand, as
+    someone else would): provision names it and changes nothing, not even the rest."""
+    # The refusal comes after the first probe, whose upgrade check records the state of dpkg
+    # it saw (/var/lib/fabstack/upgrade-checked): settle that record with a no-op run first.
+    target.fab("provision")
+    target.sh(make)
+    try:
+        before = host_state(target)
+        env_file = Target(target.info, tmp_path / ".env").write_env(**{**stack, key: value})
+        res = fab(target, "provision", env_file=env_file)
+        assert_refused(res, 1, *named, "nothing was changed", "0 changed")
+        assert_unchanged(target, before)
+    finally:
+        target.sh(undo)
 
 
 def test_template_syntax_error(target, before, tmp_path):
