@@ -146,11 +146,14 @@ def test_a_failing_dump_exits_non_zero_logs_and_prunes_nothing(target, deployed)
 
 
 def test_a_deploy_whose_backup_fails_does_not_migrate(target, deployed):
-    target.sh(f"mv {SCRIPT} {SCRIPT}.away")
+    """The backup account's password is wrong: pg_dump fails, nothing is migrated."""
+    pgpass = "/var/lib/backups/.pgpass"
+    target.sh(f"cp -p {pgpass} {pgpass}.away && "
+              f"echo 'localhost:*:{APP}:{APP}:not-the-password' > {pgpass}")
     try:
         res = target.fab("deploy", "--force", check=False)
     finally:
-        target.sh(f"mv {SCRIPT}.away {SCRIPT}")
+        target.sh(f"mv {pgpass}.away {pgpass}")
     assert res.returncode == 1
     assert "pre-migration backup" in res.stdout and "not migrating" in res.stdout
     assert "migrations:" not in res.stdout and "keeps serving" in res.stdout
