@@ -16,6 +16,7 @@ from . import (
     certbot,
     db,
     deploy,
+    manage,
     monitoring,
     nginx,
     provision,
@@ -34,5 +35,6 @@ def build_namespace() -> Collection:
     ns.add_task(status.status)
     for name in ("backup_db", "restore_db"):
         ns.add_task(getattr(backup, name))
+    ns.add_task(manage.manage)
     ns.configure({"fabstack": {"env_file": ".env", "check": False}})
     return ns

@@ -1,0 +1,135 @@
+"""Day-two tasks on the real sandbox host, on the converged stack (issue 14): ``fab manage``."""
+
+import fcntl
+import os
+import pty
+import re
+import select
+import subprocess
+import termios
+import time
+
+from tests.conftest import FAB, REPO, ProcessSampler
+
+APP = "ratemyderp"
+DOMAIN = "ratemyderp.test"
+ADMIN_USER, ADMIN_EMAIL = "opsadmin", "opsadmin@ratemyderp.test"
+ADMIN_PASSWORD = "Mk9su pw'\"$HOME;#x "  # marker Mk9su: must never show in any process's args
+
+
+def fab(target, *args, env=None) -> subprocess.CompletedProcess:
+    """fab on the sandbox with extra environment variables, without a terminal."""
+    environ = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file), **(env or {}))
+    return subprocess.run([FAB, "-S", str(target.info.ssh_config), "-H", target.info.alias,
+                           *args], cwd=REPO, env=environ, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=600)
+
+
+def https(target, pebble, path: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", "10", "--noproxy", "*", "--cacert",
+                           str(pebble.issuing_root), "--resolve", f"{DOMAIN}:443:{target.info.ip}",
+                           *args, f"https://{DOMAIN}{path}"], capture_output=True, text=True)
+
+
+def admin_login(target, pebble, tmp_path, password: str) -> str:
+    """Log in to the admin over HTTPS as ADMIN_USER; return the admin index page."""
+    jar = str(tmp_path / "cookies")
+    form = https(target, pebble, "/admin/login/", "-c", jar, "-b", jar)
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.stdout)
+    assert token, form.stdout[-2000:] + form.stderr
+    login = https(target, pebble, "/admin/login/?next=/admin/", "-c", jar, "-b", jar,
+                  "-H", f"Referer: https://{DOMAIN}/admin/login/",
+                  "--data-urlencode", f"csrfmiddlewaretoken={token[1]}",
+                  "--data-urlencode", f"username={ADMIN_USER}",
+                  "--data-urlencode", f"password={password}",
+                  "--data-urlencode", "next=/admin/", "-o", "/dev/null", "-w", "%{http_code}")
+    assert login.stdout == "302", login.stdout + login.stderr
+    return https(target, pebble, "/admin/", "-c", jar, "-b", jar).stdout
+
+
+def test_createsuperuser_from_the_environment_then_admin_login(target, stack, pebble,
+                                                                tmp_path):
+    env = {"DJANGO_SUPERUSER_USERNAME": ADMIN_USER, "DJANGO_SUPERUSER_EMAIL": ADMIN_EMAIL,
+           "DJANGO_SUPERUSER_PASSWORD": ADMIN_PASSWORD}
+    target.sh(f"cd / && runuser -u postgres -- psql -X -q -d {APP} -c "
+              f"\"DELETE FROM auth_user WHERE username = '{ADMIN_USER}'\"")  # a reused sandbox
+    with ProcessSampler(target) as sampler:
+        res = fab(target, "manage", "--", "createsuperuser", "--noinput", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Superuser created successfully." in res.stdout, res.stdout
+    assert "passed on: DJANGO_SUPERUSER_EMAIL, DJANGO_SUPERUSER_PASSWORD, " \
+           "DJANGO_SUPERUSER_USERNAME" in res.stdout
+    assert "createsuperuser" in sampler.text  # the sampler saw the command run
+    assert "Mk9su" not in sampler.text + res.stdout + res.stderr
+    assert not target.sh("ls -A /root | grep fabstack-manage", check=False).stdout
+    page = admin_login(target, pebble, tmp_path, ADMIN_PASSWORD)
+    assert "Site administration" in page, page[-2000:]
+    again = fab(target, "manage", "--", "createsuperuser", "--noinput", env=env)
+    assert again.returncode == 1 and "already taken" in again.stderr, again.stderr
+
+
+def test_check_deploy_streams_its_report(target, stack):
+    res = fab(target, "manage", "--", "check", "--deploy")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "System check identified" in res.stdout + res.stderr
+    assert "output streamed" in res.stdout
+    assert re.search(r"manage: 0 changed, \d+ ok, 0 failed", res.stdout), res.stdout
+
+
+def test_a_failing_command_exit_status_comes_back(target, stack):
+    res = fab(target, "manage", "--", "shell", "-c", "import sys; print('bye'); sys.exit(7)")
+    assert res.returncode == 7, res.stdout + res.stderr
+    assert "bye" in res.stdout
+    assert "exited with status 7" in res.stdout
+    # Fabric itself never ran the words after -- as a shell command on the host
+    assert "not found" not in res.stderr, res.stderr
+    bad = fab(target, "manage", "--", "nosuchcommand")
+    assert bad.returncode == 1 and "Unknown command: 'nosuchcommand'" in bad.stderr
+
+
+def test_output_is_masked_and_runs_as_the_app_user(target, stack):
+    res = fab(target, "manage", "--", "shell", "-c",
+              "import os, getpass; print(getpass.getuser(), os.getcwd()); "
+              "print('key=' + os.environ['DJANGO_SECRET_KEY'])")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{APP} /opt/{APP}/releases/" in res.stdout, res.stdout
+    assert "key=********" in res.stdout
+    assert "sandbox-key-" not in res.stdout + res.stderr
+
+
+def test_with_a_terminal_the_command_is_interactive(target, stack):
+    """A Django shell on a terminal: input typed, its answer back, exit status 0."""
+
+    def own_terminal():  # as in an operator's shell: the terminal controls fab's session
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    main, side = pty.openpty()
+    env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file))
+    proc = subprocess.Popen([FAB, "-S", str(target.info.ssh_config), "-H", target.info.alias,
+                             "manage", "--", "shell", "-i", "python"], cwd=REPO, env=env,
+                            stdin=side, stdout=side, stderr=side, close_fds=True,
+                            preexec_fn=own_terminal)
+    os.close(side)
+    seen, sent = b"", False
+    end = time.monotonic() + 120
+    try:
+        while time.monotonic() < end and proc.poll() is None:
+            ready, _, _ = select.select([main], [], [], 1)
+            if ready:
+                try:
+                    seen += os.read(main, 4096)
+                except OSError:
+                    break
+            if not sent and b">>> " in seen:
+                os.write(main, b"print(6 * 7, 'x')\nexit()\n")
+                sent = True
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+    text = seen.decode(errors="replace")
+    assert "with a terminal" in text, text
+    assert "42 x" in text, text
+    assert proc.returncode == 0, text
