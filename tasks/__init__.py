@@ -16,6 +16,7 @@ from . import (
     certbot,
     db,
     deploy,
+    logs,
     manage,
     monitoring,
     nginx,
@@ -36,5 +37,6 @@ def build_namespace() -> Collection:
     for name in ("backup_db", "restore_db"):
         ns.add_task(getattr(backup, name))
     ns.add_task(manage.manage)
+    ns.add_task(logs.logs)
     ns.configure({"fabstack": {"env_file": ".env", "check": False}})
     return ns

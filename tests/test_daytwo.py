@@ -1,10 +1,12 @@
 """Day-two tasks' logic over the fake connection and as pure functions (issue 14)."""
 
 import io
+import json
+import subprocess
 
 import pytest
 
-from tasks import manage
+from tasks import logs, manage
 from tasks.host import Result, StepFailed
 
 
@@ -57,3 +59,79 @@ def test_streamed_output_is_masked_line_by_line():
     lines.flush()
     assert out.getvalue().endswith("tail")
 
+
+# -- fab logs ------------------------------------------------------------------------------
+
+def test_since_takes_a_number_and_a_unit():
+    assert logs.since_seconds("5min") == 300 and logs.since_seconds("1h") == 3600
+    assert logs.since_seconds("2d") == 172800 and logs.since_seconds("30s") == 30
+    for bad in ("", "1 week", "-1h", "1h; id"):
+        with pytest.raises(StepFailed, match="30s, 5min, 1h, 2d"):
+            logs.since_seconds(bad)
+
+
+@pytest.mark.parametrize("line", [
+    "[2026-11-30 05:00:01 +0000] [12] [INFO] Starting gunicorn 23.0.0",
+    "[2026-11-30 05:00:01,123: INFO/MainProcess] celery@host ready.",
+    "2026-11-30 05:00:01,123 WARNING django.request 99 Not Found: /x",
+    "2026/11/30 05:00:01 [error] 7#7: *1 open() failed",
+    '127.0.0.1 - - [30/Nov/2026:05:00:01 +0000] "GET / HTTP/1.1" 200 5',
+    "123:M 30 Nov 2026 05:00:01.123 * Ready to accept connections tcp",
+    "2026-11-30 05:00:01.456 UTC [77] LOG:  database system is ready",
+])
+def test_log_file_timestamps(line):
+    assert logs.line_time(line, 0) == 1796014801  # 2026-11-30 05:00:01 UTC
+    assert logs.line_time(line, 3600) == 1796014801 - 3600
+
+
+def journal(stamp, unit, message, cursor, tag="x"):
+    return json.dumps({"__REALTIME_TIMESTAMP": str(int(stamp * 1e6)), "_SYSTEMD_UNIT": unit,
+                       "SYSLOG_IDENTIFIER": tag, "MESSAGE": message, "__CURSOR": cursor})
+
+
+def test_backlog_is_merged_in_time_order_prefixed_and_masked(settings):
+    out = io.StringIO()
+    reader = logs.LogLines(logs.sources(settings),
+                           lambda t: t.replace("topsecret", "********"), out)
+    for line in ["cut=1796014000 offset=0",
+                 journal(1796014805, "celery.service", "Started celery.service", "c2"),
+                 journal(1796014802, "ratemyderp.service", "Not Found: /topsecret", "c1"),
+                 journal(1796014802, "ratemyderp.service", "Not Found: /topsecret", "c1"),
+                 journal(1796014806, "x.service", "b1", "c3", tag="ratemyderp-backup"),
+                 logs.FILE_MARK + "/var/log/celery/w1-1.log",
+                 "[2026-11-30 04:00:00,000: INFO/MainProcess] too old",
+                 "[2026-11-30 05:00:03,000: INFO/MainProcess] celery@h ready.",
+                 "Traceback (most recent call last):", ""]:
+        reader.feed(line)
+    reader.flush()
+    assert out.getvalue().splitlines() == [
+        "2026-11-30 05:00:02 app | Not Found: /********",
+        "2026-11-30 05:00:03 celery/w1-1.log | [2026-11-30 05:00:03,000: INFO/MainProcess] "
+        "celery@h ready.",
+        "2026-11-30 05:00:03 celery/w1-1.log | Traceback (most recent call last):",
+        "2026-11-30 05:00:05 celery | Started celery.service",
+        "2026-11-30 05:00:06 backup | b1",
+    ]
+
+
+def test_follow_prints_new_lines_as_they_come(settings):
+    out = io.StringIO()
+    selected = {"nginx": logs.sources(settings)["nginx"]}
+    reader = logs.LogLines(selected, lambda t: t, out)
+    for line in ["cut=1796014000 offset=0", logs.FOLLOW_MARK, "",
+                 "==> /var/log/nginx/error.log <==", "2026/11/30 05:00:09 [error] boom",
+                 journal(1796014801, "init.scope", "Reloaded nginx.service", "c9")]:
+        reader.feed(line)
+    assert out.getvalue().splitlines() == [
+        "2026-11-30 05:00:09 nginx/error.log | 2026/11/30 05:00:09 [error] boom",
+        "2026-11-30 05:00:01 nginx | Reloaded nginx.service"]
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_the_logs_script_is_valid_shell(settings, tmp_path, follow):
+    every = logs.sources(settings)
+    for selected in (every, {"backup": every["backup"]}, {"app": every["app"]}):
+        path = tmp_path / "logs.sh"
+        path.write_text(logs.script(selected, 300, follow))
+        assert subprocess.run(["sh", "-n", str(path)]).returncode == 0
+        assert (" -o json -f " in path.read_text()) == follow

@@ -1,10 +1,12 @@
-"""Day-two tasks on the real sandbox host, on the converged stack (issue 14): ``fab manage``."""
+"""Day-two tasks on the real sandbox host, on the converged stack (issue 14): ``fab manage``,
+``fab logs``."""
 
 import fcntl
 import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import termios
 import time
@@ -133,3 +135,81 @@ def test_with_a_terminal_the_command_is_interactive(target, stack):
     assert "with a terminal" in text, text
     assert "42 x" in text, text
     assert proc.returncode == 0, text
+
+
+# -- fab logs ------------------------------------------------------------------------------
+
+STAMPED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ([\w./-]+) \| ")
+
+
+def test_logs_show_the_workers_start_after_a_restart(target, stack):
+    target.sh("systemctl restart celery.service")
+    res = fab(target, "logs", "--unit", "celery", "--since", "5min")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    ready = [line for line in lines if re.search(r"^\S+ \S+ celery/w1[^ ]*\.log \| .*ready\.$",
+                                                   line)]
+    assert ready, res.stdout[-3000:]
+    stamp = time.mktime(time.strptime(STAMPED.match(ready[-1])[1], "%Y-%m-%d %H:%M:%S"))
+    assert abs(stamp - time.mktime(time.gmtime())) < 300
+    assert any(re.search(r" celery \| Started celery\.service", line) for line in lines)
+    assert all(STAMPED.match(line) for line in lines if not line.startswith("[dd-sandbox]")
+               and not line.startswith(f"[{target.info.alias}]")), res.stdout[-3000:]
+    assert not any(" app " in line or " nginx" in line for line in lines)
+
+
+def test_a_secret_the_app_logs_is_masked(target, stack, pebble):
+    password = "sandbox-db-password"  # DB_PASSWORD of the sandbox's settings
+    https(target, pebble, f"/no-such-page/{password}/")
+    res = fab(target, "logs", "--unit", "app", "--since", "5min")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "app | " in res.stdout and "Not Found: /no-such-page/********/" in res.stdout, \
+        res.stdout[-3000:]
+    assert re.search(r" app/gunicorn-access\.log \| .*/no-such-page/\*+/", res.stdout)
+    assert password not in res.stdout + res.stderr
+
+
+def test_all_units_merged_in_time_order(target, stack):
+    res = fab(target, "logs", "--since", "10min")
+    assert res.returncode == 0, res.stdout + res.stderr
+    stamped = [STAMPED.match(line) for line in res.stdout.splitlines()]
+    stamped = [m for m in stamped if m]
+    units = {m[2].split("/")[0] for m in stamped}
+    assert {"app", "celery", "beat"} <= units, units
+    times = [m[1] for m in stamped]
+    assert times == sorted(times)
+
+
+def test_follow_prints_new_lines_and_stops_on_the_host(target, stack):
+    environ = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file))
+    proc = subprocess.Popen([FAB, "-S", str(target.info.ssh_config), "-H", target.info.alias,
+                             "logs", "--unit", "celery", "--since", "1s", "--follow"], cwd=REPO,
+                            env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True)
+    seen = ""
+    try:
+        time.sleep(3)
+        target.sh("systemctl restart celery.service")
+        end = time.monotonic() + 60
+        while time.monotonic() < end and "ready." not in seen:
+            ready, _, _ = select.select([proc.stdout], [], [], 1)
+            if ready:
+                seen += proc.stdout.readline()
+        assert "ready." in seen, seen
+        assert proc.poll() is None  # still following
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    # the followers on the host end with fab's connection
+    time.sleep(3)
+    left = target.sh("pgrep -a -x journalctl; pgrep -a -x tail; true").stdout
+    assert not left.strip(), left
+
+
+def test_logs_refuse_bad_options_before_reading_anything(target, stack):
+    res = fab(target, "logs", "--unit", "mysql")
+    assert res.returncode == 1
+    assert "--unit 'mysql': choose one of app, celery, beat, nginx, postgresql, redis, backup" \
+        in res.stdout, res.stdout
+    res = fab(target, "logs", "--since", "yesterday")
+    assert res.returncode == 1 and "30s, 5min, 1h, 2d" in res.stdout, res.stdout
