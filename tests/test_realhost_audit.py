@@ -53,6 +53,7 @@ ACTIONS = {
     "celery.restart": "restarts the workers on purpose",
     "releases": "reads only: checked below to leave the host as it was",
     "status": "reads only: checked below to leave the host as it was",
+    "logs": "reads only: checked below to leave the host as it was",
     "db.psql": "an interactive session",
     "manage": "runs a manage.py command on purpose (tests/test_realhost_daytwo.py)",
     "db.redis-cli": "an interactive session",
@@ -62,7 +63,7 @@ ACTIONS = {
     "sandbox.status": "runs on this machine, not the target",
     "sandbox.up": "runs on this machine, not the target",
 }
-READ_ONLY = ("releases", "status")
+READ_ONLY = ("releases", "status", "logs")
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,7 @@ def test_every_converging_task_changes_nothing_the_second_time(target, stack):
 
 
 def test_read_only_actions_leave_the_host_as_it_was(target, stack):
-    """releases and status only read: the host's state is the same afterwards."""
+    """releases, status and logs only read: the host's state is the same afterwards."""
     before = host_state(target)
     for name in READ_ONLY:
         target.fab(name, check=False)  # status exits 1 on a problem: it still only reads
