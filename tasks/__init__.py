@@ -17,6 +17,7 @@ from . import (
     db,
     deploy,
     logs,
+    maintenance,
     manage,
     monitoring,
     nginx,
@@ -38,5 +39,6 @@ def build_namespace() -> Collection:
         ns.add_task(getattr(backup, name))
     ns.add_task(manage.manage)
     ns.add_task(logs.logs)
+    ns.add_task(maintenance.maintenance)
     ns.configure({"fabstack": {"env_file": ".env", "check": False}})
     return ns

@@ -1,13 +1,16 @@
 """Day-two tasks' logic over the fake connection and as pure functions (issue 14)."""
 
+import hashlib
 import io
 import json
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
-from tasks import logs, manage
+from tasks import logs, maintenance, manage, nginx, status
 from tasks.host import Result, StepFailed
+from tasks.primitives import Change, File, Ok, render
 
 
 def test_remainder_from_fabs_arguments():
@@ -135,3 +138,46 @@ def test_the_logs_script_is_valid_shell(settings, tmp_path, follow):
         path.write_text(logs.script(selected, 300, follow))
         assert subprocess.run(["sh", "-n", str(path)]).returncode == 0
         assert (" -o json -f " in path.read_text()) == follow
+
+
+# -- fab maintenance -------------------------------------------------------------------------
+
+def test_site_shows_the_maintenance_page_while_it_exists(settings):
+    site = nginx.Site(settings)
+    probe = site.probe()
+    assert f"[ -e {nginx.maintenance_page(settings)} ]" in probe
+    on = render("nginx-site-tls.conf.j2", settings, maintenance=True,
+                maintenance_root=nginx.MAINTENANCE_DIR)
+    state = f"regular file|root|root|644\n{hashlib.sha256(on.encode()).hexdigest()}\n\n"
+    outcome = site.plan("tls\nmaintenance\n" + state, SimpleNamespace(check=False))
+    assert isinstance(outcome, Ok) and outcome.message.endswith("[HTTPS; maintenance page on]")
+    outcome = site.plan("tls\n" + state, SimpleNamespace(check=False))
+    assert isinstance(outcome, Change)  # the page is gone: back to the app
+    assert "return 503;" in on and "Retry-After 300 always" in on
+    assert "if ($remote_addr = 127.0.0.1) { set $fabstack_maintenance 0; }" in on
+    assert "return 503" not in render("nginx-site-tls.conf.j2", settings)
+
+
+def test_the_message_is_html_escaped(settings):
+    page = render("maintenance.html.j2", settings, message="<b>Back at 5</b> & \"soon\"")
+    assert "&lt;b&gt;Back at 5&lt;/b&gt; &amp; &#34;soon&#34;" in page and "<b>" not in page
+    assert "back shortly" in render("maintenance.html.j2", settings)
+
+
+def test_maintenance_off_removes_the_page_first(make_host):
+    h, _ = make_host()
+    on = maintenance.maintenance_resources(h, True, "x")
+    off = maintenance.maintenance_resources(h, False, None)
+    page = nginx.maintenance_page(h.settings)
+    assert [r.path for r in on if isinstance(r, File)] == [page]
+    assert isinstance(off[0], File) and off[0].path == page and not off[0].present
+    assert isinstance(on[-2], nginx.Site) and isinstance(off[-2], nginx.Site)
+
+
+def test_status_says_when_the_page_is_on(settings):
+    answers = ["1796014801\n", "", "", "", "", "none\n", "", "", "1796011201\n"]
+    lines = status.assess(settings, answers)
+    line = next(line for line in lines if line.what == "maintenance")
+    assert line.status == "warning" and line.message.startswith("on since 2026-11-30 04:00 UTC")
+    answers[-1] = ""
+    assert not any(line.what == "maintenance" for line in status.assess(settings, answers))

@@ -56,6 +56,8 @@ ACTIONS = {
     "logs": "reads only: checked below to leave the host as it was",
     "db.psql": "an interactive session",
     "manage": "runs a manage.py command on purpose (tests/test_realhost_daytwo.py)",
+    "maintenance": "takes on or off; each is run twice, the second changing nothing, in "
+                   "tests/test_realhost_daytwo.py",
     "db.redis-cli": "an interactive session",
     "certbot.renew-dry-run": "rehearses a renewal with the CA (tests/test_realhost_web.py)",
     "sandbox.demo": "runs on this machine, not the target",

@@ -1,5 +1,5 @@
 """Day-two tasks on the real sandbox host, on the converged stack (issue 14): ``fab manage``,
-``fab logs``."""
+``fab logs``, ``fab maintenance``."""
 
 import fcntl
 import os
@@ -11,7 +11,7 @@ import subprocess
 import termios
 import time
 
-from tests.conftest import FAB, REPO, ProcessSampler
+from tests.conftest import FAB, REPO, ProcessSampler, changed_count
 
 APP = "ratemyderp"
 DOMAIN = "ratemyderp.test"
@@ -213,3 +213,63 @@ def test_logs_refuse_bad_options_before_reading_anything(target, stack):
         in res.stdout, res.stdout
     res = fab(target, "logs", "--since", "yesterday")
     assert res.returncode == 1 and "30s, 5min, 1h, 2d" in res.stdout, res.stdout
+
+
+# -- fab maintenance -----------------------------------------------------------------------
+
+def head_and_body(res: subprocess.CompletedProcess) -> tuple[int, dict[str, str], str]:
+    head, _, body = res.stdout.partition("\n\n")  # text mode: CRLF is read as LF
+    lines = head.splitlines()
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def from_the_host(path: str) -> str:
+    return (f"curl -sS -k -o /dev/null -w '%{{http_code}}' --resolve {DOMAIN}:443:127.0.0.1 "
+            f"https://{DOMAIN}{path}")
+
+
+def test_maintenance_on_shows_the_page_but_not_to_the_host(target, stack, pebble):
+    message = "<b>Upgrading</b> the database & more"
+    fab(target, "maintenance", "off")  # a reused sandbox may have it on
+    try:
+        on = fab(target, "maintenance", "on", "--message", message)
+        assert on.returncode == 0, on.stdout + on.stderr
+        assert "maintenance page on]" in on.stdout and "nginx.service: reloaded" in on.stdout
+        code, headers, body = head_and_body(https(target, pebble, "/", "-i"))
+        assert code == 503 and headers.get("retry-after") == "300", (code, headers)
+        assert "Down for maintenance" in body
+        assert "&lt;b&gt;Upgrading&lt;/b&gt; the database &amp; more" in body, body
+        code, _, body = head_and_body(https(target, pebble, "/admin/login/", "-i", "-d", "x=1"))
+        assert code == 503 and "Down for maintenance" in body
+        code, _, body = head_and_body(https(target, pebble, "/static/demo/site.css", "-i"))
+        assert code == 200 and "{" in body
+        assert target.sh(from_the_host("/health/")).stdout == "200"
+        # a deploy runs behind the page: its health check reaches the app
+        deploy = fab(target, "deploy", "--force")
+        assert deploy.returncode == 0 and "serving (HTTP 200" in deploy.stdout, deploy.stdout
+        again = fab(target, "maintenance", "on", "--message", message)
+        assert again.returncode == 0 and changed_count(again.stdout) == 0, again.stdout
+        kept = fab(target, "nginx")  # provision's NGINX step keeps the page on
+        assert kept.returncode == 0 and changed_count(kept.stdout) == 0, kept.stdout
+        st = fab(target, "status")
+        assert re.search(r"warning +maintenance: on since ", st.stdout), st.stdout
+    finally:
+        off = fab(target, "maintenance", "off")
+    assert off.returncode == 0, off.stdout + off.stderr
+    assert "file /var/www/fabstack-maintenance/ratemyderp/fabstack-maintenance.html: removed" \
+        in off.stdout
+    code, _, body = head_and_body(https(target, pebble, "/", "-i"))
+    assert code == 200 and "release: " in body
+    again = fab(target, "maintenance", "off")
+    assert again.returncode == 0 and changed_count(again.stdout) == 0, again.stdout
+    assert "maintenance" not in fab(target, "status").stdout
+
+
+def test_maintenance_refuses_bad_input_before_changing_anything(target, stack):
+    for args, error in ((["maybe"], "'maybe': say on or off"),
+                        (["off", "--message", "x"], "--message goes with on, not off"),
+                        (["on", "--message", " "], "--message is empty")):
+        res = fab(target, "maintenance", *args)
+        assert res.returncode == 1 and error in res.stdout, res.stdout
+        assert "(0 SSH round trips)" in res.stdout
