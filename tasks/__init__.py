@@ -19,6 +19,7 @@ from . import (
     logs,
     maintenance,
     manage,
+    media,
     monitoring,
     nginx,
     provision,
@@ -40,5 +41,6 @@ def build_namespace() -> Collection:
     ns.add_task(manage.manage)
     ns.add_task(logs.logs)
     ns.add_task(maintenance.maintenance)
+    ns.add_task(media.restore_media)
     ns.configure({"fabstack": {"env_file": ".env", "check": False}})
     return ns

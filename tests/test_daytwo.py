@@ -3,12 +3,14 @@
 import hashlib
 import io
 import json
+import os
+import shutil
 import subprocess
 from types import SimpleNamespace
 
 import pytest
 
-from tasks import logs, maintenance, manage, nginx, status
+from tasks import logs, maintenance, manage, media, nginx, status
 from tasks.host import Result, StepFailed
 from tasks.primitives import Change, File, Ok, render
 
@@ -181,3 +183,74 @@ def test_status_says_when_the_page_is_on(settings):
     assert line.status == "warning" and line.message.startswith("on since 2026-11-30 04:00 UTC")
     answers[-1] = ""
     assert not any(line.what == "maintenance" for line in status.assess(settings, answers))
+
+
+# -- fab restore-media -------------------------------------------------------------------------
+
+def test_media_path_stays_inside_the_media_folder():
+    assert media.clean_path("uploads/a.jpg") == "uploads/a.jpg"
+    assert media.clean_path("/media/uploads/") == "uploads"
+    for bad in ("", "..", "../etc/passwd", "uploads/../../x", "/"):
+        with pytest.raises(StepFailed, match="inside the media folder"):
+            media.clean_path(bad)
+
+
+def restore(tmp_path, rel="", delete=False, apply=True, meta=True):
+    args = {"snapshot": str(tmp_path / "snap"), "media": str(tmp_path / "media"), "path": rel,
+            "delete": delete, "apply": apply, "meta_name": media.META_NAME}
+    (tmp_path / "snap" / media.META_NAME).unlink(missing_ok=True)
+    if meta:
+        (tmp_path / "snap" / media.META_NAME).write_text(json.dumps({
+            "": [0o755, "root", "root"], "up": [0o750, "root", "root"],
+            "up/a.bin": [0o604, "root", "root"], "up/b.bin": [0o600, "root", "root"]}))
+    res = subprocess.run(["python3", "-", json.dumps(args)], input=media.RESTORE_PY,
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout)
+
+
+@pytest.fixture
+def snapshot_and_media(tmp_path):
+    for root in ("snap", "media"):
+        (tmp_path / root / "up").mkdir(parents=True)
+    (tmp_path / "snap/up/a.bin").write_bytes(b"\0a-old")
+    (tmp_path / "snap/up/b.bin").write_bytes(b"b")
+    os.utime(tmp_path / "snap/up/a.bin", (1_700_000_000, 1_700_000_000))
+    (tmp_path / "snap/up/a.bin").chmod(0o640)  # as the backup script leaves them
+    (tmp_path / "media/up/new.bin").write_bytes(b"uploaded after the snapshot")
+    (tmp_path / "media/up/b.bin").write_bytes(b"b, edited after the snapshot")
+    return tmp_path
+
+
+def test_restore_puts_a_file_back_with_its_mode_and_time(snapshot_and_media):
+    tmp = snapshot_and_media
+    plan = restore(tmp, "up/a.bin", apply=False)
+    assert plan["restored"] == ["up/a.bin"] and not (tmp / "media/up/a.bin").exists()
+    assert restore(tmp, "up/a.bin")["restored"] == ["up/a.bin"]
+    st = (tmp / "media/up/a.bin").stat()
+    assert (tmp / "media/up/a.bin").read_bytes() == b"\0a-old"
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_mtime) == (0o604, 0, 1_700_000_000)
+    assert restore(tmp, "up/a.bin") == {"restored": [], "newer": [], "deleted": [], "same": 1,
+                                        "meta": True}
+
+
+def test_restore_keeps_newer_uploads_unless_asked(snapshot_and_media):
+    tmp = snapshot_and_media
+    out = restore(tmp)
+    assert out["newer"] == ["up/b.bin"] and out["deleted"] == []
+    assert "up/a.bin" in out["restored"] and (tmp / "media/up/new.bin").exists()
+    assert (tmp / "media/up/b.bin").read_bytes() == b"b, edited after the snapshot"
+    out = restore(tmp, delete=True)
+    assert out["restored"] == ["up/b.bin"] and out["deleted"] == ["up/new.bin"]
+    assert (tmp / "media/up/b.bin").read_bytes() == b"b"
+    assert not (tmp / "media/up/new.bin").exists()
+
+
+def test_restore_brings_back_a_deleted_folder(snapshot_and_media):
+    tmp = snapshot_and_media
+    shutil.rmtree(tmp / "media/up")
+    out = restore(tmp, "up/b.bin")
+    assert out["restored"] == ["up/", "up/b.bin"]
+    assert (tmp / "media/up").stat().st_mode & 0o7777 == 0o750
+    out = restore(tmp, meta=False)  # an old snapshot: the media folder's owner, 0644
+    assert out["restored"] == ["up/", "up/a.bin", "up/b.bin"] and not out["meta"]
+    assert (tmp / "media/up/a.bin").stat().st_mode & 0o7777 == 0o644

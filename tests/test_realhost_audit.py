@@ -48,6 +48,8 @@ CONVERGING = ("provision.all", "provision.base", "python.setup", "db.setup", "ba
 ACTIONS = {
     "backup-db": "makes a new dump every time (tests/test_realhost_backup.py)",
     "restore-db": "restores a dump on purpose, after asking (tests/test_realhost_backup.py)",
+    "restore-media": "puts uploads back on purpose, after asking "
+                     "(tests/test_realhost_daytwo.py)",
     "rollback": "switches to the previous release on purpose (tests/test_realhost_deploy.py)",
     "deploy-unlock": "removes a stale lock (tests/test_realhost_deploy.py)",
     "celery.restart": "restarts the workers on purpose",

@@ -1,5 +1,5 @@
 """Day-two tasks on the real sandbox host, on the converged stack (issue 14): ``fab manage``,
-``fab logs``, ``fab maintenance``."""
+``fab logs``, ``fab maintenance``, ``fab restore-media``."""
 
 import fcntl
 import os
@@ -273,3 +273,64 @@ def test_maintenance_refuses_bad_input_before_changing_anything(target, stack):
         res = fab(target, "maintenance", *args)
         assert res.returncode == 1 and error in res.stdout, res.stdout
         assert "(0 SSH round trips)" in res.stdout
+
+
+# -- fab restore-media ---------------------------------------------------------------------
+
+MEDIA = f"/var/opt/{APP}/media"
+UPLOAD = "uploads/2026/photo.bin"
+
+
+def stat(target, path: str) -> str:
+    """Bytes (sha256), owner, group, mode and time of ``path`` on the host."""
+    return target.sh(f"cd {MEDIA} && sha256sum {path} | cut -c1-64 && "
+                     f"stat -c '%U %G %a %Y' {path}").stdout
+
+
+def test_restore_media_puts_a_deleted_upload_back(target, stack):
+    target.sh(f"rm -rf {MEDIA}/uploads {MEDIA}/newer.txt; "
+              f"install -d -o {APP} -g {APP} -m 0750 {MEDIA}/uploads {MEDIA}/uploads/2026; "
+              f"head -c 100000 /dev/urandom > /root/photo.bin; "
+              f"install -o {APP} -g {APP} -m 0660 /root/photo.bin {MEDIA}/{UPLOAD}; "
+              f"touch -d '2026-11-01 10:00:00' {MEDIA}/{UPLOAD}")
+    before = stat(target, UPLOAD)
+    made = target.sh(f"/usr/local/sbin/{APP}-backup media 2>&1").stdout
+    snapshot = re.search(r"media snapshot \S+/(\d{8}T\d{6}Z)", made)[1]
+    listing = fab(target, "restore-media")
+    assert listing.returncode == 0 and re.search(rf"ok +snapshot {snapshot}: \d+ files, ",
+                                                 listing.stdout), listing.stdout
+    target.sh(f"rm {MEDIA}/{UPLOAD}; echo later > {MEDIA}/newer.txt; "
+              f"chown {APP}:{APP} {MEDIA}/newer.txt")
+    asked = fab(target, "restore-media", "--snapshot", snapshot, "--path", UPLOAD)
+    assert asked.returncode == 1 and "not confirmed: nothing was changed" in asked.stdout
+    assert f"1 to put back from {snapshot}: {UPLOAD}" in asked.stdout, asked.stdout
+    assert target.sh(f"test -e {MEDIA}/{UPLOAD}", check=False).returncode == 1
+    done = fab(target, "restore-media", "--snapshot", snapshot, "--path", UPLOAD, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"put back 1 from {snapshot}: {UPLOAD}" in done.stdout
+    assert stat(target, UPLOAD) == before
+    again = fab(target, "restore-media", "--snapshot", snapshot, "--path", UPLOAD, "--yes")
+    assert again.returncode == 0 and "as in snapshot" in again.stdout, again.stdout
+    assert changed_count(again.stdout) == 0
+    # the whole tree: the upload made after the snapshot stays unless --delete
+    target.sh(f"rm -r {MEDIA}/uploads")
+    whole = fab(target, "restore-media", "--snapshot", snapshot, "--yes")
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert stat(target, UPLOAD) == before
+    assert target.sh(f"stat -c '%U %G %a' {MEDIA}/uploads/2026").stdout == f"{APP} {APP} 750\n"
+    assert target.sh(f"cat {MEDIA}/newer.txt").stdout == "later\n"
+    exact = fab(target, "restore-media", "--snapshot", snapshot, "--delete", "--yes")
+    assert exact.returncode == 0 and "deleted 1 the snapshot does not have: newer.txt" \
+        in exact.stdout, exact.stdout
+    assert target.sh(f"test -e {MEDIA}/newer.txt", check=False).returncode == 1
+
+
+def test_restore_media_refuses_bad_input_before_changing_anything(target, stack):
+    for args, error in ((["--snapshot", "20261130T000000Z", "--path", "../../etc/passwd"],
+                         "inside the media folder"),
+                        (["--snapshot", "last-tuesday"], "a snapshot's name is its UTC time")):
+        res = fab(target, "restore-media", *args)
+        assert res.returncode == 1 and error in res.stdout, res.stdout
+        assert "(0 SSH round trips)" in res.stdout
+    res = fab(target, "restore-media", "--snapshot", "20000101T000000Z", "--yes")
+    assert res.returncode == 1 and "no snapshot 20000101T000000Z (there are: " in res.stdout
