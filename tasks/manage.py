@@ -25,7 +25,7 @@ from fabric import task
 from fabric.executor import Executor as FabricExecutor
 from invoke.exceptions import Exit
 
-from .host import StepFailed, session
+from .host import MASK, StepFailed, session
 from .primitives import q
 
 FORWARDED = "DJANGO_SUPERUSER_"
@@ -98,7 +98,7 @@ class MaskedLines:
 
     def _masked(self, text: str) -> str:
         for value in self.extra:
-            text = text.replace(value, "********")
+            text = text.replace(value, MASK)
         return self.mask(text)
 
     def write(self, text: str) -> None:
