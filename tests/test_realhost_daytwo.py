@@ -288,7 +288,8 @@ def stat(target, path: str) -> str:
 
 
 def test_restore_media_puts_a_deleted_upload_back(target, stack):
-    target.sh(f"rm -rf {MEDIA}/uploads {MEDIA}/newer.txt; "
+    # the backup module's faked clock leaves newer snapshots, which would rotate ours away
+    target.sh(f"rm -rf {MEDIA}/uploads {MEDIA}/newer.txt /opt/{APP}/backup/media/*; "
               f"install -d -o {APP} -g {APP} -m 0750 {MEDIA}/uploads {MEDIA}/uploads/2026; "
               f"head -c 100000 /dev/urandom > /root/photo.bin; "
               f"install -o {APP} -g {APP} -m 0660 /root/photo.bin {MEDIA}/{UPLOAD}; "
