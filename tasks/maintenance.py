@@ -16,8 +16,8 @@ import os
 from fabric import task
 
 from .host import StepFailed, session
-from .nginx import MAINTENANCE_DIR, maintenance_page, site_resources
-from .primitives import Directory, File, ensure, q, render
+from .nginx import MAINTENANCE_DIR, Site, maintenance_page, site_resources
+from .primitives import Directory, File, Service, ensure, q, render
 
 MESSAGE_MAX = 1000  # characters
 HEADER = "X-Fabstack-Maintenance"  # files/nginx-app.conf.j2 adds it while the page is on
@@ -47,15 +47,38 @@ def wait_until_live(h, on: bool) -> None:
 
 
 def maintenance_resources(h, on: bool, message: str | None) -> list:
+    """On: the page, then the site that shows it. Off: the site without the page (its
+    maintenance version would answer 404 once the page is gone); the page goes afterwards,
+    once NGINX serves the app again (:func:`turn_off`)."""
     s = h.settings
     page = maintenance_page(s)
     if not on:
-        return [File(page, present=False), *site_resources(h)]
+        return [Site(s, maintenance=False), Service("nginx")]
     return [Directory(MAINTENANCE_DIR, "root", "root", 0o755),
             Directory(os.path.dirname(page), "root", "root", 0o755),
             File(page, render("maintenance.html.j2", s, **({"message": message}
                                                           if message else {})), mode=0o644),
             *site_resources(h)]
+
+
+def page_on_during_deploy(h) -> bool:
+    """Turn the page on for ``fab deploy --maintenance``; False when it was on already (the
+    operator's, with its message: the deploy leaves it as it is)."""
+    (state,) = h.probe([f"test -e {q(maintenance_page(h.settings))} && echo on; true"])
+    if state.strip() == "on":
+        h.ok("maintenance page", "on already: left on after the deploy")
+        return False
+    ensure(h, *maintenance_resources(h, True, None))
+    wait_until_live(h, True)
+    return True
+
+
+def turn_off(h) -> None:
+    """The site without the page, live, then the page removed."""
+    ensure(h, *maintenance_resources(h, False, None))
+    if not h.check:
+        wait_until_live(h, False)
+    ensure(h, File(maintenance_page(h.settings), present=False))
 
 
 @task(positional=["state"],
@@ -74,6 +97,9 @@ def maintenance(c, state, message=None, check=False):
         if message is not None and len(message) > MESSAGE_MAX:
             raise StepFailed("maintenance", f"--message is {len(message)} characters long; "
                              f"at most {MESSAGE_MAX}")
-        ensure(h, *maintenance_resources(h, state == "on", message))
+        if state == "off":
+            turn_off(h)
+            return
+        ensure(h, *maintenance_resources(h, True, message))
         if not h.check:
-            wait_until_live(h, state == "on")
+            wait_until_live(h, True)

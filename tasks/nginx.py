@@ -62,8 +62,9 @@ class Site(Resource):
     for the maintenance page (``fab maintenance``): while it exists, each version shows it.
     """
 
-    def __init__(self, s):
+    def __init__(self, s, maintenance: bool | None = None):
         self.page = maintenance_page(s)
+        self.forced = maintenance  # None: follow the page; fab maintenance off says False
 
         def version(template: str, maintenance: bool) -> File:
             return config_file(site_path(s), render(template, s, maintenance=maintenance,
@@ -96,6 +97,8 @@ class Site(Resource):
         maintenance = rest.startswith("maintenance\n")
         if maintenance:
             rest = rest.split("\n", 1)[1]
+        if self.forced is not None:
+            maintenance = self.forced
         files = {(False, False): self.http, (True, False): self.tls,
                  (False, True): self.http_maintenance, (True, True): self.tls_maintenance}
         outcome = files[tls, maintenance].plan(rest, host)

@@ -166,14 +166,19 @@ def test_the_message_is_html_escaped(settings):
     assert "back shortly" in render("maintenance.html.j2", settings)
 
 
-def test_maintenance_off_removes_the_page_first(make_host):
+def test_maintenance_off_puts_the_site_back_before_the_page_goes(make_host, settings):
     h, _ = make_host()
     on = maintenance.maintenance_resources(h, True, "x")
-    off = maintenance.maintenance_resources(h, False, None)
     page = nginx.maintenance_page(h.settings)
     assert [r.path for r in on if isinstance(r, File)] == [page]
-    assert isinstance(off[0], File) and off[0].path == page and not off[0].present
-    assert isinstance(on[-2], nginx.Site) and isinstance(off[-2], nginx.Site)
+    assert isinstance(on[-2], nginx.Site) and on[-2].forced is None
+    off = maintenance.maintenance_resources(h, False, None)
+    assert not any(isinstance(r, File) for r in off)
+    assert isinstance(off[0], nginx.Site) and off[0].forced is False
+    normal = render("nginx-site-tls.conf.j2", settings)
+    state = f"regular file|root|root|644\n{hashlib.sha256(normal.encode()).hexdigest()}\n\n"
+    outcome = off[0].plan("tls\nmaintenance\n" + state, SimpleNamespace(check=False))
+    assert isinstance(outcome, Ok) and outcome.message.endswith("[HTTPS]")
 
 
 def test_status_says_when_the_page_is_on(settings):

@@ -266,6 +266,32 @@ def test_maintenance_on_shows_the_page_but_not_to_the_host(target, stack, pebble
     assert "maintenance" not in fab(target, "status").stdout
 
 
+def test_deploy_with_maintenance_shows_the_page_meanwhile(target, stack, pebble, tmp_path):
+    """Requests from outside during the deploy: the page (503) for a while, never a 502."""
+    fab(target, "maintenance", "off")  # a reused sandbox may have it on
+    codes = tmp_path / "codes"
+    loop = subprocess.Popen(
+        ["sh", "-c", f"while :; do curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 5 "
+                     f"--noproxy '*' --cacert {pebble.issuing_root} --resolve "
+                     f"{DOMAIN}:443:{target.info.ip} https://{DOMAIN}/ >> {codes}; sleep 0.1; "
+                     "done"])
+    try:
+        time.sleep(1)
+        res = fab(target, "deploy", "--force", "--maintenance")
+        time.sleep(1)
+    finally:
+        loop.terminate()
+        loop.wait()
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert out.index("maintenance page: on:") < out.index("migrations:") < \
+        out.index("maintenance page: off:"), out
+    seen = codes.read_text().split()
+    assert "503" in seen and seen[-1] == "200", seen
+    assert set(seen) <= {"200", "503"}, seen
+    assert not target.sh(f"ls /var/www/fabstack-maintenance/{APP}/").stdout.strip()
+
+
 def test_maintenance_refuses_bad_input_before_changing_anything(target, stack):
     for args, error in ((["maybe"], "'maybe': say on or off"),
                         (["off", "--message", "x"], "--message goes with on, not off"),
