@@ -23,6 +23,7 @@ from .primitives import (
     Packages,
     User,
     ensure,
+    q,
     render,
 )
 
@@ -54,7 +55,9 @@ def base_resources(h) -> list:
     return [
         *network_resources(h),
         AptUpdate(int(s["APT_CACHE_MAX_AGE"])),
-        DistUpgrade(record=not h.check),
+        # UPGRADE empty: a host whose app user exists was provisioned before.
+        DistUpgrade(record=not h.check, mode=s["UPGRADE"] or "first",
+                    provisioned=f"getent passwd {q(app)}"),
         Packages(s["BASE_PACKAGES"].split() + ["ca-certificates", "curl", "ufw"]),
         Group(app),
         User(app, group=app, home=s.home_dir),

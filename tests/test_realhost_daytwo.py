@@ -1,5 +1,5 @@
 """Day-two tasks on the real sandbox host, on the converged stack (issue 14): ``fab manage``,
-``fab logs``, ``fab maintenance``, ``fab restore-media``."""
+``fab logs``, ``fab maintenance``, ``fab restore-media``, and provision's UPGRADE setting."""
 
 import fcntl
 import os
@@ -361,3 +361,49 @@ def test_restore_media_refuses_bad_input_before_changing_anything(target, stack)
         assert "(0 SSH round trips)" in res.stdout
     res = fab(target, "restore-media", "--snapshot", "20000101T000000Z", "--yes")
     assert res.returncode == 1 and "no snapshot 20000101T000000Z (there are: " in res.stdout
+
+
+# -- provision's UPGRADE setting -----------------------------------------------------------
+
+# Upgrades are made pending by lowering the versions dpkg records: net-tools' candidate is in
+# bookworm-security, build-essential's in bookworm only; neither has maintainer scripts (which
+# would run for an upgrade from the made-up version).
+SECURITY, OTHER = "net-tools", "build-essential"
+
+
+def versions(target) -> dict[str, str]:
+    out = target.sh(f"dpkg-query -W -f '${{Package}} ${{Version}}\\n' {SECURITY} {OTHER}").stdout
+    return dict(line.split() for line in out.splitlines())
+
+
+def set_version(target, package: str, value: str) -> None:
+    target.sh(f"sed -i '/^Package: {package}$/,/^$/ s/^Version: .*/Version: {value}/' "
+              "/var/lib/dpkg/status")
+
+
+def test_provision_installs_pending_upgrades_only_when_the_settings_say_so(target, stack):
+    real = versions(target)
+    low = {SECURITY: "0.1-1", OTHER: "0.1-1"}
+    for package, value in low.items():
+        set_version(target, package, value)
+    try:
+        assert versions(target) == low
+        for setting in ({}, {"UPGRADE": "off"}):  # empty: off on a provisioned host
+            target.write_env(**stack, **setting)
+            res = target.fab("provision.base")
+            assert versions(target) == low, res.stdout
+            assert re.search(r"ok +system upgrade: 2 upgrades pending, not installed \(UPGRADE="
+                             r"(empty|off)\)", res.stdout), res.stdout
+            assert changed_count(res.stdout) == 0
+        target.write_env(**stack, UPGRADE="security")
+        res = target.fab("provision.base")
+        assert f"upgraded 1 security packages: {SECURITY} (1 other upgrades left" in res.stdout
+        assert versions(target) == {SECURITY: real[SECURITY], OTHER: "0.1-1"}, res.stdout
+        target.write_env(**stack, UPGRADE="all")
+        res = target.fab("provision.base")
+        assert f"changed      system upgrade: upgraded 1 packages: {OTHER}" in res.stdout
+        assert versions(target) == real
+    finally:
+        target.write_env(**stack)
+        for package, value in real.items():
+            set_version(target, package, value)
