@@ -26,9 +26,11 @@ from .primitives import (
     q,
     render,
 )
+from .settings import is_true
 
 EXTRA_CA_PATH = "/usr/local/share/ca-certificates/fabstack-extra.crt"
 CA_MARKER = "/var/lib/fabstack/pending/ca-certificates@update"
+AUTO_UPGRADES = "/etc/apt/apt.conf.d/20auto-upgrades"
 
 
 def network_resources(h) -> list:
@@ -48,6 +50,14 @@ def network_resources(h) -> list:
     ]
 
 
+def unattended_resources(h) -> list:
+    """Debian's unattended-upgrades (security updates between runs, its own defaults), or its
+    daily run turned off (UNATTENDED_UPGRADES)."""
+    on = is_true(h.settings["UNATTENDED_UPGRADES"])
+    periodic = File(AUTO_UPGRADES, render("auto-upgrades.j2", h.settings, on=on))
+    return [Packages(["unattended-upgrades"]), periodic] if on else [periodic]
+
+
 def base_resources(h) -> list:
     """The base system: packages, the app's user and directories, the firewall."""
     s = h.settings
@@ -59,6 +69,7 @@ def base_resources(h) -> list:
         DistUpgrade(record=not h.check, mode=s["UPGRADE"] or "first",
                     provisioned=f"getent passwd {q(app)}"),
         Packages(s["BASE_PACKAGES"].split() + ["ca-certificates", "curl", "ufw"]),
+        *unattended_resources(h),
         Group(app),
         User(app, group=app, home=s.home_dir),
         Directory(s.code_dir, "root", "root", 0o755),

@@ -282,6 +282,8 @@ KEYS: tuple[Key, ...] = (
     Key("UPGRADE", "Which pending package upgrades provision installs: off, security (from a "
         "security archive only) or all. Empty: security on a first provision, off after",
         "", check_upgrade),
+    Key("UNATTENDED_UPGRADES", "True: Debian's unattended-upgrades installs security updates "
+        "daily between runs; False: it does not", "True", check_bool),
     Key("HTTP_PROXY", "Proxy the host uses for apt and pip, e.g. http://10.0.0.1:3128 "
         "(empty: direct)", "", check_url),
     Key("EXTRA_CA_CERT", "Local path of a PEM file with extra CA certificates the host must "

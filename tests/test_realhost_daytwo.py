@@ -407,3 +407,25 @@ def test_provision_installs_pending_upgrades_only_when_the_settings_say_so(targe
         target.write_env(**stack)
         for package, value in real.items():
             set_version(target, package, value)
+
+
+def test_unattended_upgrades_on_by_default_and_off_when_asked(target, stack):
+    periodic = "apt-config dump APT::Periodic | grep APT::Periodic:: | sort"
+    try:
+        res = target.fab("provision.base")
+        assert target.sh("dpkg-query -W -f '${Status}' unattended-upgrades").stdout == \
+            "install ok installed"
+        assert target.sh(periodic).stdout == ('APT::Periodic::Unattended-Upgrade "1";\n'
+                                              'APT::Periodic::Update-Package-Lists "1";\n')
+        dry = target.sh("unattended-upgrade --dry-run --debug 2>&1 | head -n 40").stdout
+        assert "origin=Debian,codename=bookworm-security" in dry, dry
+        target.write_env(**stack, UNATTENDED_UPGRADES="False")
+        res = target.fab("provision.base")
+        assert "file /etc/apt/apt.conf.d/20auto-upgrades: content changed" in res.stdout
+        assert target.sh(periodic).stdout == ('APT::Periodic::Unattended-Upgrade "0";\n'
+                                              'APT::Periodic::Update-Package-Lists "0";\n')
+        again = target.fab("provision.base")
+        assert changed_count(again.stdout) == 0, again.stdout
+    finally:
+        target.write_env(**stack)
+        target.fab("provision.base")
