@@ -18,6 +18,10 @@ from . import (
     certbot,
     db,
     deploy,
+    logs,
+    maintenance,
+    manage,
+    media,
     monitoring,
     nginx,
     provision,
@@ -37,6 +41,10 @@ def build_namespace() -> Collection:
     ns.add_task(status.status)
     for name in ("backup_db", "restore_db"):
         ns.add_task(getattr(backup, name))
+    ns.add_task(manage.manage)
+    ns.add_task(logs.logs)
+    ns.add_task(maintenance.maintenance)
+    ns.add_task(media.restore_media)
     ns.configure({"fabstack": {"env_file": ".env", "check": False,
                                "command_timeout": COMMAND_TIMEOUT,
                                "probe_timeout": PROBE_TIMEOUT}})

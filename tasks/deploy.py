@@ -325,7 +325,8 @@ def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
     h.changed("old releases", f"removed {', '.join(old)} (keeping {keep})")
 
 
-def deploy_release(h, ref: str | None = None, force: bool = False) -> None:
+def deploy_release(h, ref: str | None = None, force: bool = False,
+                   maintenance: bool = False) -> None:
     s = h.settings
     if not s["DEPLOY_REPO"]:
         raise StepFailed("release source", "DEPLOY_REPO is not set in the settings")
@@ -354,20 +355,29 @@ def deploy_release(h, ref: str | None = None, force: bool = False) -> None:
                   f"({source.commit[:12]}) over {current or 'nothing'}")
         return
     _prepare(h, source, release, current)
-    _backup_and_migrate(h, release)
-    _switch(h, release)
-    healthy, detail = health_check(h, release)
-    if not healthy:
-        if current:
-            _switch(h, current)
-            h.run(f"rm -rf {q(_layout(s)['releases'])}/{q(release)}", what="rollback")
-            raise StepFailed("health check", f"{detail}; put release {current} back "
-                             f"and removed {release}")
-        raise StepFailed("health check", f"{detail}; there is no earlier release to put "
-                         "back")
-    h.changed(f"release {release}", f"serving ({detail})")
-    _restart_workers(h)
-    _prune(h, releases + [release], int(s["RELEASES_KEEP"]), {release, current})
+    page_on = False  # fab deploy --maintenance turned the maintenance page on
+    try:
+        if maintenance:
+            from .maintenance import page_on_during_deploy
+            page_on = page_on_during_deploy(h)
+        _backup_and_migrate(h, release)
+        _switch(h, release)
+        healthy, detail = health_check(h, release)
+        if not healthy:
+            if current:
+                _switch(h, current)
+                h.run(f"rm -rf {q(_layout(s)['releases'])}/{q(release)}", what="rollback")
+                raise StepFailed("health check", f"{detail}; put release {current} back "
+                                 f"and removed {release}")
+            raise StepFailed("health check", f"{detail}; there is no earlier release to put "
+                             "back")
+        h.changed(f"release {release}", f"serving ({detail})")
+        _restart_workers(h)
+        _prune(h, releases + [release], int(s["RELEASES_KEEP"]), {release, current})
+    finally:
+        if page_on:
+            from .maintenance import turn_off
+            turn_off(h)
 
 
 def rollback_release(h) -> None:
@@ -387,11 +397,13 @@ def rollback_release(h) -> None:
 
 @task(help={"ref": "Git ref to deploy (default: DEPLOY_REF)",
             "force": "Deploy even if the commit is already current",
+            "maintenance": "Show the maintenance page from the migration to the deploy's "
+                           "end (fab maintenance)",
             "check": "Show what would be deployed and change nothing."})
-def deploy(c, ref=None, force=False, check=False):
+def deploy(c, ref=None, force=False, check=False, maintenance=False):
     """Ship a release: unpack, install requirements, back up, migrate, switch, health-check."""
     with session(c, "deploy", check) as h:
-        deploy_release(h, ref, force)
+        deploy_release(h, ref, force, maintenance)
 
 
 @task

@@ -26,10 +26,17 @@ CHECKER = "/usr/local/sbin/fabstack-nginx-check"
 DEFAULT_SITE = f"{SITES}/fabstack-default.conf"
 ACME_WEBROOT = "/var/www/letsencrypt"  # also in files/nginx-site*.conf.j2
 LIVE_DIR = "/etc/letsencrypt/live"
+MAINTENANCE_DIR = "/var/www/fabstack-maintenance"  # also in files/nginx-app.conf.j2
+MAINTENANCE_PAGE = "fabstack-maintenance.html"
 
 
 def site_path(s) -> str:
     return f"{SITES}/{s.app}.conf"
+
+
+def maintenance_page(s) -> str:
+    """The maintenance page (``fab maintenance``); while it exists the site serves it."""
+    return f"{MAINTENANCE_DIR}/{s.app}/{MAINTENANCE_PAGE}"
 
 
 def certificate_files(s) -> tuple[str, str]:
@@ -51,29 +58,55 @@ class Site(Resource):
 
     Which one is decided on the host, in the same probe that reads the file, so the choice
     costs no extra round trip and follows the certificate within a run (certbot's step
-    obtains it, then this resource is planned again and switches to HTTPS).
+    obtains it, then this resource is planned again and switches to HTTPS). The same goes
+    for the maintenance page (``fab maintenance``): while it exists, each version shows it.
     """
 
-    def __init__(self, s):
-        self.http = config_file(site_path(s), render("nginx-site.conf.j2", s))
-        self.tls = config_file(site_path(s), render("nginx-site-tls.conf.j2", s))
+    def __init__(self, s, maintenance: bool | None = None):
+        self.page = maintenance_page(s)
+        self.forced = maintenance  # None: follow the page; fab maintenance off says False
+
+        def version(template: str, maintenance: bool) -> File:
+            return config_file(site_path(s), render(template, s, maintenance=maintenance,
+                                                    maintenance_root=MAINTENANCE_DIR))
+
+        self.http = version("nginx-site.conf.j2", False)
+        self.tls = version("nginx-site-tls.conf.j2", False)
+        # While the maintenance page exists (fab maintenance on), the site shows it.
+        self.http_maintenance = version("nginx-site.conf.j2", True)
+        self.tls_maintenance = version("nginx-site-tls.conf.j2", True)
         self.wanted = https_wanted(s)
         self.files = certificate_files(s)
         self.what = self.http.what
 
+    def _pick(self, on: File, off: File) -> str:
+        return (f"if [ -e {q(self.page)} ]; then echo maintenance\n{on.probe()}\n"
+                f"else\n{off.probe()}\nfi")
+
     def probe(self) -> str:
+        http = "echo http\n" + self._pick(self.http_maintenance, self.http)
         if not self.wanted:
-            return "echo http\n" + self.http.probe()
+            return http
         chain, key = (q(f) for f in self.files)
-        return (f"if [ -s {chain} ] && [ -s {key} ]; then echo tls\n{self.tls.probe()}\n"
-                f"else echo http\n{self.http.probe()}\nfi")
+        return (f"if [ -s {chain} ] && [ -s {key} ]; then echo tls\n"
+                f"{self._pick(self.tls_maintenance, self.tls)}\nelse {http}\nfi")
 
     def plan(self, state, host):
         version, _, rest = state.partition("\n")
-        outcome = (self.tls if version.strip() == "tls" else self.http).plan(rest, host)
-        kind = "HTTPS" if version.strip() == "tls" else "HTTP only"
-        if self.wanted and kind != "HTTPS":
+        tls = version.strip() == "tls"
+        maintenance = rest.startswith("maintenance\n")
+        if maintenance:
+            rest = rest.split("\n", 1)[1]
+        if self.forced is not None:
+            maintenance = self.forced
+        files = {(False, False): self.http, (True, False): self.tls,
+                 (False, True): self.http_maintenance, (True, True): self.tls_maintenance}
+        outcome = files[tls, maintenance].plan(rest, host)
+        kind = "HTTPS" if tls else "HTTP only"
+        if self.wanted and not tls:
             kind += ", until the certificate exists"
+        if maintenance:
+            kind += "; maintenance page on"
         outcome.message = f"{outcome.message} [{kind}]"
         return outcome
 

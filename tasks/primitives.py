@@ -327,7 +327,10 @@ class Packages(Resource):
 
 
 class DistUpgrade(Resource):
-    """All installed packages upgraded (``apt-get dist-upgrade``), only when any are pending.
+    """Installed packages upgraded (``apt-get dist-upgrade``) when any are pending, as ``mode``
+    says: ``all``, ``security`` (only those from a security archive), ``off`` (report them,
+    install nothing) or ``first`` (security on a first provision, off after: the host counts
+    as provisioned once the ``provisioned`` shell test succeeds).
 
     Simulating an upgrade costs the host most of a second, so the probe skips it
     while neither the apt lists nor the installed packages changed since the
@@ -336,30 +339,57 @@ class DistUpgrade(Resource):
     """
 
     what = "system upgrade"
+    MODES = ("all", "security", "off", "first")
 
-    def __init__(self, record: bool = True):
-        self.record = record
+    def __init__(self, record: bool = True, mode: str = "all", provisioned: str = "false"):
+        if mode not in self.MODES:
+            raise ValueError(f"DistUpgrade mode must be one of {', '.join(self.MODES)}")
+        self.record, self.mode, self.provisioned = record, mode, provisioned
 
     def probe(self) -> str:
         save = (f"mkdir -p {STATE_DIR} && printf '%s' \"$key\" > {UPGRADE_STAMP}"
                 if self.record else ":")
+        first = (f"( {self.provisioned} ) >/dev/null 2>&1 || echo first-provision\n"
+                 if self.mode == "first" else "")
         return ("key=$(stat -c %Y /var/lib/dpkg/status /var/lib/apt/lists | tr '\\n' ' ')\n"
                 f"if [ \"$key\" != \"$(cat {UPGRADE_STAMP} 2>/dev/null)\" ]; then\n"
                 "  p=$(apt-get -s -o Debug::NoLocking=1 dist-upgrade 2>/dev/null"
-                " | grep '^Inst ' | cut -d' ' -f2)\n"
-                f"  if [ -z \"$p\" ]; then {save}; else echo \"$p\"; fi\nfi\n{DPKG_PROBE}")
+                " | awk '/^Inst /{print $2 ($0 ~ /-security/ ? \" security\" : \"\")}')\n"
+                f"  if [ -z \"$p\" ]; then {save}; else echo \"$p\"; fi\nfi\n{first}{DPKG_PROBE}")
 
     def plan(self, state, host):
-        pending = [word for word in state.split() if word != "dpkg=interrupted"]
+        lines = [line.split() for line in state.splitlines() if line.strip()]
+        flags = {line[0] for line in lines if line[0] in ("dpkg=interrupted", "first-provision")}
+        pending = [line[0] for line in lines if line[0] not in flags]
+        security = [line[0] for line in lines if line[1:] == ["security"]]
         if not pending:
             return Ok("no upgrades pending")
-        shown = " ".join(pending[:8])
-        if len(pending) > 8:
-            shown += f" and {len(pending) - 8} more"
-        message, script = f"upgraded {len(pending)} packages: {shown}", f"{APT_GET} dist-upgrade"
-        if "dpkg=interrupted" in state.split():  # apt would refuse to start
+        mode = self.mode
+        if mode == "first":
+            mode = "security" if "first-provision" in flags else "off"
+        why = f"UPGRADE={self.mode if self.mode != 'first' else 'empty'}"
+        if mode == "off":
+            return Ok(f"{len(pending)} upgrades pending, not installed ({why}): "
+                      f"{_some(pending)}")
+        if mode == "security" and not security:
+            return Ok(f"{len(pending)} upgrades pending, none from a security archive: not "
+                      f"installed ({why})")
+        if mode == "security":
+            message = f"upgraded {len(security)} security packages: {_some(security)}"
+            script = f"{APT_GET} install --only-upgrade -- {' '.join(map(q, security))}"
+            if len(security) < len(pending):
+                message += f" ({len(pending) - len(security)} other upgrades left: {why})"
+        else:
+            message = f"upgraded {len(pending)} packages: {_some(pending)}"
+            script = f"{APT_GET} dist-upgrade"
+        if "dpkg=interrupted" in flags:  # apt would refuse to start
             message, script = f"{DPKG_RECOVERED}; {message}", f"{DPKG_RECOVER}\n{script}"
         return Change(message, script)
+
+
+def _some(names: list[str], shown: int = 8) -> str:
+    return " ".join(names[:shown]) + (f" and {len(names) - shown} more"
+                                      if len(names) > shown else "")
 
 
 # -- users and groups ------------------------------------------------------------

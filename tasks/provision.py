@@ -27,10 +27,11 @@ from .primitives import (
     refuse_conflicts,
     render,
 )
-from .settings import url_credentials
+from .settings import is_true, url_credentials
 
 EXTRA_CA_PATH = "/usr/local/share/ca-certificates/fabstack-extra.crt"
 CA_MARKER = "/var/lib/fabstack/pending/ca-certificates@update"
+AUTO_UPGRADES = "/etc/apt/apt.conf.d/20auto-upgrades"
 
 
 def network_resources(h) -> list:
@@ -65,6 +66,14 @@ def media_readable(media_dir: str) -> Command:
                    message="made readable by all (NGINX and backups read it)")
 
 
+def unattended_resources(h) -> list:
+    """Debian's unattended-upgrades (security updates between runs, its own defaults), or its
+    daily run turned off (UNATTENDED_UPGRADES)."""
+    on = is_true(h.settings["UNATTENDED_UPGRADES"])
+    periodic = File(AUTO_UPGRADES, render("auto-upgrades.j2", h.settings, on=on))
+    return [Packages(["unattended-upgrades"]), periodic] if on else [periodic]
+
+
 def base_resources(h) -> list:
     """The base system: packages, the app's user and directories, the firewall."""
     s = h.settings
@@ -72,8 +81,11 @@ def base_resources(h) -> list:
     return [
         *network_resources(h),
         AptUpdate(int(s["APT_CACHE_MAX_AGE"])),
-        DistUpgrade(record=not h.check),
+        # UPGRADE empty: a host whose app user exists was provisioned before.
+        DistUpgrade(record=not h.check, mode=s["UPGRADE"] or "first",
+                    provisioned=f"getent passwd {q(app)}"),
         Packages(s["BASE_PACKAGES"].split() + ["ca-certificates", "curl", "ufw"]),
+        *unattended_resources(h),
         Group(app),
         User(app, group=app, home=s.home_dir),
         Directory(s.code_dir, "root", "root", 0o755),

@@ -266,6 +266,12 @@ def check_redis_policy(value: str) -> str | None:
     return None
 
 
+def check_upgrade(value: str) -> str | None:
+    if value not in ("", "off", "security", "all"):
+        return "must be empty, off, security or all"
+    return None
+
+
 def check_bool(value: str) -> str | None:
     if value.lower() not in BOOLEANS:
         return "must be True or False"
@@ -391,6 +397,11 @@ KEYS: tuple[Key, ...] = (
         "neovim net-tools git python3 virtualenv", check_packages),
     Key("APT_CACHE_MAX_AGE", "Seconds before the host's apt lists are refreshed again",
         "3600", check_positive_int),
+    Key("UPGRADE", "Which pending package upgrades provision installs: off, security (from a "
+        "security archive only) or all. Empty: security on a first provision, off after",
+        "", check_upgrade),
+    Key("UNATTENDED_UPGRADES", "True: Debian's unattended-upgrades installs security updates "
+        "daily between runs; False: it does not", "True", check_bool),
     Key("HTTP_PROXY", "Proxy the host uses for apt and pip, e.g. http://10.0.0.1:3128 "
         "(empty: direct); one with user:password@ is a secret", "", check_url),
     Key("EXTRA_CA_CERT", "Local path of a PEM file with extra CA certificates the host must "

@@ -2,11 +2,12 @@
 
 Reads, without changing anything: whether each service is active, the listening TCP ports,
 the current release and when it was deployed, the newest database dump anywhere below
-/opt/APP/backup and its age, the TLS certificate's expiry, and the disk use of the app's
-data, the database and the backups. Something wrong (a service down, a certificate expiring
-within CERT_WARN_DAYS, no fresh backup, a nearly full disk) is named, and the exit status is 1,
-so the task can run from cron or CI. With several hosts (``-H a,b``) every host is reported,
-then fab exits 1 naming each unhealthy or unreachable one (tasks/executor.py).
+/opt/APP/backup and its age, the TLS certificate's expiry, the disk use of the app's data, the
+database and the backups, and whether the maintenance page is on. Something wrong (a service
+down, a certificate expiring within CERT_WARN_DAYS, no fresh backup, a nearly full disk) is
+named, and the exit status is 1, so the task can run from cron or CI. With several hosts
+(``-H a,b``) every host is reported, then fab exits 1 naming each unhealthy or unreachable one
+(tasks/executor.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from invoke.exceptions import Exit
 
 from .executor import every_host
 from .host import session
+from .nginx import maintenance_page
 from .primitives import q
 
 CERT_WARN_DAYS = 14  # a certificate closer than this to its expiry is a problem
@@ -55,6 +57,7 @@ def snippets(s) -> list[str]:
         f"du -sh -- {folders} 2>/dev/null; true",
         f"df -P -- / {q(s.code_dir)} {q(s.home_dir)} 2>/dev/null | awk 'NR > 1 {{print $5, $6}}'"
         " | sort -u",
+        f"stat -c %Y -- {q(maintenance_page(s))} 2>/dev/null; true",
     ]
 
 
@@ -95,7 +98,7 @@ class Line:
 
 def assess(s, answers: list[str]) -> list[Line]:
     """The report's lines from the probe's ``answers`` (see :func:`snippets`)."""
-    now_s, units, ss_out, release, dump, cert, du, df = answers
+    now_s, units, ss_out, release, dump, cert, du, df, maintenance = answers
     now = int(now_s.strip() or time.time())
     lines: list[Line] = []
     state = dict(line.split(" ", 1) if " " in line else (line, "unknown")
@@ -105,6 +108,12 @@ def assess(s, answers: list[str]) -> list[Line]:
         lines.append(Line("ok" if active == "active" else "failed", f"service {unit}",
                           f"{active} ({role})"))
     lines.append(Line("ok", "listening", ports(ss_out) or "nothing"))
+
+    if maintenance.strip().isdigit():
+        since = int(maintenance.strip())
+        lines.append(Line("warning", "maintenance", f"on since {when(since)} ({ago(now - since)} "
+                          "ago): the app's visitors get the maintenance page (fab maintenance "
+                          "off)"))
 
     rel = release.split()
     if len(rel) == 2 and rel[1].isdigit():

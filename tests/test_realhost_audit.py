@@ -68,11 +68,17 @@ CONVERGING = ("provision.all", "provision.base", "python.setup", "db.setup", "ba
 ACTIONS = {
     "backup-db": "makes a new dump every time (tests/test_realhost_backup.py)",
     "restore-db": "restores a dump on purpose, after asking (tests/test_realhost_backup.py)",
+    "restore-media": "puts uploads back on purpose, after asking "
+                     "(tests/test_realhost_daytwo.py)",
     "rollback": "switches to the previous release on purpose (tests/test_realhost_deploy.py)",
     "celery.restart": "restarts the workers on purpose",
     "releases": "reads only: checked below to leave the host as it was",
     "status": "reads only: checked below to leave the host as it was",
+    "logs": "reads only: checked below to leave the host as it was",
     "db.psql": "an interactive session",
+    "manage": "runs a manage.py command on purpose (tests/test_realhost_daytwo.py)",
+    "maintenance": "takes on or off; each is run twice, the second changing nothing, in "
+                   "tests/test_realhost_daytwo.py",
     "db.redis-cli": "an interactive session",
     "certbot.renew-dry-run": "rehearses a renewal with the CA (tests/test_realhost_web.py)",
     "sandbox.demo": "runs on this machine, not the target",
@@ -80,7 +86,7 @@ ACTIONS = {
     "sandbox.status": "runs on this machine, not the target",
     "sandbox.up": "runs on this machine, not the target",
 }
-READ_ONLY = ("releases", "status")
+READ_ONLY = ("releases", "status", "logs")
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +278,7 @@ def test_every_converging_task_changes_nothing_the_second_time(target, stack):
 
 
 def test_read_only_actions_leave_the_host_as_it_was(target, stack):
-    """releases and status only read: the host's state is the same afterwards."""
+    """releases, status and logs only read: the host's state is the same afterwards."""
     before = host_state(target)
     for name in READ_ONLY:
         target.fab(name, check=False)  # status exits 1 on a problem: it still only reads

@@ -1,0 +1,219 @@
+"""``fab restore-media``: put uploads back from a media snapshot of the backup script.
+
+The snapshots are ``/opt/APP/backup/media/<UTC time>/`` (``APP-backup media``, daily with the
+scheduled backup). Without ``--snapshot`` the task lists them. With one, it puts back the whole
+media tree, or the file or folder ``--path`` names (relative to the media folder), and gives
+each entry the mode and owner it had when the snapshot was taken (its ``.fabstack-media-meta``;
+a snapshot older than that record gets the media folder's owner, 0644 files and 0755
+folders) and its time. Uploads are never lost unless asked: a file newer on the host than in
+the snapshot is kept, and files the snapshot does not have stay, unless ``--delete`` makes the
+tree exactly the snapshot's. What would change is shown first and must be confirmed (``--yes``
+skips the question).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import sys
+
+from fabric import task
+
+from .host import StepFailed, session
+from .primitives import q
+
+SNAPSHOT_RE = re.compile(r"^\d{8}T\d{6}Z$")  # as in files/backup.py.j2
+META_NAME = ".fabstack-media-meta"  # as in files/backup.py.j2
+SHOWN = 20  # entries of a plan listed in the report
+
+# Runs as root on the host: python3 - JSON. Compares (and with "apply" restores) the snapshot's
+# entries below "path" with the media folder's; prints one JSON object: what it did or would do.
+RESTORE_PY = r'''
+import filecmp, grp, json, os, pwd, shutil, sys
+a = json.loads(sys.argv[1])
+snap, media, rel, delete, apply = a["snapshot"], a["media"], a["path"], a["delete"], a["apply"]
+try:
+    with open(os.path.join(snap, a["meta_name"])) as f:
+        meta = json.load(f)
+except (OSError, ValueError):
+    meta = None
+top = os.stat(media)
+out = {"restored": [], "newer": [], "deleted": [], "same": 0, "meta": meta is not None}
+
+def wanted(p, is_dir):
+    if meta is not None and p in meta:
+        mode, owner, group = meta[p]
+        try:
+            return mode, pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid
+        except KeyError:
+            pass
+    return (0o755 if is_dir else 0o644), top.st_uid, top.st_gid
+
+def fix(p, dst, src):
+    mode, uid, gid = wanted(p, os.path.isdir(src))
+    st = os.lstat(dst)
+    if (st.st_mode & 0o7777, st.st_uid, st.st_gid) != (mode, uid, gid):
+        if apply:
+            os.chown(dst, uid, gid)
+            os.chmod(dst, mode)
+        return True
+    return False
+
+def entries(root):
+    if os.path.isfile(root):
+        yield ""
+        return
+    yield ""
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            p = os.path.relpath(os.path.join(folder, name), root)
+            if p != a["meta_name"]:
+                yield p
+
+src_root, dst_root = os.path.join(snap, rel), os.path.join(media, rel)
+parts = rel.split("/")[:-1] if rel else []
+for i in range(len(parts)):  # folders above --path that are gone come back first
+    p = "/".join(parts[:i + 1])
+    if not os.path.isdir(os.path.join(media, p)):
+        out["restored"].append(p + "/")
+        if apply:
+            os.mkdir(os.path.join(media, p))
+            fix(p, os.path.join(media, p), os.path.join(snap, p))
+for sub in entries(src_root):
+    src = os.path.join(src_root, sub) if sub else src_root
+    dst = os.path.join(dst_root, sub) if sub else dst_root
+    p = os.path.normpath(os.path.join(rel, sub)) if rel or sub else ""
+    p = "" if p == "." else p
+    if os.path.islink(src):
+        continue
+    if os.path.isdir(src):
+        if not os.path.isdir(dst):
+            out["restored"].append(p + "/")
+            if apply:
+                os.makedirs(dst, exist_ok=True)
+        if (fix(p, dst, src) if os.path.isdir(dst) else False) and p + "/" not in out["restored"]:
+            out["restored"].append(p + "/")
+        continue
+    if os.path.isfile(dst) and filecmp.cmp(src, dst, shallow=False):
+        if fix(p, dst, src):
+            out["restored"].append(p)
+        else:
+            out["same"] += 1
+        continue
+    if os.path.isfile(dst) and os.stat(dst).st_mtime > os.stat(src).st_mtime and not delete:
+        out["newer"].append(p)
+        continue
+    out["restored"].append(p)
+    if apply:
+        tmp = os.path.join(os.path.dirname(dst), ".fabstack-restore." + os.path.basename(dst))
+        shutil.copyfile(src, tmp)
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dst)
+        fix(p, dst, src)
+if delete and os.path.isdir(dst_root) and os.path.isdir(src_root):
+    for folder, dirs, files in os.walk(dst_root, topdown=False):
+        for name in files + dirs:
+            dst = os.path.join(folder, name)
+            src = os.path.join(src_root, os.path.relpath(dst, dst_root))
+            if not os.path.lexists(src):
+                out["deleted"].append(os.path.relpath(dst, media))
+                if apply:
+                    if os.path.isdir(dst) and not os.path.islink(dst):
+                        shutil.rmtree(dst)
+                    else:
+                        os.unlink(dst)
+print(json.dumps(out))
+'''
+
+
+def clean_path(path: str) -> str:
+    """``--path`` as a relative path inside the media folder; StepFailed when it leaves it."""
+    rel = posixpath.normpath(path.strip().lstrip("/"))
+    if rel.startswith("media/"):
+        rel = rel[len("media/"):]
+    if not path.strip() or rel in (".", "") or rel == ".." or rel.startswith("../"):
+        raise StepFailed("restore-media", f"--path {path!r}: give a file or folder inside "
+                         "the media folder, e.g. uploads/2026/photo.jpg")
+    return rel
+
+
+def snapshots(h) -> list[tuple[str, str, str]]:
+    """The media snapshots on the host, oldest first: (name, files, size)."""
+    base = f"{h.settings.backup_dir}/media"
+    (listing,) = h.probe([f"for d in {q(base)}/*/; do [ -d \"$d\" ] || continue; "
+                          "n=$(basename \"$d\"); "
+                          "echo \"$n $(find \"$d\" -type f ! -name "
+                          f"{META_NAME} | wc -l) $(du -sh \"$d\" | cut -f1)\"; done"])
+    rows = [tuple(line.split()) for line in listing.splitlines() if len(line.split()) == 3]
+    return sorted(row for row in rows if SNAPSHOT_RE.match(row[0]))
+
+
+def plan(h, snapshot: str, rel: str, delete: bool, apply: bool) -> dict:
+    s = h.settings
+    args = {"snapshot": f"{s.backup_dir}/media/{snapshot}", "media": s.media_dir.rstrip("/"),
+            "path": rel, "delete": delete, "apply": apply, "meta_name": META_NAME}
+    res = h.run(f"python3 - {q(json.dumps(args))} <<'FABSTACK_EOF'\n{RESTORE_PY}FABSTACK_EOF",
+                what="restore-media")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def listed(items: list[str]) -> str:
+    more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+    return ", ".join(items[:SHOWN]) + more
+
+
+@task(name="restore-media",
+      help={"snapshot": "Name of a media snapshot (without it: list them)",
+            "path": "A file or folder inside the media folder (default: all of it)",
+            "delete": "Also delete what the snapshot does not have (newer uploads!)",
+            "yes": "Do not ask for confirmation"})
+def restore_media(c, snapshot=None, path=None, delete=False, yes=False):
+    """Put uploads back from a media snapshot (lists the snapshots without --snapshot)."""
+    with session(c, "restore-media") as h:
+        rel = clean_path(path) if path is not None else ""
+        if snapshot is not None and not SNAPSHOT_RE.match(snapshot):
+            raise StepFailed("restore-media", f"--snapshot {snapshot!r}: a snapshot's name is "
+                             "its UTC time, e.g. 20261130T031500Z (fab restore-media lists them)")
+        found = snapshots(h)
+        if snapshot is None:
+            for name, files, size in found:
+                h.ok(f"snapshot {name}", f"{files} files, {size}")
+            if not found:
+                h.ok("snapshots", f"none in {h.settings.backup_dir}/media")
+            return
+        if snapshot not in [row[0] for row in found]:
+            raise StepFailed("restore-media", f"no snapshot {snapshot} (there are: "
+                             f"{', '.join(r[0] for r in found) or 'none'})")
+        s = h.settings
+        where = f"{s.media_dir}/{rel}" if rel else s.media_dir
+        res = h.run(f"test -e {q(f'{s.backup_dir}/media/{snapshot}/{rel}')}",
+                    what="restore-media", check=False) if rel else None
+        if res is not None and not res.ok:
+            raise StepFailed("restore-media", f"snapshot {snapshot} has no {rel}")
+        todo = plan(h, snapshot, rel, delete, apply=False)
+        if todo["newer"]:
+            h.ok("newer on the host", f"kept: {listed(todo['newer'])} (--delete puts the "
+                 "snapshot's version back)")
+        if not todo["restored"] and not todo["deleted"]:
+            h.ok(f"media {where}", f"as in snapshot {snapshot} ({todo['same']} files the same)")
+            return
+        summary = (f"{len(todo['restored'])} to put back from {snapshot}: "
+                   f"{listed(todo['restored'])}"
+                   + (f"; {len(todo['deleted'])} to delete: {listed(todo['deleted'])}"
+                      if todo["deleted"] else ""))
+        if not yes:
+            print(f"[{h.name}] restore-media into {where}: {summary}", flush=True)
+            answer = input("Type yes to go on: ") if sys.stdin.isatty() else ""
+            if answer.strip().lower() != "yes":
+                raise StepFailed("restore-media", "not confirmed: nothing was changed "
+                                 "(--yes skips the question)")
+        done = plan(h, snapshot, rel, delete, apply=True)
+        owners = "" if done["meta"] else " (the snapshot has no record of modes and owners: " \
+            "the media folder's owner, 0644 files, 0755 folders)"
+        h.changed(f"media {where}", f"put back {len(done['restored'])} from {snapshot}: "
+                  f"{listed(done['restored'])}{owners}")
+        if done["deleted"]:
+            h.changed(f"media {where}", f"deleted {len(done['deleted'])} the snapshot does not "
+                      f"have: {listed(done['deleted'])}")

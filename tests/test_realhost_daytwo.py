@@ -1,0 +1,431 @@
+"""Day-two tasks on the real sandbox host, on the converged stack (issue 14): ``fab manage``,
+``fab logs``, ``fab maintenance``, ``fab restore-media``, and provision's UPGRADE setting."""
+
+import fcntl
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import termios
+import time
+
+from tests.conftest import FAB, REPO, ProcessSampler, changed_count
+
+APP = "ratemyderp"
+DOMAIN = "ratemyderp.test"
+ADMIN_USER, ADMIN_EMAIL = "opsadmin", "opsadmin@ratemyderp.test"
+ADMIN_PASSWORD = "Mk9su pw'\"$HOME;#x "  # marker Mk9su: must never show in any process's args
+
+
+def fab(target, *args, env=None) -> subprocess.CompletedProcess:
+    """fab on the sandbox with extra environment variables, without a terminal."""
+    environ = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file), **(env or {}))
+    return subprocess.run([FAB, "-S", str(target.info.ssh_config), "-H", target.info.alias,
+                           *args], cwd=REPO, env=environ, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=600)
+
+
+def https(target, pebble, path: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", "10", "--noproxy", "*", "--cacert",
+                           str(pebble.issuing_root), "--resolve", f"{DOMAIN}:443:{target.info.ip}",
+                           *args, f"https://{DOMAIN}{path}"], capture_output=True, text=True)
+
+
+def admin_login(target, pebble, tmp_path, password: str) -> str:
+    """Log in to the admin over HTTPS as ADMIN_USER; return the admin index page."""
+    jar = str(tmp_path / "cookies")
+    form = https(target, pebble, "/admin/login/", "-c", jar, "-b", jar)
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.stdout)
+    assert token, form.stdout[-2000:] + form.stderr
+    login = https(target, pebble, "/admin/login/?next=/admin/", "-c", jar, "-b", jar,
+                  "-H", f"Referer: https://{DOMAIN}/admin/login/",
+                  "--data-urlencode", f"csrfmiddlewaretoken={token[1]}",
+                  "--data-urlencode", f"username={ADMIN_USER}",
+                  "--data-urlencode", f"password={password}",
+                  "--data-urlencode", "next=/admin/", "-o", "/dev/null", "-w", "%{http_code}")
+    assert login.stdout == "302", login.stdout + login.stderr
+    return https(target, pebble, "/admin/", "-c", jar, "-b", jar).stdout
+
+
+def test_createsuperuser_from_the_environment_then_admin_login(target, stack, pebble,
+                                                                tmp_path):
+    env = {"DJANGO_SUPERUSER_USERNAME": ADMIN_USER, "DJANGO_SUPERUSER_EMAIL": ADMIN_EMAIL,
+           "DJANGO_SUPERUSER_PASSWORD": ADMIN_PASSWORD}
+    target.sh(f"cd / && runuser -u postgres -- psql -X -q -d {APP} -c "
+              f"\"DELETE FROM auth_user WHERE username = '{ADMIN_USER}'\"")  # a reused sandbox
+    with ProcessSampler(target) as sampler:
+        res = fab(target, "manage", "--", "createsuperuser", "--noinput", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Superuser created successfully." in res.stdout, res.stdout
+    assert "passed on: DJANGO_SUPERUSER_EMAIL, DJANGO_SUPERUSER_PASSWORD, " \
+           "DJANGO_SUPERUSER_USERNAME" in res.stdout
+    assert "createsuperuser" in sampler.text  # the sampler saw the command run
+    assert "Mk9su" not in sampler.text + res.stdout + res.stderr
+    assert not target.sh("ls -A /root | grep fabstack-manage", check=False).stdout
+    page = admin_login(target, pebble, tmp_path, ADMIN_PASSWORD)
+    assert "Site administration" in page, page[-2000:]
+    again = fab(target, "manage", "--", "createsuperuser", "--noinput", env=env)
+    assert again.returncode == 1 and "already taken" in again.stderr, again.stderr
+
+
+def test_check_deploy_streams_its_report(target, stack):
+    res = fab(target, "manage", "--", "check", "--deploy")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "System check identified" in res.stdout + res.stderr
+    assert "output streamed" in res.stdout
+    assert re.search(r"manage: 0 changed, \d+ ok, 0 failed", res.stdout), res.stdout
+
+
+def test_a_failing_command_exit_status_comes_back(target, stack):
+    res = fab(target, "manage", "--", "shell", "-c", "import sys; print('bye'); sys.exit(7)")
+    assert res.returncode == 7, res.stdout + res.stderr
+    assert "bye" in res.stdout
+    assert "exited with status 7" in res.stdout
+    # Fabric itself never ran the words after -- as a shell command on the host
+    assert "not found" not in res.stderr, res.stderr
+    bad = fab(target, "manage", "--", "nosuchcommand")
+    assert bad.returncode == 1 and "Unknown command: 'nosuchcommand'" in bad.stderr
+
+
+def test_output_is_masked_and_runs_as_the_app_user(target, stack):
+    res = fab(target, "manage", "--", "shell", "-c",
+              "import os, getpass; print(getpass.getuser(), os.getcwd()); "
+              "print('key=' + os.environ['DJANGO_SECRET_KEY'])")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{APP} /opt/{APP}/releases/" in res.stdout, res.stdout
+    assert "key=********" in res.stdout
+    assert "sandbox-key-" not in res.stdout + res.stderr
+
+
+def test_with_a_terminal_the_command_is_interactive(target, stack):
+    """A Django shell on a terminal: input typed, its answer back, exit status 0."""
+
+    def own_terminal():  # as in an operator's shell: the terminal controls fab's session
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    main, side = pty.openpty()
+    env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file))
+    proc = subprocess.Popen([FAB, "-S", str(target.info.ssh_config), "-H", target.info.alias,
+                             "manage", "--", "shell", "-i", "python"], cwd=REPO, env=env,
+                            stdin=side, stdout=side, stderr=side, close_fds=True,
+                            preexec_fn=own_terminal)
+    os.close(side)
+    seen, sent = b"", False
+    end = time.monotonic() + 120
+    try:
+        while time.monotonic() < end and proc.poll() is None:
+            ready, _, _ = select.select([main], [], [], 1)
+            if ready:
+                try:
+                    seen += os.read(main, 4096)
+                except OSError:
+                    break
+            if not sent and b">>> " in seen:
+                os.write(main, b"print(6 * 7, 'x')\nexit()\n")
+                sent = True
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+    text = seen.decode(errors="replace")
+    assert "with a terminal" in text, text
+    assert "42 x" in text, text
+    assert proc.returncode == 0, text
+
+
+# -- fab logs ------------------------------------------------------------------------------
+
+STAMPED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ([\w./-]+) \| ")
+
+
+def test_logs_show_the_workers_start_after_a_restart(target, stack):
+    target.sh("systemctl restart celery.service")
+    res = fab(target, "logs", "--unit", "celery", "--since", "5min")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    ready = [line for line in lines if re.search(r"^\S+ \S+ celery/w1[^ ]*\.log \| .*ready\.$",
+                                                   line)]
+    assert ready, res.stdout[-3000:]
+    stamp = time.mktime(time.strptime(STAMPED.match(ready[-1])[1], "%Y-%m-%d %H:%M:%S"))
+    assert abs(stamp - time.mktime(time.gmtime())) < 300
+    assert any(re.search(r" celery \| Started celery\.service", line) for line in lines)
+    assert all(STAMPED.match(line) for line in lines if not line.startswith("[dd-sandbox]")
+               and not line.startswith(f"[{target.info.alias}]")), res.stdout[-3000:]
+    assert not any(" app " in line or " nginx" in line for line in lines)
+
+
+def test_a_secret_the_app_logs_is_masked(target, stack, pebble):
+    password = "sandbox-db-password"  # DB_PASSWORD of the sandbox's settings
+    https(target, pebble, f"/no-such-page/{password}/")
+    res = fab(target, "logs", "--unit", "app", "--since", "5min")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "app | " in res.stdout and "Not Found: /no-such-page/********/" in res.stdout, \
+        res.stdout[-3000:]
+    assert re.search(r" app/gunicorn-access\.log \| .*/no-such-page/\*+/", res.stdout)
+    assert password not in res.stdout + res.stderr
+
+
+def test_all_units_merged_in_time_order(target, stack):
+    res = fab(target, "logs", "--since", "10min")
+    assert res.returncode == 0, res.stdout + res.stderr
+    stamped = [STAMPED.match(line) for line in res.stdout.splitlines()]
+    stamped = [m for m in stamped if m]
+    units = {m[2].split("/")[0] for m in stamped}
+    assert {"app", "celery", "beat"} <= units, units
+    times = [m[1] for m in stamped]
+    assert times == sorted(times)
+
+
+def test_follow_prints_new_lines_and_stops_on_the_host(target, stack):
+    environ = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file))
+    proc = subprocess.Popen([FAB, "-S", str(target.info.ssh_config), "-H", target.info.alias,
+                             "logs", "--unit", "celery", "--since", "1s", "--follow"], cwd=REPO,
+                            env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True)
+    seen = ""
+    try:
+        time.sleep(3)
+        target.sh("systemctl restart celery.service")
+        end = time.monotonic() + 60
+        while time.monotonic() < end and "ready." not in seen:
+            ready, _, _ = select.select([proc.stdout], [], [], 1)
+            if ready:
+                seen += proc.stdout.readline()
+        assert "ready." in seen, seen
+        assert proc.poll() is None  # still following
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    # the followers on the host end with fab's connection
+    time.sleep(3)
+    left = target.sh("pgrep -a -x journalctl; pgrep -a -x tail; true").stdout
+    assert not left.strip(), left
+
+
+def test_logs_refuse_bad_options_before_reading_anything(target, stack):
+    res = fab(target, "logs", "--unit", "mysql")
+    assert res.returncode == 1
+    assert "--unit 'mysql': choose one of app, celery, beat, nginx, postgresql, redis, backup" \
+        in res.stdout, res.stdout
+    res = fab(target, "logs", "--since", "yesterday")
+    assert res.returncode == 1 and "30s, 5min, 1h, 2d" in res.stdout, res.stdout
+
+
+# -- fab maintenance -----------------------------------------------------------------------
+
+def head_and_body(res: subprocess.CompletedProcess) -> tuple[int, dict[str, str], str]:
+    head, _, body = res.stdout.partition("\n\n")  # text mode: CRLF is read as LF
+    lines = head.splitlines()
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def from_the_host(path: str) -> str:
+    return (f"curl -sS -k -o /dev/null -w '%{{http_code}}' --resolve {DOMAIN}:443:127.0.0.1 "
+            f"https://{DOMAIN}{path}")
+
+
+def test_maintenance_on_shows_the_page_but_not_to_the_host(target, stack, pebble):
+    message = "<b>Upgrading</b> the database & more"
+    fab(target, "maintenance", "off")  # a reused sandbox may have it on
+    try:
+        on = fab(target, "maintenance", "on", "--message", message)
+        assert on.returncode == 0, on.stdout + on.stderr
+        assert "maintenance page on]" in on.stdout and "nginx.service: reloaded" in on.stdout
+        code, headers, body = head_and_body(https(target, pebble, "/", "-i"))
+        assert code == 503 and headers.get("retry-after") == "300", (code, headers)
+        assert "Down for maintenance" in body
+        assert "&lt;b&gt;Upgrading&lt;/b&gt; the database &amp; more" in body, body
+        code, _, body = head_and_body(https(target, pebble, "/admin/login/", "-i", "-d", "x=1"))
+        assert code == 503 and "Down for maintenance" in body
+        code, _, body = head_and_body(https(target, pebble, "/static/demo/site.css", "-i"))
+        assert code == 200 and "{" in body
+        assert target.sh(from_the_host("/health/")).stdout == "200"
+        # a deploy runs behind the page: its health check reaches the app
+        deploy = fab(target, "deploy", "--force")
+        assert deploy.returncode == 0 and "serving (HTTP 200" in deploy.stdout, deploy.stdout
+        again = fab(target, "maintenance", "on", "--message", message)
+        assert again.returncode == 0 and changed_count(again.stdout) == 0, again.stdout
+        kept = fab(target, "nginx")  # provision's NGINX step keeps the page on
+        assert kept.returncode == 0 and changed_count(kept.stdout) == 0, kept.stdout
+        st = fab(target, "status")
+        assert re.search(r"warning +maintenance: on since ", st.stdout), st.stdout
+    finally:
+        off = fab(target, "maintenance", "off")
+    assert off.returncode == 0, off.stdout + off.stderr
+    assert "file /var/www/fabstack-maintenance/ratemyderp/fabstack-maintenance.html: removed" \
+        in off.stdout
+    code, _, body = head_and_body(https(target, pebble, "/", "-i"))
+    assert code == 200 and "release: " in body
+    again = fab(target, "maintenance", "off")
+    assert again.returncode == 0 and changed_count(again.stdout) == 0, again.stdout
+    assert "maintenance" not in fab(target, "status").stdout
+
+
+def test_deploy_with_maintenance_shows_the_page_meanwhile(target, stack, pebble, tmp_path):
+    """Requests from outside during the deploy: the page (503) for a while, never a 502."""
+    fab(target, "maintenance", "off")  # a reused sandbox may have it on
+    codes = tmp_path / "codes"
+    loop = subprocess.Popen(
+        ["sh", "-c", f"while :; do curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 5 "
+                     f"--noproxy '*' --cacert {pebble.issuing_root} --resolve "
+                     f"{DOMAIN}:443:{target.info.ip} https://{DOMAIN}/ >> {codes}; sleep 0.1; "
+                     "done"])
+    try:
+        time.sleep(1)
+        res = fab(target, "deploy", "--force", "--maintenance")
+        time.sleep(1)
+    finally:
+        loop.terminate()
+        loop.wait()
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert out.index("maintenance page: on:") < out.index("migrations:") < \
+        out.index("maintenance page: off:"), out
+    seen = codes.read_text().split()
+    assert "503" in seen and seen[-1] == "200", seen
+    assert set(seen) <= {"200", "503"}, seen
+    assert not target.sh(f"ls /var/www/fabstack-maintenance/{APP}/").stdout.strip()
+
+
+def test_maintenance_refuses_bad_input_before_changing_anything(target, stack):
+    for args, error in ((["maybe"], "'maybe': say on or off"),
+                        (["off", "--message", "x"], "--message goes with on, not off"),
+                        (["on", "--message", " "], "--message is empty")):
+        res = fab(target, "maintenance", *args)
+        assert res.returncode == 1 and error in res.stdout, res.stdout
+        assert "(0 SSH round trips)" in res.stdout
+
+
+# -- fab restore-media ---------------------------------------------------------------------
+
+MEDIA = f"/var/opt/{APP}/media"
+UPLOAD = "uploads/2026/photo.bin"
+
+
+def stat(target, path: str) -> str:
+    """Bytes (sha256), owner, group, mode and time of ``path`` on the host."""
+    return target.sh(f"cd {MEDIA} && sha256sum {path} | cut -c1-64 && "
+                     f"stat -c '%U %G %a %Y' {path}").stdout
+
+
+def test_restore_media_puts_a_deleted_upload_back(target, stack):
+    # the backup module's faked clock leaves newer snapshots, which would rotate ours away
+    target.sh(f"rm -rf {MEDIA}/uploads {MEDIA}/newer.txt /opt/{APP}/backup/media/*; "
+              f"install -d -o {APP} -g {APP} -m 0750 {MEDIA}/uploads {MEDIA}/uploads/2026; "
+              f"head -c 100000 /dev/urandom > /root/photo.bin; "
+              f"install -o {APP} -g {APP} -m 0660 /root/photo.bin {MEDIA}/{UPLOAD}; "
+              f"touch -d '2026-11-01 10:00:00' {MEDIA}/{UPLOAD}")
+    before = stat(target, UPLOAD)
+    made = target.sh(f"/usr/local/sbin/{APP}-backup media 2>&1").stdout
+    snapshot = re.search(r"media snapshot \S+/(\d{8}T\d{6}Z)", made)[1]
+    listing = fab(target, "restore-media")
+    assert listing.returncode == 0 and re.search(rf"ok +snapshot {snapshot}: \d+ files, ",
+                                                 listing.stdout), listing.stdout
+    target.sh(f"rm {MEDIA}/{UPLOAD}; echo later > {MEDIA}/newer.txt; "
+              f"chown {APP}:{APP} {MEDIA}/newer.txt")
+    asked = fab(target, "restore-media", "--snapshot", snapshot, "--path", UPLOAD)
+    assert asked.returncode == 1 and "not confirmed: nothing was changed" in asked.stdout
+    assert f"1 to put back from {snapshot}: {UPLOAD}" in asked.stdout, asked.stdout
+    assert target.sh(f"test -e {MEDIA}/{UPLOAD}", check=False).returncode == 1
+    done = fab(target, "restore-media", "--snapshot", snapshot, "--path", UPLOAD, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"put back 1 from {snapshot}: {UPLOAD}" in done.stdout
+    assert stat(target, UPLOAD) == before
+    again = fab(target, "restore-media", "--snapshot", snapshot, "--path", UPLOAD, "--yes")
+    assert again.returncode == 0 and "as in snapshot" in again.stdout, again.stdout
+    assert changed_count(again.stdout) == 0
+    # the whole tree: the upload made after the snapshot stays unless --delete
+    target.sh(f"rm -r {MEDIA}/uploads")
+    whole = fab(target, "restore-media", "--snapshot", snapshot, "--yes")
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert stat(target, UPLOAD) == before
+    assert target.sh(f"stat -c '%U %G %a' {MEDIA}/uploads/2026").stdout == f"{APP} {APP} 750\n"
+    assert target.sh(f"cat {MEDIA}/newer.txt").stdout == "later\n"
+    exact = fab(target, "restore-media", "--snapshot", snapshot, "--delete", "--yes")
+    assert exact.returncode == 0 and "deleted 1 the snapshot does not have: newer.txt" \
+        in exact.stdout, exact.stdout
+    assert target.sh(f"test -e {MEDIA}/newer.txt", check=False).returncode == 1
+
+
+def test_restore_media_refuses_bad_input_before_changing_anything(target, stack):
+    for args, error in ((["--snapshot", "20261130T000000Z", "--path", "../../etc/passwd"],
+                         "inside the media folder"),
+                        (["--snapshot", "last-tuesday"], "a snapshot's name is its UTC time")):
+        res = fab(target, "restore-media", *args)
+        assert res.returncode == 1 and error in res.stdout, res.stdout
+        assert "(0 SSH round trips)" in res.stdout
+    res = fab(target, "restore-media", "--snapshot", "20000101T000000Z", "--yes")
+    assert res.returncode == 1 and "no snapshot 20000101T000000Z (there are: " in res.stdout
+
+
+# -- provision's UPGRADE setting -----------------------------------------------------------
+
+# Upgrades are made pending by lowering the versions dpkg records: net-tools' candidate is in
+# bookworm-security, build-essential's in bookworm only; neither has maintainer scripts (which
+# would run for an upgrade from the made-up version).
+SECURITY, OTHER = "net-tools", "build-essential"
+
+
+def versions(target) -> dict[str, str]:
+    out = target.sh(f"dpkg-query -W -f '${{Package}} ${{Version}}\\n' {SECURITY} {OTHER}").stdout
+    return dict(line.split() for line in out.splitlines())
+
+
+def set_version(target, package: str, value: str) -> None:
+    target.sh(f"sed -i '/^Package: {package}$/,/^$/ s/^Version: .*/Version: {value}/' "
+              "/var/lib/dpkg/status")
+
+
+def test_provision_installs_pending_upgrades_only_when_the_settings_say_so(target, stack):
+    real = versions(target)
+    low = {SECURITY: "0.1-1", OTHER: "0.1-1"}
+    for package, value in low.items():
+        set_version(target, package, value)
+    try:
+        assert versions(target) == low
+        for setting in ({}, {"UPGRADE": "off"}):  # empty: off on a provisioned host
+            target.write_env(**stack, **setting)
+            res = target.fab("provision.base")
+            assert versions(target) == low, res.stdout
+            assert re.search(r"ok +system upgrade: 2 upgrades pending, not installed \(UPGRADE="
+                             r"(empty|off)\)", res.stdout), res.stdout
+            assert changed_count(res.stdout) == 0
+        target.write_env(**stack, UPGRADE="security")
+        res = target.fab("provision.base")
+        assert f"upgraded 1 security packages: {SECURITY} (1 other upgrades left" in res.stdout
+        assert versions(target) == {SECURITY: real[SECURITY], OTHER: "0.1-1"}, res.stdout
+        target.write_env(**stack, UPGRADE="all")
+        res = target.fab("provision.base")
+        assert f"changed      system upgrade: upgraded 1 packages: {OTHER}" in res.stdout
+        assert versions(target) == real
+    finally:
+        target.write_env(**stack)
+        for package, value in real.items():
+            set_version(target, package, value)
+
+
+def test_unattended_upgrades_on_by_default_and_off_when_asked(target, stack):
+    periodic = "apt-config dump APT::Periodic | grep APT::Periodic:: | sort"
+    try:
+        res = target.fab("provision.base")
+        assert target.sh("dpkg-query -W -f '${Status}' unattended-upgrades").stdout == \
+            "install ok installed"
+        assert target.sh(periodic).stdout == ('APT::Periodic::Unattended-Upgrade "1";\n'
+                                              'APT::Periodic::Update-Package-Lists "1";\n')
+        dry = target.sh("unattended-upgrade --dry-run --debug 2>&1 | head -n 40").stdout
+        assert "origin=Debian,codename=bookworm-security" in dry, dry
+        target.write_env(**stack, UNATTENDED_UPGRADES="False")
+        res = target.fab("provision.base")
+        assert "file /etc/apt/apt.conf.d/20auto-upgrades: content changed" in res.stdout
+        assert target.sh(periodic).stdout == ('APT::Periodic::Unattended-Upgrade "0";\n'
+                                              'APT::Periodic::Update-Package-Lists "0";\n')
+        again = target.fab("provision.base")
+        assert changed_count(again.stdout) == 0, again.stdout
+    finally:
+        target.write_env(**stack)
+        target.fab("provision.base")
