@@ -91,7 +91,11 @@ class Target:
                   "EXTRA_CA_CERT": str(self.info.ca_bundle or ""),
                   "DB_PASSWORD": "sandbox-db-password", "DJANGO_SECRET_KEY": "sandbox-key-" * 5,
                   # Let's Encrypt is out of reach: plain HTTP unless a test brings Pebble.
-                  "ACME_SERVER": ""}
+                  "ACME_SERVER": "",
+                  # apt's daily timers would take dpkg's lock at moments no test chooses (seen:
+                  # apt-daily-upgrade at 06:08 under the faults module); tests/test_realhost_daytwo
+                  # turns unattended-upgrades on and checks it.
+                  "UNATTENDED_UPGRADES": "False"}
         values.update(overrides)  # a key given as None is left out
         self.env_file.write_text("".join(f"{k}={dotenv_quote(v)}\n" for k, v in values.items()
                                          if v is not None))

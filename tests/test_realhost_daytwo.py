@@ -11,7 +11,7 @@ import subprocess
 import termios
 import time
 
-from tests.conftest import FAB, REPO, ProcessSampler, changed_count
+from tests.conftest import FAB, REPO, TEST_SUITE, ProcessSampler, changed_count
 
 APP = "ratemyderp"
 DOMAIN = "ratemyderp.test"
@@ -314,11 +314,13 @@ def stat(target, path: str) -> str:
 
 
 def test_restore_media_puts_a_deleted_upload_back(target, stack):
-    # the backup module's faked clock leaves newer snapshots, which would rotate ours away
+    # the backup module's faked clock leaves newer snapshots, which would rotate ours away;
+    # media are readable by all (the backups account reads them without the app's group), but
+    # modes other than the defaults show that restore-media puts back the ones it found
     target.sh(f"rm -rf {MEDIA}/uploads {MEDIA}/newer.txt /opt/{APP}/backup/media/*; "
-              f"install -d -o {APP} -g {APP} -m 0750 {MEDIA}/uploads {MEDIA}/uploads/2026; "
+              f"install -d -o {APP} -g {APP} -m 0775 {MEDIA}/uploads {MEDIA}/uploads/2026; "
               f"head -c 100000 /dev/urandom > /root/photo.bin; "
-              f"install -o {APP} -g {APP} -m 0660 /root/photo.bin {MEDIA}/{UPLOAD}; "
+              f"install -o {APP} -g {APP} -m 0664 /root/photo.bin {MEDIA}/{UPLOAD}; "
               f"touch -d '2026-11-01 10:00:00' {MEDIA}/{UPLOAD}")
     before = stat(target, UPLOAD)
     made = target.sh(f"/usr/local/sbin/{APP}-backup media 2>&1").stdout
@@ -344,7 +346,7 @@ def test_restore_media_puts_a_deleted_upload_back(target, stack):
     whole = fab(target, "restore-media", "--snapshot", snapshot, "--yes")
     assert whole.returncode == 0, whole.stdout + whole.stderr
     assert stat(target, UPLOAD) == before
-    assert target.sh(f"stat -c '%U %G %a' {MEDIA}/uploads/2026").stdout == f"{APP} {APP} 750\n"
+    assert target.sh(f"stat -c '%U %G %a' {MEDIA}/uploads/2026").stdout == f"{APP} {APP} 775\n"
     assert target.sh(f"cat {MEDIA}/newer.txt").stdout == "later\n"
     exact = fab(target, "restore-media", "--snapshot", snapshot, "--delete", "--yes")
     assert exact.returncode == 0 and "deleted 1 the snapshot does not have: newer.txt" \
@@ -365,10 +367,12 @@ def test_restore_media_refuses_bad_input_before_changing_anything(target, stack)
 
 # -- provision's UPGRADE setting -----------------------------------------------------------
 
-# Upgrades are made pending by lowering the versions dpkg records: net-tools' candidate is in
-# bookworm-security, build-essential's in bookworm only; neither has maintainer scripts (which
+# Upgrades are made pending by lowering the versions dpkg records: SECURITY's candidate is in
+# the suite's security archive (net-tools in bookworm-security, libsmartcols1 in
+# trixie-security), build-essential's in the suite only; none has maintainer scripts (which
 # would run for an upgrade from the made-up version).
-SECURITY, OTHER = "net-tools", "build-essential"
+SECURITY = {"bookworm": "net-tools", "trixie": "libsmartcols1"}[TEST_SUITE]
+OTHER = "build-essential"
 
 
 def versions(target) -> dict[str, str]:
@@ -410,15 +414,17 @@ def test_provision_installs_pending_upgrades_only_when_the_settings_say_so(targe
 
 
 def test_unattended_upgrades_on_by_default_and_off_when_asked(target, stack):
+    """On unless the settings say False (the other modules run with it off: tests/conftest.py)."""
     periodic = "apt-config dump APT::Periodic | grep APT::Periodic:: | sort"
     try:
+        target.write_env(**stack, UNATTENDED_UPGRADES=None)  # the key left out: its default
         res = target.fab("provision.base")
         assert target.sh("dpkg-query -W -f '${Status}' unattended-upgrades").stdout == \
             "install ok installed"
         assert target.sh(periodic).stdout == ('APT::Periodic::Unattended-Upgrade "1";\n'
                                               'APT::Periodic::Update-Package-Lists "1";\n')
         dry = target.sh("unattended-upgrade --dry-run --debug 2>&1 | head -n 40").stdout
-        assert "origin=Debian,codename=bookworm-security" in dry, dry
+        assert f"origin=Debian,codename={TEST_SUITE}-security" in dry, dry
         target.write_env(**stack, UNATTENDED_UPGRADES="False")
         res = target.fab("provision.base")
         assert "file /etc/apt/apt.conf.d/20auto-upgrades: content changed" in res.stdout
