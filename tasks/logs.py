@@ -114,12 +114,13 @@ def script(selected: dict[str, Source], seconds: int, follow: bool) -> str:
         "echo \"cut=$cut offset=$sign$(( ${hh#0} * 3600 + ${mm#0} * 60 ))\"",
         "cursors=$(mktemp -d)",
         "trap 'rm -rf \"$cursors\"' EXIT",
-        f"journalctl --no-pager -q -o json --since=@$cut {units} "
-        "--cursor-file=\"$cursors/u\" 2>/dev/null",
+        # (systemd 257 takes no --cursor-file beside --since: each entry's __CURSOR is kept)
+        f"journalctl --no-pager -q -o json --since=@$cut {units} 2>/dev/null "
+        "| tee \"$cursors/u\"",
     ]
     if tags:
-        lines.append(f"journalctl --no-pager -q -o json --since=@$cut {tags} "
-                     "--cursor-file=\"$cursors/t\" 2>/dev/null")
+        lines.append(f"journalctl --no-pager -q -o json --since=@$cut {tags} 2>/dev/null "
+                     "| tee \"$cursors/t\"")
     if files:
         lines += [f"for f in {files}; do",
                   "  [ -f \"$f\" ] && [ \"$(stat -c %Y -- \"$f\")\" -ge \"$cut\" ] || continue",
@@ -127,11 +128,15 @@ def script(selected: dict[str, Source], seconds: int, follow: bool) -> str:
     if follow:
         # journalctl -f and tail -F end when their output closes (fab went away).
         lines.append(f"echo '{FOLLOW_MARK}'")
-        lines.append(f"journalctl --no-pager -q -o json -f {units} "
-                     "--cursor-file=\"$cursors/u\" &")
+        # from the last entry printed above, or from now when there was none
+        lines.append("after() { c=$(tail -n 1 \"$1\" "
+                     "| sed -n 's/.*\"__CURSOR\":\"\\([^\"]*\\)\".*/\\1/p'); "
+                     "if [ -n \"$c\" ]; then printf '%s\\n' \"--after-cursor=$c\"; "
+                     "else printf '%s\\n' -n0; fi; }")
+        lines.append(f"journalctl --no-pager -q -o json -f {units} \"$(after \"$cursors/u\")\" &")
         if tags:
             lines.append(f"journalctl --no-pager -q -o json -f {tags} "
-                         "--cursor-file=\"$cursors/t\" &")
+                         "\"$(after \"$cursors/t\")\" &")
         if files:
             lines.append(f"tail -n 0 -F -v {files} 2>/dev/null &")
         lines.append("wait")
@@ -239,6 +244,8 @@ def stream(h, text: str, on_line) -> tuple[int, str]:
     stdin = (h.sudo_password + "\n" if mode == "password" else "") + text
     h.step = "logs"
     chan = h.conn.transport.open_session()
+    # short waits on the channel: a Ctrl-C is seen within a second, whatever paramiko waits on
+    chan.settimeout(1)
     err = bytearray()
     try:
         chan.exec_command(command)
@@ -246,7 +253,10 @@ def stream(h, text: str, on_line) -> tuple[int, str]:
         chan.shutdown_write()
         buf = b""
         while True:
-            data = chan.recv(65536)
+            try:
+                data = chan.recv(65536)
+            except TimeoutError:  # socket.timeout: nothing new yet
+                continue
             while chan.recv_stderr_ready():
                 err.extend(chan.recv_stderr(65536))
             if not data:
