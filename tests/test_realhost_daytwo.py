@@ -185,7 +185,10 @@ def test_follow_prints_new_lines_and_stops_on_the_host(target, stack):
     proc = subprocess.Popen([FAB, "-S", str(target.info.ssh_config), "-H", target.info.alias,
                              "logs", "--unit", "celery", "--since", "1s", "--follow"], cwd=REPO,
                             env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True)
+                            stdin=subprocess.DEVNULL, text=True,
+                            # Ctrl-C as from an operator's terminal: a background job of a
+                            # shell without job control (CI) inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     try:
         time.sleep(3)
