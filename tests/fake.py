@@ -2,8 +2,13 @@
 
 Scripts reach a real host on stdin; the fake receives them the same way. Probe
 scripts (split at their markers) are answered snippet by snippet from
-``answers``: a list of ``(regex, output)`` tried in order, first match wins,
-no match answers "" (a joint psql snippet is answered query by query, the same way).
+``answers``: a list of ``(regex, output)`` tried in order, first match wins (a joint
+psql snippet is answered query by query, the same way). A snippet no pattern matches
+fails the test with :class:`UnexpectedProbe`, naming the snippet and the patterns, as
+Invoke's MockContext refuses a command it was not given: "" reads as "absent" to many
+resources, so a silent "" would let a stale pattern pass. A test that means "no output"
+answers "" explicitly. Only the no-op snippet ``:`` (a resource that reads nothing) is
+answered without a pattern.
 Every other script is recorded in ``applied`` and
 succeeds (or fails, when it matches a regex in ``failing``).
 """
@@ -22,6 +27,10 @@ def owned_answer(resources) -> tuple[str, str]:
     """A fake answer to the ownership record's probe: fabstack created every object of
     ``resources`` (what a host it provisioned holds)."""
     return (re.escape(f"cat {OWNED}"), "".join(f"{r.claim}\n" for r in resources if r.claim))
+
+
+class UnexpectedProbe(AssertionError):
+    """A probe snippet that no pattern of the fake's ``answers`` matches."""
 
 
 @dataclass
@@ -54,8 +63,14 @@ class FakeConnection:
     def _answer(self, snippet: str) -> str:
         mark = JointPsql.MARK
         if mark not in snippet:
-            return next((text for pattern, text in self.answers
-                         if re.search(pattern, snippet)), "")
+            if snippet.strip() == ":":
+                return ""
+            for pattern, text in self.answers:
+                if re.search(pattern, snippet):
+                    return text
+            patterns = "".join(f"\n  {pattern!r}" for pattern, _ in self.answers) or " none"
+            raise UnexpectedProbe(f"the fake connection has no answer for this probe snippet:\n"
+                                  f"{snippet.rstrip()}\nconfigured patterns:{patterns}")
         queries = re.split(rf"^\\echo {re.escape(mark)}(\d+)\n", snippet, flags=re.M)
         return "".join(f"{mark}{index}\n{self._answer(query)}"
                        for index, query in zip(queries[1::2], queries[2::2], strict=True))
