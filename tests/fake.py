@@ -4,13 +4,14 @@ Scripts reach a real host on stdin; the fake receives them the same way. Probe
 scripts (split at their markers) are answered snippet by snippet from
 ``answers``: a list of ``(regex, output)`` tried in order, first match wins (a joint
 psql snippet is answered query by query, the same way). A snippet no pattern matches
-fails the test with :class:`UnexpectedProbe`, naming the snippet and the patterns, as
+fails the test with :class:`UnexpectedCommand`, naming the snippet and the patterns, as
 Invoke's MockContext refuses a command it was not given: "" reads as "absent" to many
 resources, so a silent "" would let a stale pattern pass. A test that means "no output"
 answers "" explicitly. Only the no-op snippet ``:`` (a resource that reads nothing) is
 answered without a pattern.
-Every other script is recorded in ``applied`` and
-succeeds (or fails, when it matches a regex in ``failing``).
+Every other script is recorded in ``applied`` and succeeds (or fails, when it matches a
+regex in ``failing``) with no output: code that reads the output of a script that succeeded
+fails the test the same way (a test that needs that output gives the host its own executor).
 """
 
 from __future__ import annotations
@@ -29,8 +30,24 @@ def owned_answer(resources) -> tuple[str, str]:
     return (re.escape(f"cat {OWNED}"), "".join(f"{r.claim}\n" for r in resources if r.claim))
 
 
-class UnexpectedProbe(AssertionError):
-    """A probe snippet that no pattern of the fake's ``answers`` matches."""
+class UnexpectedCommand(AssertionError):
+    """A probe snippet that no pattern of the fake's ``answers`` matches, or the output of
+    an applied script read by the code."""
+
+
+class Applied(Result):
+    """What an applied script returns: its exit status; its output is not the fake's to give."""
+
+    def __init__(self, script: str):
+        self.script, self.stderr, self.exited = script, "", 0
+
+    @property
+    def stdout(self) -> str:
+        raise UnexpectedCommand(f"the code read the output of this script, which the fake "
+                                f"connection does not give:\n{self.script.rstrip()}")
+
+    def __repr__(self) -> str:
+        return f"Applied(exited={self.exited})"
 
 
 @dataclass
@@ -51,7 +68,7 @@ class FakeConnection:
         self.applied.append(script)
         if any(re.search(pattern, script) for pattern in self.failing):
             return Result("", "simulated failure", 1)
-        return Result("", "", 0)
+        return Applied(script)
 
     def _answer_probe(self, script: str) -> str:
         chunks = re.split(rf"^echo '{re.escape(PROBE_MARK)}(\d+)'\n", script, flags=re.M)
@@ -69,7 +86,7 @@ class FakeConnection:
                 if re.search(pattern, snippet):
                     return text
             patterns = "".join(f"\n  {pattern!r}" for pattern, _ in self.answers) or " none"
-            raise UnexpectedProbe(f"the fake connection has no answer for this probe snippet:\n"
+            raise UnexpectedCommand(f"the fake connection has no answer for this probe snippet:\n"
                                   f"{snippet.rstrip()}\nconfigured patterns:{patterns}")
         queries = re.split(rf"^\\echo {re.escape(mark)}(\d+)\n", snippet, flags=re.M)
         return "".join(f"{mark}{index}\n{self._answer(query)}"

@@ -4,7 +4,7 @@ import pytest
 
 from tasks.host import Host, Result, StepFailed
 from tasks.primitives import Directory, File, Group, Note, Service, User, ensure
-from tests.fake import FakeConnection, UnexpectedProbe
+from tests.fake import FakeConnection, UnexpectedCommand
 
 CONVERGED = [
     (r"stat -c .* -- /opt/a ", "directory|root|root|755\n"),
@@ -23,14 +23,22 @@ def test_converged_host_costs_one_round_trip_and_changes_nothing(make_host):
 
 
 def test_a_probe_the_test_did_not_answer_fails_it(make_host):
-    """"" would read as "absent": the fake refuses instead, naming snippet and patterns."""
+    """An empty answer would read as "absent": the fake refuses, naming snippet and patterns."""
     host, conn = make_host([(r"-- /opt/b ", "missing\n")])
-    with pytest.raises(UnexpectedProbe) as err:
+    with pytest.raises(UnexpectedCommand) as err:
         ensure(host, Directory("/opt/a"))
     assert "no answer for this probe snippet:\nstat -c" in str(err.value)
     assert "-- /opt/a " in str(err.value)
     assert str(err.value).endswith("configured patterns:\n  '-- /opt/b '")
     assert conn.applied == []
+
+
+def test_the_output_of_an_applied_script_is_not_the_fakes_to_give(make_host):
+    host, _conn = make_host()
+    res = host.run("echo hi")
+    assert res.ok
+    with pytest.raises(UnexpectedCommand, match="read the output of this script.*\necho hi$"):
+        assert res.stdout == "hi\n"
 
 
 def test_notes_read_nothing_and_keep_the_other_states_in_place(make_host):
