@@ -7,8 +7,7 @@ psql snippet is answered query by query, the same way). A snippet no pattern mat
 fails the test with :class:`UnexpectedCommand`, naming the snippet and the patterns, as
 Invoke's MockContext refuses a command it was not given: "" reads as "absent" to many
 resources, so a silent "" would let a stale pattern pass. A test that means "no output"
-answers "" explicitly. Only the no-op snippet ``:`` (a resource that reads nothing) is
-answered without a pattern.
+answers "" explicitly.
 Every other script is recorded in ``applied`` and succeeds (or fails, when it matches a
 regex in ``failing``) with no output: code that reads the output of a script that succeeded
 fails the test the same way (a test that needs that output gives the host its own executor).
@@ -80,14 +79,13 @@ class FakeConnection:
     def _answer(self, snippet: str) -> str:
         mark = JointPsql.MARK
         if mark not in snippet:
-            if snippet.strip() == ":":
-                return ""
             for pattern, text in self.answers:
                 if re.search(pattern, snippet):
                     return text
             patterns = "".join(f"\n  {pattern!r}" for pattern, _ in self.answers) or " none"
-            raise UnexpectedCommand(f"the fake connection has no answer for this probe snippet:\n"
-                                  f"{snippet.rstrip()}\nconfigured patterns:{patterns}")
+            raise UnexpectedCommand(f"the fake connection has no answer for this probe "
+                                    f"snippet:\n{snippet.rstrip()}\nconfigured patterns:"
+                                    f"{patterns}")
         queries = re.split(rf"^\\echo {re.escape(mark)}(\d+)\n", snippet, flags=re.M)
         return "".join(f"{mark}{index}\n{self._answer(query)}"
                        for index, query in zip(queries[1::2], queries[2::2], strict=True))
