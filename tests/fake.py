@@ -2,10 +2,15 @@
 
 Scripts reach a real host on stdin; the fake receives them the same way. Probe
 scripts (split at their markers) are answered snippet by snippet from
-``answers``: a list of ``(regex, output)`` tried in order, first match wins,
-no match answers "" (a joint psql snippet is answered query by query, the same way).
-Every other script is recorded in ``applied`` and
-succeeds (or fails, when it matches a regex in ``failing``).
+``answers``: a list of ``(regex, output)`` tried in order, first match wins (a joint
+psql snippet is answered query by query, the same way). A snippet no pattern matches
+fails the test with :class:`UnexpectedCommand`, naming the snippet and the patterns, as
+Invoke's MockContext refuses a command it was not given: "" reads as "absent" to many
+resources, so a silent "" would let a stale pattern pass. A test that means "no output"
+answers "" explicitly.
+Every other script is recorded in ``applied`` and succeeds (or fails, when it matches a
+regex in ``failing``) with no output: code that reads the output of a script that succeeded
+fails the test the same way (a test that needs that output gives the host its own executor).
 """
 
 from __future__ import annotations
@@ -22,6 +27,26 @@ def owned_answer(resources) -> tuple[str, str]:
     """A fake answer to the ownership record's probe: fabstack created every object of
     ``resources`` (what a host it provisioned holds)."""
     return (re.escape(f"cat {OWNED}"), "".join(f"{r.claim}\n" for r in resources if r.claim))
+
+
+class UnexpectedCommand(AssertionError):
+    """A probe snippet that no pattern of the fake's ``answers`` matches, or the output of
+    an applied script read by the code."""
+
+
+class Applied(Result):
+    """What an applied script returns: its exit status; its output is not the fake's to give."""
+
+    def __init__(self, script: str):
+        self.script, self.stderr, self.exited = script, "", 0
+
+    @property
+    def stdout(self) -> str:
+        raise UnexpectedCommand(f"the code read the output of this script, which the fake "
+                                f"connection does not give:\n{self.script.rstrip()}")
+
+    def __repr__(self) -> str:
+        return f"Applied(exited={self.exited})"
 
 
 @dataclass
@@ -42,7 +67,7 @@ class FakeConnection:
         self.applied.append(script)
         if any(re.search(pattern, script) for pattern in self.failing):
             return Result("", "simulated failure", 1)
-        return Result("", "", 0)
+        return Applied(script)
 
     def _answer_probe(self, script: str) -> str:
         chunks = re.split(rf"^echo '{re.escape(PROBE_MARK)}(\d+)'\n", script, flags=re.M)
@@ -54,8 +79,13 @@ class FakeConnection:
     def _answer(self, snippet: str) -> str:
         mark = JointPsql.MARK
         if mark not in snippet:
-            return next((text for pattern, text in self.answers
-                         if re.search(pattern, snippet)), "")
+            for pattern, text in self.answers:
+                if re.search(pattern, snippet):
+                    return text
+            patterns = "".join(f"\n  {pattern!r}" for pattern, _ in self.answers) or " none"
+            raise UnexpectedCommand(f"the fake connection has no answer for this probe "
+                                    f"snippet:\n{snippet.rstrip()}\nconfigured patterns:"
+                                    f"{patterns}")
         queries = re.split(rf"^\\echo {re.escape(mark)}(\d+)\n", snippet, flags=re.M)
         return "".join(f"{mark}{index}\n{self._answer(query)}"
                        for index, query in zip(queries[1::2], queries[2::2], strict=True))

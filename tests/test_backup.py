@@ -86,30 +86,41 @@ def test_ninety_days_of_scheduled_runs_keep_the_right_set(tmp_path):
     assert listing(tmp_path, "monthly") == ["20260201", "20260301"]
 
 
-def test_a_failed_dump_prunes_nothing_and_exits_1(tmp_path):
-    s = settings_mod.parse(dict(VALID, BACKUP_KEEP_DAILY="1"))
-    script = load_script(s, tmp_path)
+def test_a_failed_dump_prunes_nothing_and_exits_1(settings, tmp_path):
+    script = load_script(settings, tmp_path)
     fake_dumps(script)
-    script.scheduled(datetime.datetime(2026, 1, 1))
-    before = listing(tmp_path, "daily")
+    for day in (1, 2, 3):
+        assert script.scheduled(datetime.datetime(2026, 1, day)) == 0
+    kinds = ("daily", "weekly", "monthly")
+    before = {kind: listing(tmp_path, kind) for kind in kinds}
+    assert len(before["daily"]) == 3
+    # lower BACKUP_KEEP_*: a rotation now would delete dumps
+    script.KEEP.update(daily=1, weekly=0, monthly=0)
 
     def failing(kind, now):
         raise script.Failed("pg_dump of ratemyderp failed: connection refused")
     script.dump = failing
-    assert script.scheduled(datetime.datetime(2026, 1, 2)) == 1
-    assert listing(tmp_path, "daily") == before
+    assert script.scheduled(datetime.datetime(2026, 1, 4)) == 1
+    assert {kind: listing(tmp_path, kind) for kind in kinds} == before
 
 
 def test_a_failed_dump_is_logged_as_an_error(settings, tmp_path, monkeypatch):
-    script = load_script(settings, tmp_path)
+    """The script's own dump() with a pg_dump that cannot connect: its partial file goes."""
+    script = load_script(settings, tmp_path / "backup")
     logged = []
     script.log = lambda message, error=False: logged.append((error, message))
     script.media = lambda now: None
-    monkeypatch.setattr(script, "PGPASSFILE", str(tmp_path / "none"))
-    monkeypatch.setenv("PATH", str(tmp_path))  # no pg_dump at all
-    script.dump = lambda kind, now: (_ for _ in ()).throw(script.Failed("pg_dump failed"))
+    pg_dump = tmp_path / "bin" / "pg_dump"
+    pg_dump.parent.mkdir()
+    pg_dump.write_text("#!/bin/sh\n"
+                       'for a; do [ "$prev" = -f ] && echo partial > "$a"; prev=$a; done\n'
+                       "echo 'pg_dump: error: connection refused' >&2; exit 1\n")
+    pg_dump.chmod(0o755)
+    monkeypatch.setenv("PATH", str(pg_dump.parent))
     assert script.scheduled(datetime.datetime(2026, 1, 1)) == 1
-    assert logged == [(True, "pg_dump failed; nothing pruned")]
+    assert logged == [(True, "pg_dump of ratemyderp failed: pg_dump: error: connection refused; "
+                             "nothing pruned")]
+    assert os.listdir(tmp_path / "backup" / "daily") == []
 
 
 # -- resources and tasks -----------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 
 from tasks.host import Host, Result, StepFailed
 from tasks.primitives import Directory, File, Group, Note, Service, User, ensure
-from tests.fake import FakeConnection
+from tests.fake import FakeConnection, UnexpectedCommand
 
 CONVERGED = [
     (r"stat -c .* -- /opt/a ", "directory|root|root|755\n"),
@@ -20,6 +20,25 @@ def test_converged_host_costs_one_round_trip_and_changes_nothing(make_host):
     assert len(conn.scripts) == 1 and conn.applied == []
     assert host.round_trips == 1
     assert [line[0] for line in host.report.lines] == ["ok", "ok", "ok"]
+
+
+def test_a_probe_the_test_did_not_answer_fails_it(make_host):
+    """An empty answer would read as "absent": the fake refuses, naming snippet and patterns."""
+    host, conn = make_host([(r"-- /opt/b ", "missing\n")])
+    with pytest.raises(UnexpectedCommand) as err:
+        ensure(host, Directory("/opt/a"))
+    assert "no answer for this probe snippet:\nstat -c" in str(err.value)
+    assert "-- /opt/a " in str(err.value)
+    assert str(err.value).endswith("configured patterns:\n  '-- /opt/b '")
+    assert conn.applied == []
+
+
+def test_the_output_of_an_applied_script_is_not_the_fakes_to_give(make_host):
+    host, _conn = make_host()
+    res = host.run("echo hi")
+    assert res.ok
+    with pytest.raises(UnexpectedCommand, match="read the output of this script.*\necho hi$"):
+        assert res.stdout == "hi\n"
 
 
 def test_notes_read_nothing_and_keep_the_other_states_in_place(make_host):
@@ -131,7 +150,10 @@ def test_the_fixed_service_accounts_existing_beforehand_are_refused(make_host, s
     host, conn = make_host([(r"getent passwd (celery|backups)",
                              "x:x:120:120::/home/x:/bin/bash\ngroups x\ngid 120\npassword $\n"),
                             (r"getent group (celery|backups)", "x:x:120:\n"),
-                            (r"cat /var/lib/fabstack/owned", "group ratemyderp\n")])
+                            (r"cat /var/lib/fabstack/owned", "group ratemyderp\n"),
+                            # every other resource: nothing there (none is planned: the
+                            # refusal comes first)
+                            (r"", "")])
     with pytest.raises(StepFailed) as err:
         ensure(host, *db.db_resources(host), *backup.backup_resources(host))
     assert conn.applied == []
@@ -140,7 +162,8 @@ def test_the_fixed_service_accounts_existing_beforehand_are_refused(make_host, s
 
 
 def test_objects_fabstack_created_are_managed_and_new_ones_recorded_first(make_host):
-    host, conn = make_host([(r"getent group app", "app:x:999:\n"),
+    host, conn = make_host([(r"getent group app$", "app:x:999:\n"),
+                            (r"getent group new$", ""),  # no such group yet
                             (r"cat /var/lib/fabstack/owned", "group app\n")])
     assert ensure(host, Group("app"), Group("new")) == 1
     assert host.round_trips == 2  # probe (the record read with it), create
@@ -153,14 +176,16 @@ def test_postgres_objects_not_created_by_fabstack_are_refused(make_host):
     from tasks.db import PostgresDatabase, PostgresRole
 
     host, conn = make_host([(r"FROM pg_authid", "t|SCRAM-SHA-256$4096:x$y:z\n"),
-                            (r"FROM pg_database", "postgres|UTF8\n")])
+                            (r"FROM pg_database", "postgres|UTF8\n"),
+                            (r"cat /var/lib/fabstack/owned", "")])  # fabstack created nothing
     with pytest.raises(StepFailed) as err:
         ensure(host, PostgresRole("shop", "a-password-of-16+"), PostgresDatabase("shop", "shop"))
     assert conn.applied == [] and host.round_trips == 1
     assert "postgresql role shop: exists on the host and was not created" in err.value.message
     assert "postgresql database shop: exists on the host and was not created" in err.value.message
     # PostgreSQL not running yet (a fresh host): nothing exists, nothing to refuse
-    host, conn = make_host([(r"psql", "unavailable\n")])
+    host, conn = make_host([(r"FROM pg_authid", "unavailable\n"),  # psql cannot connect
+                            (r"cat /var/lib/fabstack/owned", "")])
     ensure(host, PostgresRole("shop", "a-password-of-16+"))
     assert "'role shop' >> /var/lib/fabstack/owned" in conn.applied[0]
 
@@ -173,7 +198,10 @@ def test_a_fresh_provision_refuses_before_the_base_system_changes(make_host, mon
     from tasks import provision
 
     celery = "celery:x:120:120::/home/c:/bin/bash\ngroups c\ngid 120\npassword $\n"
-    host, conn = make_host([(r"getent passwd celery", celery)])
+    host, conn = make_host([(r"getent passwd celery", celery),
+                            # every other resource: nothing there, no apt lists (none is
+                            # planned: the refusal comes first)
+                            (r"", "")])
     monkeypatch.setattr(provision, "session", lambda c, title, check: nullcontext(host))
     monkeypatch.setattr(provision.python, "facts", lambda h, version: ({"ID": "debian"}, None))
     with pytest.raises(StepFailed, match="user celery: exists on the host"):

@@ -252,7 +252,7 @@ def test_the_first_command_waits_for_the_host_lock_then_it_is_held_to_the_end(se
 
 
 def test_a_run_refused_by_the_host_lock_says_who_holds_it(settings):
-    conn = FakeConnection()
+    conn = FakeConnection(answers=[(r"^true$", "")])  # `true` prints nothing
     busy = "busy ann@laptop since 2026-11-30 04:00:00 UTC, task deploy"
     h = Host(conn, settings, executor=conn.exec_script, lock="provision",
              holder=lambda command, stdin: FakeHolder(answer=busy))
@@ -266,7 +266,7 @@ def test_a_run_refused_by_the_host_lock_says_who_holds_it(settings):
 
 @pytest.mark.parametrize("check, lock", [(True, True), (False, False)])
 def test_check_mode_and_read_only_tasks_take_no_lock(tmp_path, monkeypatch, check, lock):
-    fake = FakeConnection()
+    fake = FakeConnection(answers=[(r"^true$", "")])  # `true` prints nothing
     monkeypatch.setattr(host_mod, "ssh_exec", lambda conn, command, stdin, wait:
                         fake.exec_script(command, stdin))
     FakeHolder.made = []

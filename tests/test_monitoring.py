@@ -60,7 +60,8 @@ def test_off_without_password_declares_nothing(make_host):
 
 def test_off_with_password_makes_only_the_role(make_host):
     s = make_settings(MONITORING="off", MONITORING_DB_PASSWORD="monitoring-password-x")
-    host, conn = host_for(make_host, s, answers=[(r"pg_authid", ""), (r"pg_auth_members", "0")])
+    host, conn = host_for(make_host, s, answers=[(r"pg_authid", ""), (r"pg_auth_members", "0"),
+                                                 (r"fabstack/owned", "")])  # a fresh host
     names = [r.what for r in monitoring.monitoring_resources(host)]
     assert names == ["telegraf", "postgresql role monitoring",
                      "postgresql role monitoring in pg_monitor"]
@@ -115,7 +116,7 @@ def test_repository_key_install_config_and_one_restart(make_host):
         "postgresql role monitoring", "postgresql role monitoring in pg_monitor",
         "apt key influxdata", "file /etc/apt/sources.list.d/influxdata.sources", "apt lists",
         "packages telegraf", "file /etc/telegraf/telegraf.conf", "service telegraf.service"]
-    conn.answers = [(r"pg_authid", ""), (r"pg_auth_members", "0"),
+    conn.answers = [(r"pg_authid", ""), (r"pg_auth_members", "0"), (r"fabstack/owned", ""),
                     (r"keyrings/influxdata\.asc", ""), (r"influxdata\.sources", "missing\n"),
                     (r"apt-lists-updated", "100 100 due"), (r"dpkg-query", ""),
                     (r"telegraf\.conf", "missing\n"),

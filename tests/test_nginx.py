@@ -201,17 +201,16 @@ def test_no_acme_server_no_certificate(make_host, capsys):
     assert "ACME_SERVER is empty" in capsys.readouterr().out
 
 
-def test_converged_web_tier_changes_nothing(make_host):
-    """Every nginx and certbot resource, already right: one probe each, nothing applied."""
-    host, conn = make_host()
-    s = host.settings
+def web_tier_answers(s, distro_site: str = "") -> list[tuple[str, str]]:
+    """Fake answers: every nginx and certbot resource already right, the distro's default
+    site as ``distro_site`` says ("": absent, "present\n": still there)."""
     site_tls = render("nginx-site-tls.conf.j2", s)
-    conn.answers = [
+    return [
         (r"dpkg-query", "nginx ii \ncertbot ii \n"),
         (r"fullchain\.pem.*then echo tls", "tls\n" + file_state(site_tls)),
         (rf"-- {re.escape(nginx.CHECKER)}\b", file_state(render("nginx-check.sh.j2", s),
                                                         "regular file|root|root|755")),
-        (r"-- /etc/nginx/sites-enabled/default\b", ""),
+        (r"^test -e /etc/nginx/sites-enabled/default && echo present$", distro_site),
         (rf"-- {re.escape(nginx.DEFAULT_SITE)}\b",
          file_state(render("nginx-default.conf.j2", s))),
         (rf"-- {re.escape(certbot.HOOK)}\b",
@@ -225,9 +224,24 @@ def test_converged_web_tier_changes_nothing(make_host):
                  "### tuple ### allow tcp 80 0.0.0.0/0 any 0.0.0.0/0 in\n"
                  "### tuple ### allow tcp 443 0.0.0.0/0 any 0.0.0.0/0 in\n"),
     ]
+
+
+def test_converged_web_tier_changes_nothing(make_host):
+    """Every nginx and certbot resource, already right: one probe each, nothing applied."""
+    host, conn = make_host()
+    conn.answers = web_tier_answers(host.settings)
     assert ensure(host, *nginx.nginx_resources(host)) == 0
     assert ensure(host, *certbot.certbot_resources(host)) == 0
     assert conn.applied == [] and host.round_trips == 2
+
+
+def test_the_distro_default_site_is_removed_and_nginx_marked_for_reload(make_host):
+    host, conn = make_host()
+    conn.answers = web_tier_answers(host.settings, distro_site="present\n")
+    assert ensure(host, *nginx.nginx_resources(host)) == 1
+    [removal] = conn.applied
+    assert "rm -f -- /etc/nginx/sites-enabled/default\n" in removal
+    assert "touch /var/lib/fabstack/pending/nginx@reload" in removal
 
 
 # -- settings -------------------------------------------------------------------------------

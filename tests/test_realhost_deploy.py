@@ -1,6 +1,7 @@
 """fab deploy on the real sandbox host: releases, zero-downtime reload, a failed health check,
 rollback (failed requirements, migrations and boot: test_realhost_faults.py)."""
 
+import re
 import subprocess
 import time
 
@@ -24,14 +25,17 @@ def deployed(target, app_repo, pebble_env):
     return first
 
 
-def test_the_site_answers_over_verified_https(target, deployed, pebble):
+def test_the_site_answers_over_verified_https(target, deployed, pebble, app_repo):
     """The page, read from PostgreSQL and Redis, over HTTPS verified against Pebble's root."""
     ip = target.info.ip
     res = subprocess.run(["curl", "-sS", "--max-time", "10", "--noproxy", "*", "--cacert",
                           str(pebble.issuing_root), "--resolve", f"{DOMAIN}:443:{ip}",
                           f"https://{DOMAIN}/"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "release: " in res.stdout and "visits" in res.stdout.lower()
+    assert "release: " in res.stdout, res.stdout
+    # the view's counters: a row in PostgreSQL and a key in Redis
+    assert re.search(r"visits \(database\): \d+</p>\s*<p>visits \(cache\): \d+</p>",
+                     res.stdout), res.stdout
     plain = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
                             "--noproxy", "*", "--resolve", f"{DOMAIN}:80:{ip}",
                             f"http://{DOMAIN}/"], capture_output=True, text=True)
@@ -40,7 +44,8 @@ def test_the_site_answers_over_verified_https(target, deployed, pebble):
                              str(pebble.issuing_root), "--resolve", f"{DOMAIN}:443:{ip}",
                              f"https://{DOMAIN}/static/demo/site.css"],
                             capture_output=True, text=True)
-    assert static.returncode == 0 and "{" in static.stdout
+    assert static.returncode == 0, static.stderr
+    assert static.stdout == (app_repo / "example/demo/static/demo/site.css").read_text()
 
 
 def test_first_deploy_serves_the_app(target, deployed, app_repo):

@@ -31,6 +31,7 @@ def answers(down=(), cert=str(NOW + 60 * DAY), dump=None, df="41% /\n", units=UN
         (r"du -sh", "1.2M\t/var/opt/ratemyderp\n40M\t/var/lib/postgresql\n"
                     "3.1M\t/opt/ratemyderp/backup\n"),
         (r"df -P", df),
+        (r"stat -c %Y -- /var/www/fabstack-maintenance/", ""),  # no maintenance page
     ]
 
 
@@ -61,7 +62,7 @@ def test_healthy_host_in_one_round_trip(tmp_path, capsys, monkeypatch):
     assert len(conn.scripts) == 1 and conn.applied == []
     for unit in UNITS:
         assert f"ok           service {unit}: active" in out
-    assert "telegraf" not in out
+    assert "telegraf" not in out and "maintenance" not in out
     assert "listening: 22 (0.0.0.0, [::]), 80 (0.0.0.0), 443 (0.0.0.0), " \
            "5432 (127.0.0.1, [::1]), 6379 (127.0.0.1)" in out
     assert "release: 20231114-120000-abcdef123456, deployed 2023-11-12 22:13 UTC (48 h ago)" \
