@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.container import Sandbox
+from sandbox.pebble import Pebble
 from tasks import settings as settings_mod
 from tasks.host import Host
-from tasks.pebble import Pebble
-from tasks.sandbox import Sandbox
 from tests.fake import FakeConnection
 
 VALID = {"DOMAIN": "example.com", "ADMIN_EMAIL": "ops@example.com",

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tasks.sandbox import Sandbox, SandboxError, _wait_gone, fix_image
+from sandbox.container import Sandbox, SandboxError, _wait_gone, fix_image
 from tests.conftest import TEST_SUITE
 
 

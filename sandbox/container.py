@@ -26,7 +26,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import shlex
 import shutil
 import signal
@@ -39,9 +38,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from fabric import task
-from invoke.exceptions import Exit
 
 from . import pebble
 
@@ -556,124 +552,3 @@ class Sandbox:
                 else:
                     entry.unlink()
 
-
-# -- settings for the library ---------------------------------------------------------------
-
-# The demo deploys the example app of this repository.
-SANDBOX_SETTINGS = {"DOMAIN": "ratemyderp.test", "ADMIN_EMAIL": "ops@ratemyderp.test",
-                    "DEPLOY_REPO": str(Path(__file__).resolve().parent.parent),
-                    "DEPLOY_SUBDIR": "example",
-                    # Let's Encrypt cannot reach a sandbox: served over plain HTTP.
-                    "ACME_SERVER": ""}
-
-
-def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str) -> Path:
-    """Write a complete .env for the library to provision this sandbox; return its path.
-
-    Proxy and CA come from the sandbox; secrets are random (kept when the file exists
-    already, so re-running the demo does not rotate them); other keys keep their
-    defaults; ``overrides`` win. The file is readable by root only.
-    """
-    from dotenv import dotenv_values
-
-    from . import settings
-
-    path = path or info.root.parent / "sandbox.env"
-    old = dotenv_values(path, interpolate=False) if path.exists() else {}
-    values = {**SANDBOX_SETTINGS, "HTTP_PROXY": info.proxy_url,
-              "EXTRA_CA_CERT": str(info.ca_bundle or ""), **overrides}
-    for key in settings.KEYS:
-        if key.secret and key.name not in values:
-            values[key.name] = old.get(key.name) or secrets.token_urlsafe(48)
-    path.touch(mode=0o600)
-    path.write_text("# Settings for the sandbox host, written by `fab sandbox.up`.\n"
-                    + "".join(f"{name}='{value}'\n" for name, value in values.items()))
-    return path
-
-
-# -- fab tasks ----------------------------------------------------------------------------------
-
-NAME_HELP = "sandbox name (default: fabstack); one per subnet"
-
-
-@contextmanager
-def _task_errors() -> Iterator[None]:
-    """Show a SandboxError as a plain message and exit status 1 instead of a traceback."""
-    try:
-        yield
-    except SandboxError as exc:
-        raise Exit(f"sandbox: {exc}", code=1) from exc
-
-
-@task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie",
-            "fresh": "recreate the root from the image even if it is running"})
-def up(c, name="fabstack", suite="bookworm", fresh=False):
-    """Boot the sandbox target host (or reuse the running one) and print how to reach it."""
-    started = time.monotonic()
-    with _task_errors():
-        info = Sandbox(name=name, suite=suite).up(fresh=fresh)
-        env_file = write_settings(info)
-    print(f"{info.alias} is up ({time.monotonic() - started:.0f}s): root@{info.ip}, "
-          f"Debian {info.suite}")
-    print(f"  ssh:   ssh -F {info.ssh_config} {info.alias}")
-    print(f"  fab:   fab -S {info.ssh_config} -H {info.alias} <task>")
-    print(f"  proxy: {info.proxy_url} (the target's only way out: HTTP_PROXY)")
-    if info.ca_bundle:
-        print(f"  CA:    {info.ca_bundle} (extra CA certificates the egress needs)")
-    print(f"  info:  {info.root.parent / 'info.json'}")
-    print(f"  settings for the library: {env_file}; provision it with:\n"
-          f"    FABRIC_FABSTACK_ENV_FILE={env_file} fab -S {info.ssh_config} -H {info.alias} "
-          "provision")
-
-
-@task(help={"name": NAME_HELP})
-def down(c, name="fabstack"):
-    """Stop the sandbox target host and delete its root (the cached image stays)."""
-    with _task_errors():
-        Sandbox(name=name).down()
-    print(f"{name}-sandbox is down")
-
-
-@task(help={"name": NAME_HELP})
-def status(c, name="fabstack"):
-    """Say whether the sandbox target host is running, and where."""
-    box = Sandbox(name=name)
-    info_file = box.dir / "info.json"
-    if box.running() and info_file.exists():
-        print(f"{name}-sandbox is running:\n{info_file.read_text()}", end="")
-    else:
-        print(f"{name}-sandbox is not running")
-
-
-@task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie"})
-def demo(c, name="fabstack", suite="bookworm"):
-    """Boot the sandbox, then provision and deploy the example app over HTTPS (local ACME CA)."""
-    started = time.monotonic()
-    with _task_errors():
-        box = Sandbox(name=name, suite=suite)
-        info = box.up()
-        acme = pebble.Pebble(info.host_ip, info.ip, box.dir / "pebble")
-        if not pebble.recorded_pids(acme.workdir):
-            try:
-                acme.start()
-            except pebble.PebbleError as exc:
-                raise SandboxError(str(exc)) from exc
-    # certbot must trust Pebble's HTTPS certificate; pip and apt, the egress CA.
-    bundle = box.dir / "demo-ca.pem"
-    bundle.write_text("".join(p.read_text().rstrip("\n") + "\n" for p in
-                              [info.ca_bundle, acme.https_ca] if p))
-    env_file = write_settings(info, ACME_SERVER=acme.directory, EXTRA_CA_CERT=str(bundle))
-    fab = f"{shlex.quote(sys.executable)} -m fabric -S {shlex.quote(str(info.ssh_config))} " \
-          f"-H {info.alias}"
-    env = {"FABRIC_FABSTACK_ENV_FILE": str(env_file)}
-    repo = Path(__file__).resolve().parent.parent
-    for step in ("provision", "deploy"):
-        print(f"\n== fab {step} ==", flush=True)
-        c.run(f"cd {shlex.quote(str(repo))} && {fab} {step}", env=env, pty=False)
-    domain = SANDBOX_SETTINGS["DOMAIN"]
-    print(f"\nThe example app is served by {info.alias} ({time.monotonic() - started:.0f} s):\n"
-          f"  https://{domain}/ at {info.ip} (this machine only)\n"
-          f"  Its certificate comes from the local ACME CA (Pebble); trust its root to verify:\n"
-          f"    curl --cacert {acme.issuing_root} --resolve {domain}:443:{info.ip} "
-          f"https://{domain}/\n"
-          f"  settings: {env_file}\n  tear down: fab sandbox.down")
