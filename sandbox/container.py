@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -236,6 +237,11 @@ class Sandbox:
     def __post_init__(self) -> None:
         if not NAME_RE.fullmatch(self.name):
             raise SandboxError(f"sandbox name {self.name!r}: use 1-11 of [a-z0-9-]")
+        try:
+            ipaddress.IPv4Network(f"{self.subnet}.0/24")
+        except ValueError:
+            raise SandboxError(f"sandbox subnet {self.subnet!r}: give the first three octets of "
+                               "a /24, such as 10.213.46") from None
         self.base_dir = Path(self.base_dir)
         self.dir = self.base_dir / self.name
         self.image = self.base_dir / "images" / self.suite

@@ -1,7 +1,8 @@
 """The sandbox target host: image fix-up and naming offline, then one real boot cycle (root only).
 
-The real-host test uses a sandbox of its own ("smoke", subnet 10.213.45) so that it never touches
-the default "fabstack" sandbox of the demo and the other real-host tests.
+The real-host test uses a sandbox of its own (tests/conftest.py's smoke_sandbox: the suite's
+FABSTACK_TEST_SANDBOX name with "-smoke", the subnet's second octet one up) so that it never
+touches the suite's sandbox, the demo's, or another suite's.
 """
 
 import os
@@ -12,7 +13,7 @@ import subprocess
 import pytest
 
 from sandbox.container import Sandbox, SandboxError, _wait_gone, fix_image
-from tests.conftest import TEST_SUITE
+from tests.conftest import TEST_SUITE, smoke_sandbox
 
 
 def test_names_must_fit_interface_names():
@@ -21,6 +22,19 @@ def test_names_must_fit_interface_names():
     with pytest.raises(SandboxError):
         Sandbox(name="No_Caps")
     assert Sandbox(name="a-1").alias == "a-1-sandbox"
+
+
+@pytest.mark.parametrize("subnet", ["10.213", "10.213.46.0", "10.213.256", "ten.213.46", ""])
+def test_a_subnet_is_three_octets(subnet):
+    with pytest.raises(SandboxError, match="first three octets"):
+        Sandbox(subnet=subnet)
+
+
+def test_the_smoke_sandbox_sits_beside_the_suites(monkeypatch):
+    monkeypatch.setenv("FABSTACK_TEST_SANDBOX", "sb:10.213.63")
+    assert smoke_sandbox() == ("sb-smoke", "10.214.63")
+    monkeypatch.delenv("FABSTACK_TEST_SANDBOX")
+    assert smoke_sandbox() == ("test-smoke", "10.214.50")
 
 
 def test_info_describes_the_addresses(tmp_path):
@@ -61,7 +75,8 @@ needs_root = pytest.mark.skipif(
 @pytest.mark.realhost
 @needs_root
 def test_up_reboot_crash_down():
-    box = Sandbox(name="smoke", subnet="10.213.45", suite=TEST_SUITE)
+    name, subnet = smoke_sandbox()
+    box = Sandbox(name=name, subnet=subnet, suite=TEST_SUITE)
 
     def ssh(command):
         info = box.info()
