@@ -48,6 +48,7 @@ IMAGE_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "sudo", "python3", "ca-certificates",
     "iproute2",
 )
+DEFAULT_SUBNET = "10.213.46"  # make demo's
 PROXY_PORT = 8888
 BOOT_TIMEOUT = 60  # seconds until sshd must answer
 STOP_TIMEOUT = 20  # seconds for an orderly shutdown before SIGKILL
@@ -231,7 +232,7 @@ class Sandbox:
 
     name: str = "fabstack"
     suite: str = "bookworm"
-    subnet: str = "10.213.46"  # first three octets of the /24 between host and target
+    subnet: str = DEFAULT_SUBNET  # first three octets of the /24 between host and target
     base_dir: Path = DEFAULT_BASE_DIR
 
     def __post_init__(self) -> None:
@@ -278,11 +279,11 @@ class Sandbox:
         """Return the running sandbox if it answers SSH; else clear leftovers, create and boot it.
 
         ``fresh=True`` always recreates the root from the image, even if the sandbox is running
-        (as does asking for another suite than the running one).
+        (as does asking for another suite or subnet than the running one's).
         """
         _require_root()
         with self._lock():
-            reusable = not fresh and self.running() and self._booted_suite() == self.suite
+            reusable = not fresh and self.running() and self._booted() == (self.suite, self.ip)
             if reusable and self._ssh_ok():
                 self._proxy_up()  # restarts a proxy that died on its own
                 return self.info()
@@ -331,9 +332,11 @@ class Sandbox:
 
     # -- image and instance -------------------------------------------------------------------
 
-    def _booted_suite(self) -> str | None:
+    def _booted(self) -> tuple[str, str] | None:
+        """The suite and address of the last complete boot (None if none is recorded)."""
         try:
-            return json.loads((self.dir / "info.json").read_text())["suite"]
+            booted = json.loads((self.dir / "info.json").read_text())
+            return booted["suite"], booted["ip"]
         except (OSError, ValueError, KeyError):
             return None
 

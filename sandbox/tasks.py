@@ -21,7 +21,7 @@ from invoke.exceptions import Exit
 from tasks import settings
 
 from . import pebble
-from .container import Sandbox, SandboxError, SandboxInfo
+from .container import DEFAULT_SUBNET, Sandbox, SandboxError, SandboxInfo
 
 # -- settings for the library ---------------------------------------------------------------
 
@@ -56,6 +56,8 @@ def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str
 # -- fab tasks ----------------------------------------------------------------------------------
 
 NAME_HELP = "sandbox name (default: fabstack); one per subnet"
+SUBNET_HELP = ("first three octets of the /24 between this machine and the sandbox "
+               f"(default: {DEFAULT_SUBNET}); give each sandbox its own")
 
 
 @contextmanager
@@ -68,12 +70,13 @@ def _task_errors() -> Iterator[None]:
 
 
 @task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie",
+            "subnet": SUBNET_HELP,
             "fresh": "recreate the root from the image even if it is running"})
-def up(c, name="fabstack", suite="bookworm", fresh=False):
+def up(c, name="fabstack", suite="bookworm", subnet=DEFAULT_SUBNET, fresh=False):
     """Boot the sandbox target host (or reuse the running one) and print how to reach it."""
     started = time.monotonic()
     with _task_errors():
-        info = Sandbox(name=name, suite=suite).up(fresh=fresh)
+        info = Sandbox(name=name, suite=suite, subnet=subnet).up(fresh=fresh)
         env_file = write_settings(info)
     print(f"{info.alias} is up ({time.monotonic() - started:.0f}s): root@{info.ip}, "
           f"Debian {info.suite}")
@@ -107,12 +110,13 @@ def status(c, name="fabstack"):
         print(f"{name}-sandbox is not running")
 
 
-@task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie"})
-def demo(c, name="fabstack", suite="bookworm"):
+@task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie",
+            "subnet": SUBNET_HELP})
+def demo(c, name="fabstack", suite="bookworm", subnet=DEFAULT_SUBNET):
     """Boot the sandbox, then provision and deploy the example app over HTTPS (local ACME CA)."""
     started = time.monotonic()
     with _task_errors():
-        box = Sandbox(name=name, suite=suite)
+        box = Sandbox(name=name, suite=suite, subnet=subnet)
         info = box.up()
         acme = pebble.Pebble(info.host_ip, info.ip, box.dir / "pebble")
         if not pebble.recorded_pids(acme.workdir):
