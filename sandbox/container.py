@@ -132,11 +132,21 @@ def _kill(pids: list[int], sig: int) -> None:
 
 
 def _stop(pids: list[int], timeout: float) -> None:
-    """SIGTERM *pids*, give them *timeout* seconds, then SIGKILL what is left."""
-    _kill(pids, signal.SIGTERM)
-    if not _wait_gone(pids, timeout):
-        _kill(pids, signal.SIGKILL)
-        _wait_gone(pids, 5)
+    """SIGTERM *pids* once a second for *timeout* seconds, then SIGKILL what is left.
+
+    Once, not again, is not enough for systemd-nspawn: it passes SIGTERM on to the target's
+    systemd as a shutdown request, and a systemd that has not yet set up its handlers (the
+    first moments of a boot) drops it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        _kill(pids, signal.SIGTERM)
+        if _wait_gone(pids, min(1, max(deadline - time.monotonic(), 0))):
+            return
+        if time.monotonic() >= deadline:
+            break
+    _kill(pids, signal.SIGKILL)
+    _wait_gone(pids, 5)
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -275,6 +285,20 @@ class Sandbox:
         """True while systemd-nspawn runs this sandbox's root."""
         return self._nspawn_pid() is not None
 
+    def traces(self) -> list[str]:
+        """What of this sandbox is on this machine (all but its client key and the shared image):
+        some of container, proxy, ACME CA, network, root (mounted), files."""
+        found = {
+            "container": self._nspawn_pids() or self._netns_pids(),
+            "proxy": self._proxy_pids(),
+            "ACME CA": pebble.recorded_pids(self.dir / "pebble"),
+            "network": self._netns_exists() or Path(f"/sys/class/net/{self.veth_host}").exists(),
+            "root": _mounts_under(self.dir),
+            "files": self.dir.is_dir() and any(entry.name not in KEY_FILES
+                                               for entry in self.dir.iterdir()),
+        }
+        return [what for what, there in found.items() if there]
+
     def up(self, fresh: bool = False) -> SandboxInfo:
         """Return the running sandbox if it answers SSH; else clear leftovers, create and boot it.
 
@@ -288,9 +312,15 @@ class Sandbox:
                 self._proxy_up()  # restarts a proxy that died on its own
                 return self.info()
             self._teardown()
-            self._ensure_image()
-            self._create_instance()
-            return self._boot()
+            try:
+                self._ensure_image()
+                self._create_instance()
+                return self._boot()
+            except BaseException:
+                # Failed or interrupted (Ctrl-C): nothing is left half-booted on the subnet. The
+                # error says why (a failed boot shows the tail of the console).
+                self._teardown()
+                raise
 
     def boot(self) -> SandboxInfo:
         """Boot the existing root again (after poweroff() or ``poweroff`` inside the target)."""
@@ -324,11 +354,16 @@ class Sandbox:
         self.poweroff()
         return self.boot()
 
-    def down(self) -> None:
-        """Stop and remove the sandbox; safe when nothing runs. The image and client key stay."""
+    def down(self) -> list[str]:
+        """Stop and remove the sandbox; safe when nothing runs. The image and client key stay.
+
+        Returns what there was to remove (:meth:`traces`), empty if nothing.
+        """
         _require_root()
         with self._lock():
+            found = self.traces()
             self._teardown()
+            return found
 
     # -- image and instance -------------------------------------------------------------------
 
@@ -416,8 +451,7 @@ class Sandbox:
 
     def _network_up(self) -> None:
         """Namespace + veth pair: host_ip/24 here, ip/24 on eth0 inside (kept across reboots)."""
-        netns_exists = self.netns in _run("ip", "netns", "list").stdout.split()
-        if netns_exists and Path(f"/sys/class/net/{self.veth_host}").exists():
+        if self._netns_exists() and Path(f"/sys/class/net/{self.veth_host}").exists():
             return
         self._network_down()
         used = _run("ip", "-o", "-4", "addr", "show", "to", self.host_ip).stdout.split()
@@ -434,6 +468,15 @@ class Sandbox:
         _run(*ns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
         _run(*ns, "link", "set", "eth0", "up")
         _run(*ns, "link", "set", "lo", "up")
+
+    def _netns_exists(self) -> bool:
+        return self.netns in _run("ip", "netns", "list").stdout.split()
+
+    def _netns_pids(self) -> list[int]:
+        """Processes in this sandbox's network namespace (the container's)."""
+        if not self._netns_exists():
+            return []
+        return [int(pid) for pid in _run("ip", "netns", "pids", self.netns).stdout.split()]
 
     def _network_down(self) -> None:
         _run("ip", "link", "del", self.veth_host, check=False)
@@ -538,10 +581,9 @@ class Sandbox:
         process still in the namespace: the container of an nspawn killed with -9, which
         nothing can shut down cleanly any more (its PID 1 ignores SIGTERM), so it gets SIGKILL."""
         _stop(self._nspawn_pids(), STOP_TIMEOUT)
-        if self.netns in _run("ip", "netns", "list").stdout.split():
-            orphans = [int(pid) for pid in _run("ip", "netns", "pids", self.netns).stdout.split()]
-            _kill(orphans, signal.SIGKILL)
-            _wait_gone(orphans, 5)
+        orphans = self._netns_pids()
+        _kill(orphans, signal.SIGKILL)
+        _wait_gone(orphans, 5)
         _stop(self._proxy_pids(), 5)
         self.nspawn_pidfile.unlink(missing_ok=True)
         self.proxy_pidfile.unlink(missing_ok=True)

@@ -60,6 +60,10 @@ SUBNET_HELP = ("first three octets of the /24 between this machine and the sandb
                f"(default: {DEFAULT_SUBNET}); give each sandbox its own")
 
 
+def _down_command(name: str) -> str:
+    return "fab sandbox.down" + ("" if name == "fabstack" else f" --name {name}")
+
+
 @contextmanager
 def _task_errors() -> Iterator[None]:
     """Show a SandboxError as a plain message and exit status 1 instead of a traceback."""
@@ -76,10 +80,13 @@ def up(c, name="fabstack", suite="bookworm", subnet=DEFAULT_SUBNET, fresh=False)
     """Boot the sandbox target host (or reuse the running one) and print how to reach it."""
     started = time.monotonic()
     with _task_errors():
-        info = Sandbox(name=name, suite=suite, subnet=subnet).up(fresh=fresh)
+        box = Sandbox(name=name, suite=suite, subnet=subnet)
+        pid = box._nspawn_pid()
+        info = box.up(fresh=fresh)
         env_file = write_settings(info)
-    print(f"{info.alias} is up ({time.monotonic() - started:.0f}s): root@{info.ip}, "
-          f"Debian {info.suite}")
+    how = ("was up already (--fresh recreates it)" if pid and box._nspawn_pid() == pid
+           else f"is up (booted in {time.monotonic() - started:.0f} s)")
+    print(f"{info.alias} {how}: root@{info.ip}, Debian {info.suite}")
     print(f"  ssh:   ssh -F {info.ssh_config} {info.alias}")
     print(f"  fab:   fab -S {info.ssh_config} -H {info.alias} <task>")
     print(f"  proxy: {info.proxy_url} (the target's only way out: HTTP_PROXY)")
@@ -95,19 +102,24 @@ def up(c, name="fabstack", suite="bookworm", subnet=DEFAULT_SUBNET, fresh=False)
 def down(c, name="fabstack"):
     """Stop the sandbox target host and delete its root (the cached image stays)."""
     with _task_errors():
-        Sandbox(name=name).down()
-    print(f"{name}-sandbox is down")
+        removed = Sandbox(name=name).down()
+    print(f"{name}-sandbox is down "
+          + (f"(removed: {', '.join(removed)})" if removed else "(nothing of it was here)"))
 
 
 @task(help={"name": NAME_HELP})
 def status(c, name="fabstack"):
     """Say whether the sandbox target host is running, and where."""
-    box = Sandbox(name=name)
-    info_file = box.dir / "info.json"
-    if box.running() and info_file.exists():
-        print(f"{name}-sandbox is running:\n{info_file.read_text()}", end="")
-    else:
-        print(f"{name}-sandbox is not running")
+    with _task_errors():
+        box = Sandbox(name=name)
+        info_file = box.dir / "info.json"
+        if box.running() and info_file.exists():
+            print(f"{name}-sandbox is running:\n{info_file.read_text()}", end="")
+        elif traces := box.traces():
+            print(f"{name}-sandbox is not running, but its {', '.join(traces)} are here (an up "
+                  f"still booting, or an interrupted one: {_down_command(name)} removes them)")
+        else:
+            print(f"{name}-sandbox is not running")
 
 
 @task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie",
@@ -142,4 +154,4 @@ def demo(c, name="fabstack", suite="bookworm", subnet=DEFAULT_SUBNET):
           f"  Its certificate comes from the local ACME CA (Pebble); trust its root to verify:\n"
           f"    curl --cacert {acme.issuing_root} --resolve {domain}:443:{info.ip} "
           f"https://{domain}/\n"
-          f"  settings: {env_file}\n  tear down: fab sandbox.down")
+          f"  settings: {env_file}\n  tear down: {_down_command(name)}")

@@ -9,11 +9,13 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
-from sandbox.container import Sandbox, SandboxError, _wait_gone, fix_image
-from tests.conftest import TEST_SUITE, smoke_sandbox
+from sandbox.container import STOP_TIMEOUT, Sandbox, SandboxError, _wait_gone, fix_image
+from tests.conftest import REPO, TEST_SUITE, smoke_sandbox
 
 
 def test_names_must_fit_interface_names():
@@ -108,8 +110,51 @@ def test_up_reboot_crash_down():
         assert not box.running()
         box.up()
         assert ssh("systemctl is-system-running").strip() == "running"
+        assert {"container", "proxy", "network", "files"} <= set(box.down())
     finally:
         box.down()
-    box.down()
+    assert box.down() == []  # a second down finds nothing to remove
     assert not box.running()
     assert sorted(p.name for p in box.dir.iterdir()) == ["id_ed25519", "id_ed25519.pub"]
+
+
+@pytest.mark.realhost
+@needs_root
+def test_an_interrupted_up_leaves_nothing_and_a_killed_one_is_removed_by_down():
+    name, subnet = smoke_sandbox()
+    box = Sandbox(name=name, subnet=subnet, suite=TEST_SUITE)
+    try:
+        # Ctrl-C while the target boots: up() stops and removes what it started, at once (a
+        # systemd too young to take nspawn's shutdown request used to hold it STOP_TIMEOUT).
+        booting = box._wait_ready
+
+        def interrupted():
+            assert box.running() and "network" in box.traces()
+            raise KeyboardInterrupt
+
+        box._wait_ready = interrupted
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            box.up(fresh=True)
+        assert time.monotonic() - started < STOP_TIMEOUT / 2
+        box._wait_ready = booting
+        assert box.traces() == []
+
+        # up killed outright while the target boots: its container, proxy, network and root
+        # stay, and down() removes them.
+        script = (f"from sandbox.container import Sandbox; "
+                  f"Sandbox(name={name!r}, suite={TEST_SUITE!r}, subnet={subnet!r}).up()")
+        up = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+        deadline = time.monotonic() + 120  # a first run builds the image
+        while not box.running():
+            assert up.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        up.kill()
+        up.wait()
+        assert {"container", "proxy", "network", "files"} <= set(box.traces())
+        started = time.monotonic()
+        assert {"container", "proxy", "network", "files"} <= set(box.down())
+        assert time.monotonic() - started < STOP_TIMEOUT / 2
+        assert box.traces() == []
+    finally:
+        box.down()
