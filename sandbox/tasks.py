@@ -33,6 +33,11 @@ SANDBOX_SETTINGS = {"DOMAIN": "ratemyderp.test", "ADMIN_EMAIL": "ops@ratemyderp.
                     "ACME_SERVER": ""}
 
 
+def settings_file(info: SandboxInfo) -> Path:
+    """Where ``fab sandbox.up`` and ``fab sandbox.demo`` write the sandbox's settings."""
+    return info.root.parent / "sandbox.env"
+
+
 def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str) -> Path:
     """Write a complete .env for the library to provision this sandbox; return its path.
 
@@ -40,7 +45,7 @@ def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str
     already, so re-running the demo does not rotate them); other keys keep their
     defaults; ``overrides`` win. The file is readable by root only.
     """
-    path = path or info.root.parent / "sandbox.env"
+    path = path or settings_file(info)
     old = dotenv_values(path, interpolate=False) if path.exists() else {}
     values = {**SANDBOX_SETTINGS, "HTTP_PROXY": info.proxy_url,
               "EXTRA_CA_CERT": str(info.ca_bundle or ""), **overrides}
@@ -83,8 +88,11 @@ def up(c, name="fabstack", suite="bookworm", subnet=DEFAULT_SUBNET, fresh=False)
         box = Sandbox(name=name, suite=suite, subnet=subnet)
         pid = box._nspawn_pid()
         info = box.up(fresh=fresh)
-        env_file = write_settings(info)
-    how = ("was up already (--fresh recreates it)" if pid and box._nspawn_pid() == pid
+        reused = pid is not None and box._nspawn_pid() == pid
+        env_file = settings_file(info)
+        if not (reused and env_file.exists()):  # a running one keeps them (the demo's ACME CA)
+            write_settings(info)
+    how = ("was up already (--fresh recreates it)" if reused
            else f"is up (booted in {time.monotonic() - started:.0f} s)")
     print(f"{info.alias} {how}: root@{info.ip}, Debian {info.suite}")
     print(f"  ssh:   ssh -F {info.ssh_config} {info.alias}")
