@@ -134,9 +134,9 @@ def _kill(pids: list[int], sig: int) -> None:
 def _stop(pids: list[int], timeout: float) -> None:
     """SIGTERM *pids* once a second for *timeout* seconds, then SIGKILL what is left.
 
-    Once, not again, is not enough for systemd-nspawn: it passes SIGTERM on to the target's
-    systemd as a shutdown request, and a systemd that has not yet set up its handlers (the
-    first moments of a boot) drops it.
+    For systemd-nspawn the first SIGTERM is a shutdown request to the target's systemd (which
+    drops it in the first moments of a boot, before it has its handlers), the second an order
+    to end the container at once: a target that is thrown away gets a second to shut down.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -577,9 +577,10 @@ class Sandbox:
         return _pids("tinyproxy", str(self.proxy_conf))
 
     def _stop_processes(self) -> None:
-        """Stop nspawn (orderly: SIGTERM makes it shut the target down), the proxy, and any
-        process still in the namespace: the container of an nspawn killed with -9, which
-        nothing can shut down cleanly any more (its PID 1 ignores SIGTERM), so it gets SIGKILL."""
+        """Stop nspawn (:func:`_stop`: a second to shut the target down, then at once), the
+        proxy, and any process still in the namespace: the container of an nspawn killed with
+        -9, which nothing can shut down cleanly any more (its PID 1 ignores SIGTERM), so it
+        gets SIGKILL."""
         _stop(self._nspawn_pids(), STOP_TIMEOUT)
         orphans = self._netns_pids()
         _kill(orphans, signal.SIGKILL)
