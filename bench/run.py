@@ -41,7 +41,8 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from manifest import export  # noqa: E402
 
-from tasks.sandbox import Sandbox, write_settings  # noqa: E402
+from sandbox.container import Sandbox  # noqa: E402
+from sandbox.tasks import write_settings  # noqa: E402
 from tests.load import Load  # noqa: E402
 
 WORK = Path("/var/tmp/fabstack-bench")

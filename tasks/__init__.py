@@ -26,7 +26,6 @@ from . import (
     nginx,
     provision,
     python,
-    sandbox,
     status,
 )
 from .host import COMMAND_TIMEOUT, PROBE_TIMEOUT
@@ -34,7 +33,7 @@ from .host import COMMAND_TIMEOUT, PROBE_TIMEOUT
 
 def build_namespace() -> Collection:
     ns = Collection()
-    for module in (provision, python, db, backup, celery, nginx, certbot, monitoring, sandbox):
+    for module in (provision, python, db, backup, celery, nginx, certbot, monitoring):
         ns.add_collection(Collection.from_module(module))
     for name in ("deploy", "rollback", "releases", "gunicorn"):
         ns.add_task(getattr(deploy, name))

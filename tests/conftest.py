@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.container import Sandbox
+from sandbox.pebble import Pebble
 from tasks import settings as settings_mod
 from tasks.host import Host
-from tasks.pebble import Pebble
-from tasks.sandbox import Sandbox
 from tests.fake import FakeConnection
 
 VALID = {"DOMAIN": "example.com", "ADMIN_EMAIL": "ops@example.com",
@@ -59,18 +59,36 @@ TEST_SUITE = os.environ.get("FABSTACK_TEST_SUITE", "bookworm")
 FAB = str(Path(sys.executable).parent / "fab")
 
 
+def suite_sandbox() -> tuple[str, str]:
+    """The suite's sandbox as (name, subnet): FABSTACK_TEST_SANDBOX=NAME:SUBNET, default
+    test:10.213.50."""
+    name, subnet = os.environ.get("FABSTACK_TEST_SANDBOX", "test:10.213.50").split(":")
+    return name, subnet
+
+
+def smoke_sandbox() -> tuple[str, str]:
+    """The smoke test's own sandbox (tests/test_sandbox_smoke.py boots and breaks it): NAME-smoke
+    on the suite's subnet with its second octet one up (test-smoke on 10.214.50 by default), so
+    suites on neighbouring subnets (10.213.63, 10.213.64) never meet each other's smoke test.
+    NAME has at most 5 characters."""
+    name, subnet = suite_sandbox()
+    first, second, third = subnet.split(".")
+    return f"{name}-smoke", f"{first}.{int(second) + 1}.{third}"
+
+
 @pytest.fixture(scope="session")
 def sandbox():
     """A fresh sandbox Debian host, booted once per test session and torn down after.
 
     Set FABSTACK_KEEP_SANDBOX=1 to leave it running for a look afterwards,
-    FABSTACK_TEST_SANDBOX=NAME:SUBNET (default test:10.213.50) to run beside another suite, and
+    FABSTACK_TEST_SANDBOX=NAME:SUBNET (default test:10.213.50) to run beside another suite
+    (:func:`suite_sandbox`; the smoke test's own is :func:`smoke_sandbox`), and
     FABSTACK_REUSE_SANDBOX=1 to run on that sandbox as it is when it is up (to iterate on one
     module; a full run wants a fresh host).
     """
     if os.geteuid() != 0:
         pytest.skip("real-host tests boot a systemd-nspawn target and need root")
-    name, subnet = os.environ.get("FABSTACK_TEST_SANDBOX", "test:10.213.50").split(":")
+    name, subnet = suite_sandbox()
     box = Sandbox(name=name, subnet=subnet, suite=TEST_SUITE)
     info = box.up(fresh=not os.environ.get("FABSTACK_REUSE_SANDBOX"))
     yield info

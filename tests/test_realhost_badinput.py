@@ -172,7 +172,7 @@ def test_an_object_fabstack_did_not_create_is_refused(target, stack, tmp_path, m
 def test_template_syntax_error(target, before, tmp_path):
     """A broken template in a copy of the project (never in the shared tree): file and line."""
     project = tmp_path / "project"
-    for name in ("tasks", "files"):
+    for name in ("tasks", "sandbox", "files"):
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "fabfile.py", project)
     (project / "files" / "zz-broken.j2").write_text("line one\n{{ s.app }\n")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tasks.sandbox import Sandbox
+from sandbox.container import Sandbox
 from tests.conftest import REPO, changed_count
 
 APP = "ratemyderp"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tasks.sandbox import Sandbox
+from sandbox.container import Sandbox
 from tests.conftest import changed_count, commit, host_state, revert, state_changes
 from tests.load import Load, get, release_served
 

@@ -109,7 +109,7 @@ def test_broken_template_never_goes_live(web, sandbox, pebble, tmp_path):
     """An operator's bad edit of a template: nginx -t refuses it, the old config keeps serving."""
     copy = tmp_path / "fabstack"
     copy.mkdir()
-    for name in ("tasks", "files"):
+    for name in ("tasks", "sandbox", "files"):
         shutil.copytree(REPO / name, copy / name)
     shutil.copy(REPO / "fabfile.py", copy)
     partial = copy / "files" / "nginx-app.conf.j2"

@@ -1,18 +1,21 @@
 """The sandbox target host: image fix-up and naming offline, then one real boot cycle (root only).
 
-The real-host test uses a sandbox of its own ("smoke", subnet 10.213.45) so that it never touches
-the default "fabstack" sandbox of the demo and the other real-host tests.
+The real-host test uses a sandbox of its own (tests/conftest.py's smoke_sandbox: the suite's
+FABSTACK_TEST_SANDBOX name with "-smoke", the subnet's second octet one up) so that it never
+touches the suite's sandbox, the demo's, or another suite's.
 """
 
 import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
-from tasks.sandbox import Sandbox, SandboxError, _wait_gone, fix_image
-from tests.conftest import TEST_SUITE
+from sandbox.container import STOP_TIMEOUT, Sandbox, SandboxError, _wait_gone, fix_image
+from tests.conftest import REPO, TEST_SUITE, smoke_sandbox
 
 
 def test_names_must_fit_interface_names():
@@ -21,6 +24,19 @@ def test_names_must_fit_interface_names():
     with pytest.raises(SandboxError):
         Sandbox(name="No_Caps")
     assert Sandbox(name="a-1").alias == "a-1-sandbox"
+
+
+@pytest.mark.parametrize("subnet", ["10.213", "10.213.46.0", "10.213.256", "ten.213.46", ""])
+def test_a_subnet_is_three_octets(subnet):
+    with pytest.raises(SandboxError, match="first three octets"):
+        Sandbox(subnet=subnet)
+
+
+def test_the_smoke_sandbox_sits_beside_the_suites(monkeypatch):
+    monkeypatch.setenv("FABSTACK_TEST_SANDBOX", "sb:10.213.63")
+    assert smoke_sandbox() == ("sb-smoke", "10.214.63")
+    monkeypatch.delenv("FABSTACK_TEST_SANDBOX")
+    assert smoke_sandbox() == ("test-smoke", "10.214.50")
 
 
 def test_info_describes_the_addresses(tmp_path):
@@ -61,7 +77,8 @@ needs_root = pytest.mark.skipif(
 @pytest.mark.realhost
 @needs_root
 def test_up_reboot_crash_down():
-    box = Sandbox(name="smoke", subnet="10.213.45", suite=TEST_SUITE)
+    name, subnet = smoke_sandbox()
+    box = Sandbox(name=name, subnet=subnet, suite=TEST_SUITE)
 
     def ssh(command):
         info = box.info()
@@ -93,8 +110,51 @@ def test_up_reboot_crash_down():
         assert not box.running()
         box.up()
         assert ssh("systemctl is-system-running").strip() == "running"
+        assert {"container", "proxy", "network", "files"} <= set(box.down())
     finally:
         box.down()
-    box.down()
+    assert box.down() == []  # a second down finds nothing to remove
     assert not box.running()
     assert sorted(p.name for p in box.dir.iterdir()) == ["id_ed25519", "id_ed25519.pub"]
+
+
+@pytest.mark.realhost
+@needs_root
+def test_an_interrupted_up_leaves_nothing_and_a_killed_one_is_removed_by_down():
+    name, subnet = smoke_sandbox()
+    box = Sandbox(name=name, subnet=subnet, suite=TEST_SUITE)
+    try:
+        # Ctrl-C while the target boots: up() stops and removes what it started, at once (a
+        # systemd too young to take nspawn's shutdown request used to hold it STOP_TIMEOUT).
+        booting = box._wait_ready
+
+        def interrupted():
+            assert box.running() and "network" in box.traces()
+            raise KeyboardInterrupt
+
+        box._wait_ready = interrupted
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            box.up(fresh=True)
+        assert time.monotonic() - started < STOP_TIMEOUT / 2
+        box._wait_ready = booting
+        assert box.traces() == []
+
+        # up killed outright while the target boots: its container, proxy, network and root
+        # stay, and down() removes them.
+        script = (f"from sandbox.container import Sandbox; "
+                  f"Sandbox(name={name!r}, suite={TEST_SUITE!r}, subnet={subnet!r}).up()")
+        up = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+        deadline = time.monotonic() + 120  # a first run builds the image
+        while not box.running():
+            assert up.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        up.kill()
+        up.wait()
+        assert {"container", "proxy", "network", "files"} <= set(box.traces())
+        started = time.monotonic()
+        assert {"container", "proxy", "network", "files"} <= set(box.down())
+        assert time.monotonic() - started < STOP_TIMEOUT / 2
+        assert box.traces() == []
+    finally:
+        box.down()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCANNED = ("tasks", "tests", "bench")
+SCANNED = ("tasks", "sandbox", "tests", "bench")
 # program -> the Debian package that provides it on this machine
 PROGRAMS = {
     "cp": "coreutils",
@@ -105,8 +105,8 @@ def test_the_scan_finds_the_programs_it_is_meant_to():
     found = programs_started()
     assert "tests/test_realhost_backup.py" in found.get("rsync", set())
     assert "tests/test_sandbox_smoke.py" in found.get("systemd-nspawn", set())
-    assert "tasks/pebble.py" in found.get("pebble-challtestsrv", set())
-    assert "tasks/sandbox.py" in found.get("debootstrap", set())
+    assert "sandbox/pebble.py" in found.get("pebble-challtestsrv", set())
+    assert "sandbox/container.py" in found.get("debootstrap", set())
 
 
 def test_every_program_started_here_is_declared():

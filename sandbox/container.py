@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import ipaddress
 import json
 import os
 import re
-import secrets
 import shlex
 import shutil
 import signal
@@ -40,9 +40,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fabric import task
-from invoke.exceptions import Exit
-
 from . import pebble
 
 DEFAULT_BASE_DIR = Path("/var/tmp/fabstack-sandbox")
@@ -51,6 +48,7 @@ IMAGE_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "sudo", "python3", "ca-certificates",
     "iproute2",
 )
+DEFAULT_SUBNET = "10.213.46"  # make demo's
 PROXY_PORT = 8888
 BOOT_TIMEOUT = 60  # seconds until sshd must answer
 STOP_TIMEOUT = 20  # seconds for an orderly shutdown before SIGKILL
@@ -134,11 +132,21 @@ def _kill(pids: list[int], sig: int) -> None:
 
 
 def _stop(pids: list[int], timeout: float) -> None:
-    """SIGTERM *pids*, give them *timeout* seconds, then SIGKILL what is left."""
-    _kill(pids, signal.SIGTERM)
-    if not _wait_gone(pids, timeout):
-        _kill(pids, signal.SIGKILL)
-        _wait_gone(pids, 5)
+    """SIGTERM *pids* once a second for *timeout* seconds, then SIGKILL what is left.
+
+    For systemd-nspawn the first SIGTERM is a shutdown request to the target's systemd (which
+    drops it in the first moments of a boot, before it has its handlers), the second an order
+    to end the container at once: a target that is thrown away gets a second to shut down.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        _kill(pids, signal.SIGTERM)
+        if _wait_gone(pids, min(1, max(deadline - time.monotonic(), 0))):
+            return
+        if time.monotonic() >= deadline:
+            break
+    _kill(pids, signal.SIGKILL)
+    _wait_gone(pids, 5)
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -234,12 +242,17 @@ class Sandbox:
 
     name: str = "fabstack"
     suite: str = "bookworm"
-    subnet: str = "10.213.46"  # first three octets of the /24 between host and target
+    subnet: str = DEFAULT_SUBNET  # first three octets of the /24 between host and target
     base_dir: Path = DEFAULT_BASE_DIR
 
     def __post_init__(self) -> None:
         if not NAME_RE.fullmatch(self.name):
             raise SandboxError(f"sandbox name {self.name!r}: use 1-11 of [a-z0-9-]")
+        try:
+            ipaddress.IPv4Network(f"{self.subnet}.0/24")
+        except ValueError:
+            raise SandboxError(f"sandbox subnet {self.subnet!r}: give the first three octets of "
+                               "a /24, such as 10.213.46") from None
         self.base_dir = Path(self.base_dir)
         self.dir = self.base_dir / self.name
         self.image = self.base_dir / "images" / self.suite
@@ -272,22 +285,42 @@ class Sandbox:
         """True while systemd-nspawn runs this sandbox's root."""
         return self._nspawn_pid() is not None
 
+    def traces(self) -> list[str]:
+        """What of this sandbox is on this machine (all but its client key and the shared image):
+        some of container, proxy, ACME CA, network, root (mounted), files."""
+        found = {
+            "container": self._nspawn_pids() or self._netns_pids(),
+            "proxy": self._proxy_pids(),
+            "ACME CA": pebble.recorded_pids(self.dir / "pebble"),
+            "network": self._netns_exists() or Path(f"/sys/class/net/{self.veth_host}").exists(),
+            "root": _mounts_under(self.dir),
+            "files": self.dir.is_dir() and any(entry.name not in KEY_FILES
+                                               for entry in self.dir.iterdir()),
+        }
+        return [what for what, there in found.items() if there]
+
     def up(self, fresh: bool = False) -> SandboxInfo:
         """Return the running sandbox if it answers SSH; else clear leftovers, create and boot it.
 
         ``fresh=True`` always recreates the root from the image, even if the sandbox is running
-        (as does asking for another suite than the running one).
+        (as does asking for another suite or subnet than the running one's).
         """
         _require_root()
         with self._lock():
-            reusable = not fresh and self.running() and self._booted_suite() == self.suite
+            reusable = not fresh and self.running() and self._booted() == (self.suite, self.ip)
             if reusable and self._ssh_ok():
                 self._proxy_up()  # restarts a proxy that died on its own
                 return self.info()
             self._teardown()
-            self._ensure_image()
-            self._create_instance()
-            return self._boot()
+            try:
+                self._ensure_image()
+                self._create_instance()
+                return self._boot()
+            except BaseException:
+                # Failed or interrupted (Ctrl-C): nothing is left half-booted on the subnet. The
+                # error says why (a failed boot shows the tail of the console).
+                self._teardown()
+                raise
 
     def boot(self) -> SandboxInfo:
         """Boot the existing root again (after poweroff() or ``poweroff`` inside the target)."""
@@ -321,17 +354,24 @@ class Sandbox:
         self.poweroff()
         return self.boot()
 
-    def down(self) -> None:
-        """Stop and remove the sandbox; safe when nothing runs. The image and client key stay."""
+    def down(self) -> list[str]:
+        """Stop and remove the sandbox; safe when nothing runs. The image and client key stay.
+
+        Returns what there was to remove (:meth:`traces`), empty if nothing.
+        """
         _require_root()
         with self._lock():
+            found = self.traces()
             self._teardown()
+            return found
 
     # -- image and instance -------------------------------------------------------------------
 
-    def _booted_suite(self) -> str | None:
+    def _booted(self) -> tuple[str, str] | None:
+        """The suite and address of the last complete boot (None if none is recorded)."""
         try:
-            return json.loads((self.dir / "info.json").read_text())["suite"]
+            booted = json.loads((self.dir / "info.json").read_text())
+            return booted["suite"], booted["ip"]
         except (OSError, ValueError, KeyError):
             return None
 
@@ -411,8 +451,7 @@ class Sandbox:
 
     def _network_up(self) -> None:
         """Namespace + veth pair: host_ip/24 here, ip/24 on eth0 inside (kept across reboots)."""
-        netns_exists = self.netns in _run("ip", "netns", "list").stdout.split()
-        if netns_exists and Path(f"/sys/class/net/{self.veth_host}").exists():
+        if self._netns_exists() and Path(f"/sys/class/net/{self.veth_host}").exists():
             return
         self._network_down()
         used = _run("ip", "-o", "-4", "addr", "show", "to", self.host_ip).stdout.split()
@@ -429,6 +468,15 @@ class Sandbox:
         _run(*ns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
         _run(*ns, "link", "set", "eth0", "up")
         _run(*ns, "link", "set", "lo", "up")
+
+    def _netns_exists(self) -> bool:
+        return self.netns in _run("ip", "netns", "list").stdout.split()
+
+    def _netns_pids(self) -> list[int]:
+        """Processes in this sandbox's network namespace (the container's)."""
+        if not self._netns_exists():
+            return []
+        return [int(pid) for pid in _run("ip", "netns", "pids", self.netns).stdout.split()]
 
     def _network_down(self) -> None:
         _run("ip", "link", "del", self.veth_host, check=False)
@@ -529,14 +577,14 @@ class Sandbox:
         return _pids("tinyproxy", str(self.proxy_conf))
 
     def _stop_processes(self) -> None:
-        """Stop nspawn (orderly: SIGTERM makes it shut the target down), the proxy, and any
-        process still in the namespace: the container of an nspawn killed with -9, which
-        nothing can shut down cleanly any more (its PID 1 ignores SIGTERM), so it gets SIGKILL."""
+        """Stop nspawn (:func:`_stop`: a second to shut the target down, then at once), the
+        proxy, and any process still in the namespace: the container of an nspawn killed with
+        -9, which nothing can shut down cleanly any more (its PID 1 ignores SIGTERM), so it
+        gets SIGKILL."""
         _stop(self._nspawn_pids(), STOP_TIMEOUT)
-        if self.netns in _run("ip", "netns", "list").stdout.split():
-            orphans = [int(pid) for pid in _run("ip", "netns", "pids", self.netns).stdout.split()]
-            _kill(orphans, signal.SIGKILL)
-            _wait_gone(orphans, 5)
+        orphans = self._netns_pids()
+        _kill(orphans, signal.SIGKILL)
+        _wait_gone(orphans, 5)
         _stop(self._proxy_pids(), 5)
         self.nspawn_pidfile.unlink(missing_ok=True)
         self.proxy_pidfile.unlink(missing_ok=True)
@@ -556,124 +604,3 @@ class Sandbox:
                 else:
                     entry.unlink()
 
-
-# -- settings for the library ---------------------------------------------------------------
-
-# The demo deploys the example app of this repository.
-SANDBOX_SETTINGS = {"DOMAIN": "ratemyderp.test", "ADMIN_EMAIL": "ops@ratemyderp.test",
-                    "DEPLOY_REPO": str(Path(__file__).resolve().parent.parent),
-                    "DEPLOY_SUBDIR": "example",
-                    # Let's Encrypt cannot reach a sandbox: served over plain HTTP.
-                    "ACME_SERVER": ""}
-
-
-def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str) -> Path:
-    """Write a complete .env for the library to provision this sandbox; return its path.
-
-    Proxy and CA come from the sandbox; secrets are random (kept when the file exists
-    already, so re-running the demo does not rotate them); other keys keep their
-    defaults; ``overrides`` win. The file is readable by root only.
-    """
-    from dotenv import dotenv_values
-
-    from . import settings
-
-    path = path or info.root.parent / "sandbox.env"
-    old = dotenv_values(path, interpolate=False) if path.exists() else {}
-    values = {**SANDBOX_SETTINGS, "HTTP_PROXY": info.proxy_url,
-              "EXTRA_CA_CERT": str(info.ca_bundle or ""), **overrides}
-    for key in settings.KEYS:
-        if key.secret and key.name not in values:
-            values[key.name] = old.get(key.name) or secrets.token_urlsafe(48)
-    path.touch(mode=0o600)
-    path.write_text("# Settings for the sandbox host, written by `fab sandbox.up`.\n"
-                    + "".join(f"{name}='{value}'\n" for name, value in values.items()))
-    return path
-
-
-# -- fab tasks ----------------------------------------------------------------------------------
-
-NAME_HELP = "sandbox name (default: fabstack); one per subnet"
-
-
-@contextmanager
-def _task_errors() -> Iterator[None]:
-    """Show a SandboxError as a plain message and exit status 1 instead of a traceback."""
-    try:
-        yield
-    except SandboxError as exc:
-        raise Exit(f"sandbox: {exc}", code=1) from exc
-
-
-@task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie",
-            "fresh": "recreate the root from the image even if it is running"})
-def up(c, name="fabstack", suite="bookworm", fresh=False):
-    """Boot the sandbox target host (or reuse the running one) and print how to reach it."""
-    started = time.monotonic()
-    with _task_errors():
-        info = Sandbox(name=name, suite=suite).up(fresh=fresh)
-        env_file = write_settings(info)
-    print(f"{info.alias} is up ({time.monotonic() - started:.0f}s): root@{info.ip}, "
-          f"Debian {info.suite}")
-    print(f"  ssh:   ssh -F {info.ssh_config} {info.alias}")
-    print(f"  fab:   fab -S {info.ssh_config} -H {info.alias} <task>")
-    print(f"  proxy: {info.proxy_url} (the target's only way out: HTTP_PROXY)")
-    if info.ca_bundle:
-        print(f"  CA:    {info.ca_bundle} (extra CA certificates the egress needs)")
-    print(f"  info:  {info.root.parent / 'info.json'}")
-    print(f"  settings for the library: {env_file}; provision it with:\n"
-          f"    FABRIC_FABSTACK_ENV_FILE={env_file} fab -S {info.ssh_config} -H {info.alias} "
-          "provision")
-
-
-@task(help={"name": NAME_HELP})
-def down(c, name="fabstack"):
-    """Stop the sandbox target host and delete its root (the cached image stays)."""
-    with _task_errors():
-        Sandbox(name=name).down()
-    print(f"{name}-sandbox is down")
-
-
-@task(help={"name": NAME_HELP})
-def status(c, name="fabstack"):
-    """Say whether the sandbox target host is running, and where."""
-    box = Sandbox(name=name)
-    info_file = box.dir / "info.json"
-    if box.running() and info_file.exists():
-        print(f"{name}-sandbox is running:\n{info_file.read_text()}", end="")
-    else:
-        print(f"{name}-sandbox is not running")
-
-
-@task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie"})
-def demo(c, name="fabstack", suite="bookworm"):
-    """Boot the sandbox, then provision and deploy the example app over HTTPS (local ACME CA)."""
-    started = time.monotonic()
-    with _task_errors():
-        box = Sandbox(name=name, suite=suite)
-        info = box.up()
-        acme = pebble.Pebble(info.host_ip, info.ip, box.dir / "pebble")
-        if not pebble.recorded_pids(acme.workdir):
-            try:
-                acme.start()
-            except pebble.PebbleError as exc:
-                raise SandboxError(str(exc)) from exc
-    # certbot must trust Pebble's HTTPS certificate; pip and apt, the egress CA.
-    bundle = box.dir / "demo-ca.pem"
-    bundle.write_text("".join(p.read_text().rstrip("\n") + "\n" for p in
-                              [info.ca_bundle, acme.https_ca] if p))
-    env_file = write_settings(info, ACME_SERVER=acme.directory, EXTRA_CA_CERT=str(bundle))
-    fab = f"{shlex.quote(sys.executable)} -m fabric -S {shlex.quote(str(info.ssh_config))} " \
-          f"-H {info.alias}"
-    env = {"FABRIC_FABSTACK_ENV_FILE": str(env_file)}
-    repo = Path(__file__).resolve().parent.parent
-    for step in ("provision", "deploy"):
-        print(f"\n== fab {step} ==", flush=True)
-        c.run(f"cd {shlex.quote(str(repo))} && {fab} {step}", env=env, pty=False)
-    domain = SANDBOX_SETTINGS["DOMAIN"]
-    print(f"\nThe example app is served by {info.alias} ({time.monotonic() - started:.0f} s):\n"
-          f"  https://{domain}/ at {info.ip} (this machine only)\n"
-          f"  Its certificate comes from the local ACME CA (Pebble); trust its root to verify:\n"
-          f"    curl --cacert {acme.issuing_root} --resolve {domain}:443:{info.ip} "
-          f"https://{domain}/\n"
-          f"  settings: {env_file}\n  tear down: fab sandbox.down")

@@ -1,0 +1,165 @@
+"""The ``fab sandbox.*`` tasks: boot, tear down and show the sandbox; the demo on it.
+
+``write_settings`` gives the library a complete ``.env`` for a running sandbox (the demo's,
+the bench's).
+"""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dotenv import dotenv_values
+from fabric import task
+from invoke.exceptions import Exit
+
+from tasks import settings
+
+from . import pebble
+from .container import DEFAULT_SUBNET, Sandbox, SandboxError, SandboxInfo
+
+# -- settings for the library ---------------------------------------------------------------
+
+# The demo deploys the example app of this repository.
+SANDBOX_SETTINGS = {"DOMAIN": "ratemyderp.test", "ADMIN_EMAIL": "ops@ratemyderp.test",
+                    "DEPLOY_REPO": str(Path(__file__).resolve().parent.parent),
+                    "DEPLOY_SUBDIR": "example",
+                    # Let's Encrypt cannot reach a sandbox: served over plain HTTP.
+                    "ACME_SERVER": ""}
+
+
+def settings_file(info: SandboxInfo) -> Path:
+    """Where ``fab sandbox.up`` and ``fab sandbox.demo`` write the sandbox's settings."""
+    return info.root.parent / "sandbox.env"
+
+
+def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str) -> Path:
+    """Write a complete .env for the library to provision this sandbox; return its path.
+
+    Proxy and CA come from the sandbox; secrets are random (kept when the file exists
+    already, so re-running the demo does not rotate them); other keys keep their
+    defaults; ``overrides`` win. The file is readable by root only.
+    """
+    path = path or settings_file(info)
+    old = dotenv_values(path, interpolate=False) if path.exists() else {}
+    values = {**SANDBOX_SETTINGS, "HTTP_PROXY": info.proxy_url,
+              "EXTRA_CA_CERT": str(info.ca_bundle or ""), **overrides}
+    for key in settings.KEYS:
+        if key.secret and key.name not in values:
+            values[key.name] = old.get(key.name) or secrets.token_urlsafe(48)
+    path.touch(mode=0o600)
+    path.write_text("# Settings for the sandbox host, written by `fab sandbox.up`.\n"
+                    + "".join(f"{name}='{value}'\n" for name, value in values.items()))
+    return path
+
+
+# -- fab tasks ----------------------------------------------------------------------------------
+
+NAME_HELP = "sandbox name (default: fabstack); one per subnet"
+SUBNET_HELP = ("first three octets of the /24 between this machine and the sandbox "
+               f"(default: {DEFAULT_SUBNET}); give each sandbox its own")
+
+
+def _down_command(name: str) -> str:
+    return "fab sandbox.down" + ("" if name == "fabstack" else f" --name {name}")
+
+
+@contextmanager
+def _task_errors() -> Iterator[None]:
+    """Show a SandboxError as a plain message and exit status 1 instead of a traceback."""
+    try:
+        yield
+    except SandboxError as exc:
+        raise Exit(f"sandbox: {exc}", code=1) from exc
+
+
+@task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie",
+            "subnet": SUBNET_HELP,
+            "fresh": "recreate the root from the image even if it is running"})
+def up(c, name="fabstack", suite="bookworm", subnet=DEFAULT_SUBNET, fresh=False):
+    """Boot the sandbox target host (or reuse the running one) and print how to reach it."""
+    started = time.monotonic()
+    with _task_errors():
+        box = Sandbox(name=name, suite=suite, subnet=subnet)
+        pid = box._nspawn_pid()
+        info = box.up(fresh=fresh)
+        reused = pid is not None and box._nspawn_pid() == pid
+        env_file = settings_file(info)
+        if not (reused and env_file.exists()):  # a running one keeps them (the demo's ACME CA)
+            write_settings(info)
+    how = ("was up already (--fresh recreates it)" if reused
+           else f"is up (booted in {time.monotonic() - started:.0f} s)")
+    print(f"{info.alias} {how}: root@{info.ip}, Debian {info.suite}")
+    print(f"  ssh:   ssh -F {info.ssh_config} {info.alias}")
+    print(f"  fab:   fab -S {info.ssh_config} -H {info.alias} <task>")
+    print(f"  proxy: {info.proxy_url} (the target's only way out: HTTP_PROXY)")
+    if info.ca_bundle:
+        print(f"  CA:    {info.ca_bundle} (extra CA certificates the egress needs)")
+    print(f"  info:  {info.root.parent / 'info.json'}")
+    print(f"  settings for the library: {env_file}; provision it with:\n"
+          f"    FABRIC_FABSTACK_ENV_FILE={env_file} fab -S {info.ssh_config} -H {info.alias} "
+          "provision")
+
+
+@task(help={"name": NAME_HELP})
+def down(c, name="fabstack"):
+    """Stop the sandbox target host and delete its root (the cached image stays)."""
+    with _task_errors():
+        removed = Sandbox(name=name).down()
+    print(f"{name}-sandbox is down "
+          + (f"(removed: {', '.join(removed)})" if removed else "(nothing of it was here)"))
+
+
+@task(help={"name": NAME_HELP})
+def status(c, name="fabstack"):
+    """Say whether the sandbox target host is running, and where."""
+    with _task_errors():
+        box = Sandbox(name=name)
+        info_file = box.dir / "info.json"
+        if box.running() and info_file.exists():
+            print(f"{name}-sandbox is running:\n{info_file.read_text()}", end="")
+        elif traces := box.traces():
+            print(f"{name}-sandbox is not running, but its {', '.join(traces)} are here (an up "
+                  f"still booting, or an interrupted one: {_down_command(name)} removes them)")
+        else:
+            print(f"{name}-sandbox is not running")
+
+
+@task(help={"name": NAME_HELP, "suite": "Debian suite: bookworm or trixie",
+            "subnet": SUBNET_HELP})
+def demo(c, name="fabstack", suite="bookworm", subnet=DEFAULT_SUBNET):
+    """Boot the sandbox, then provision and deploy the example app over HTTPS (local ACME CA)."""
+    started = time.monotonic()
+    with _task_errors():
+        box = Sandbox(name=name, suite=suite, subnet=subnet)
+        info = box.up()
+        acme = pebble.Pebble(info.host_ip, info.ip, box.dir / "pebble")
+        if not pebble.recorded_pids(acme.workdir):
+            try:
+                acme.start()
+            except pebble.PebbleError as exc:
+                raise SandboxError(str(exc)) from exc
+    # certbot must trust Pebble's HTTPS certificate; pip and apt, the egress CA.
+    bundle = box.dir / "demo-ca.pem"
+    bundle.write_text("".join(p.read_text().rstrip("\n") + "\n" for p in
+                              [info.ca_bundle, acme.https_ca] if p))
+    env_file = write_settings(info, ACME_SERVER=acme.directory, EXTRA_CA_CERT=str(bundle))
+    fab = f"{shlex.quote(sys.executable)} -m fabric -S {shlex.quote(str(info.ssh_config))} " \
+          f"-H {info.alias}"
+    env = {"FABRIC_FABSTACK_ENV_FILE": str(env_file)}
+    repo = Path(__file__).resolve().parent.parent
+    for step in ("provision", "deploy"):
+        print(f"\n== fab {step} ==", flush=True)
+        c.run(f"cd {shlex.quote(str(repo))} && {fab} {step}", env=env, pty=False)
+    domain = SANDBOX_SETTINGS["DOMAIN"]
+    print(f"\nThe example app is served by {info.alias} ({time.monotonic() - started:.0f} s):\n"
+          f"  https://{domain}/ at {info.ip} (this machine only)\n"
+          f"  Its certificate comes from the local ACME CA (Pebble); trust its root to verify:\n"
+          f"    curl --cacert {acme.issuing_root} --resolve {domain}:443:{info.ip} "
+          f"https://{domain}/\n"
+          f"  settings: {env_file}\n  tear down: {_down_command(name)}")
