@@ -76,6 +76,7 @@ class Pebble:
             if not shutil.which(binary):
                 raise PebbleError(f"{binary} not found: apt-get install pebble (make setup)")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        stop_recorded(self.workdir)  # one left by a process that died: its ports are ours
         self._make_https_cert()
         config = self.workdir / "pebble.json"
         config.write_text(json.dumps({"pebble": {

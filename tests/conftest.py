@@ -294,9 +294,14 @@ def stack(target, app_repo, pebble_env):
 
 
 @pytest.fixture(scope="session")
-def pebble(sandbox, tmp_path_factory):
-    """Pebble and its DNS on the sandbox's host address, every name resolving to the target."""
-    server = Pebble(sandbox.host_ip, sandbox.ip, tmp_path_factory.mktemp("pebble"))
+def pebble(sandbox):
+    """Pebble and its DNS on the sandbox's host address, every name resolving to the target.
+
+    Its files are the sandbox's own (as the demo's): a Pebble left by a killed session is
+    stopped by the next session's fresh sandbox, or by this start."""
+    name, subnet = suite_sandbox()
+    workdir = Sandbox(name=name, subnet=subnet, suite=TEST_SUITE).dir / "pebble"
+    server = Pebble(sandbox.host_ip, sandbox.ip, workdir)
     try:
         yield server.start()
     finally:
