@@ -91,6 +91,9 @@ class Report:
     check: bool = False
     out: object = None  # None: sys.stdout at the time of printing
     lines: list[tuple[str, str, str]] = field(default_factory=list)
+    # check mode: the restart and reload markers (UNIT@ACTION) its planned changes would
+    # leave on the host (primitives.Change.notify), read by the plans after them
+    notified: set[str] = field(default_factory=set)
 
     def add(self, status: str, what: str, message: str, diff: str = "") -> None:
         self.lines.append((status, what, message))

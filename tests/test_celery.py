@@ -140,7 +140,8 @@ TMP = celery.TmpfilesApplied(celery.TMPFILES, celery.TMPFILES_DIRS, celery.TMPFI
      "applied (/run/celery missing, /var/log/celery missing)"),
 ])
 def test_tmpfiles_case(state, check, notified, expect):
-    outcome = TMP.plan(state, SimpleNamespace(check=check, notified=notified))
+    host = SimpleNamespace(check=check, report=SimpleNamespace(notified=notified))
+    outcome = TMP.plan(state, host)
     if isinstance(expect, Ok):
         assert outcome == expect
     else:
@@ -154,7 +155,8 @@ def test_tmpfiles_without_the_celery_user_fails_naming_the_db_step():
     assert outcome.message.startswith("cannot apply: user celery missing (the db step makes it")
     assert outcome.script.endswith("exit 1")
     # in check mode the db step (planned, not applied) would have made the user
-    outcome = TMP.plan("/run/celery missing\nno-user\n", SimpleNamespace(check=True))
+    outcome = TMP.plan("/run/celery missing\nno-user\n",
+                       SimpleNamespace(check=True, report=SimpleNamespace(notified=set())))
     assert outcome.message.startswith("applied")
 
 

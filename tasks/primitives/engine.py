@@ -24,9 +24,16 @@ class Ok:
 
 @dataclass
 class Change:
+    """What makes a resource right: the report's ``message``, the ``script`` that does it
+    and the ``diff`` shown. ``notify`` holds the markers (``UNIT@ACTION``) of the restarts
+    and reloads the script asks for: a check-mode run writes none to the host, so
+    :func:`ensure` keeps them in the run's report for the plans after it
+    (:func:`host_notified`)."""
+
     message: str
     script: str
     diff: str = ""
+    notify: tuple[str, ...] = ()
 
 
 class Resource:
@@ -90,6 +97,7 @@ def ensure(host, *resources: Resource) -> int:
             continue
         changed += 1
         if host.check:
+            host.report.notified.update(outcome.notify)
             host.changed(resource.what, outcome.message, outcome.diff)
             continue
         host.run("set -e\n" + outcome.script, what=resource.what)
@@ -167,6 +175,8 @@ class Note(Resource):
 
 
 def host_notified(host, marker: str) -> bool:
-    """True when this check-mode run planned a change that would notify ``marker``."""
-    return marker in getattr(host, "notified", set())
+    """True when this check-mode run planned a change that would notify ``marker`` (kept in
+    its report: see :attr:`Change.notify`; a run that changes the host leaves its markers in
+    :data:`PENDING_DIR`, where the probes find them)."""
+    return bool(host.check) and marker in host.report.notified
 

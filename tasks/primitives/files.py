@@ -93,13 +93,13 @@ class File(Resource):
         lines = state.splitlines() + ["", "", ""]
         if lines[0] == "missing":
             diff = "" if self.secret else self._diff(b"", "/dev/null")
-            return self._write(f"created ({self.owner}:{self.group} {self.mode:04o})", diff, host)
+            return self._write(f"created ({self.owner}:{self.group} {self.mode:04o})", diff)
         meta, digest, old = lines[0], lines[1].strip(), lines[2].strip()
         if digest != self.digest:
             if self.secret:
-                return self._write("content changed (holds secrets: diff not shown)", "", host)
+                return self._write("content changed (holds secrets: diff not shown)", "")
             diff = self._diff(base64.b64decode(old), self.path) if old else ""
-            return self._write("content changed", diff, host)
+            return self._write("content changed", diff)
         fixes, cmds = _fix_meta(self.path, meta, self.owner, self.group, self.mode)
         if not fixes:
             return Ok(f"up to date ({self.owner}:{self.group} {self.mode:04o})")
@@ -119,9 +119,7 @@ class File(Resource):
             return "(binary content)"
         return "".join(difflib.unified_diff(a, b, old_name, self.path, n=1))
 
-    def _write(self, message: str, diff: str, host) -> Change:
-        if host is not None and host.check:
-            host.notified = getattr(host, "notified", set()) | set(self.markers)
+    def _write(self, message: str, diff: str) -> Change:
         directory = os.path.dirname(self.path) or "/"
         body = base64.encodebytes(self.content).decode()
         validate = ""
@@ -137,4 +135,4 @@ class File(Resource):
                       f"chown {q(self.owner)}:{q(self.group)} \"$tmp\"\n"
                       f"chmod {self.mode:04o} \"$tmp\"\n{validate}"
                       f"{self._touch_markers()}mv -f \"$tmp\" {q(self.path)}\ntrap - EXIT",
-                      diff)
+                      diff, notify=tuple(self.markers))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .engine import PENDING_DIR, Change, Ok, Resource, q
+from .engine import PENDING_DIR, Change, Ok, Resource, host_notified, q
 
 
 class Service(Resource):
@@ -34,8 +34,9 @@ class Service(Resource):
 
     def plan(self, state, host):
         props = dict(line.split("=", 1) for line in state.splitlines() if "=" in line)
-        pending = {m.split("@")[1] for m in getattr(host, "notified", set())
-                   if m.split("@")[0] in (self.unit, self.unit.removesuffix(".service"))}
+        pending = {action for action in ("restart", "reload")
+                   for name in (self.unit, self.unit.removesuffix(".service"))
+                   if host_notified(host, f"{name}@{action}")}
         pending |= {line.split("=", 1)[1] for line in state.splitlines()
                     if line.startswith("pending=")}
         u = q(self.unit)
