@@ -312,14 +312,39 @@ class Host:
         """Run read-only shell ``snippets`` in one round trip; return each one's stdout."""
         if not snippets:
             return []
-        script = "".join(f"echo '{PROBE_MARK}{i}'\n{snippet}\n"
-                         for i, snippet in enumerate(snippets))
-        res = self.run(script, what="probe host state", check=False, timeout=self.probe_timeout)
+        res = self.run(_probe_script(snippets), what="probe host state", check=False,
+                       timeout=self.probe_timeout)
+        return self._answers(res, snippets)
+
+    def apply(self, script: str, snippets: list[str], what: str) -> list[str]:
+        """Run the change ``script`` under ``set -e`` as :meth:`run` does (StepFailed naming
+        ``what`` if it fails), then, in the same round trip, the read-only ``snippets`` as
+        :meth:`probe` does; return each snippet's stdout.
+
+        The change runs in a subshell with its input from /dev/null (so no command of it can
+        read the snippets); the snippets run only when it succeeded, and their exit status
+        is not the step's.
+        """
+        if not snippets:
+            self.run("set -e\n" + script, what=what)
+            return []
+        res = self.run(f"(\nset -e\n{script}\n) </dev/null\nstatus=$?\n"
+                       "[ $status -eq 0 ] || exit $status\n" + _probe_script(snippets)
+                       + "true\n", what=what)
+        return self._answers(res, snippets)
+
+    def _answers(self, res: Result, snippets: list[str]) -> list[str]:
+        """Each snippet's stdout from the output of :func:`_probe_script`'s script."""
         parts = res.stdout.split(PROBE_MARK)[1:]
         if len(parts) != len(snippets):
             raise StepFailed("probe host state", self.mask(
                 f"expected {len(snippets)} answers, got {len(parts)}: {res.stderr.strip()}"))
         return [part.split("\n", 1)[1] if "\n" in part else "" for part in parts]
+
+
+def _probe_script(snippets: list[str]) -> str:
+    """The script that runs ``snippets`` one after the other, each output after its mark."""
+    return "".join(f"echo '{PROBE_MARK}{i}'\n{snippet}\n" for i, snippet in enumerate(snippets))
 
 
 def ssh_exec(conn, command: str, stdin: str, wait: float) -> Result:

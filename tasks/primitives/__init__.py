@@ -4,9 +4,9 @@ Each resource is a small object with a read-only ``probe()`` shell snippet and a
 ``plan(state, host)`` that returns :class:`Ok` (already right, and why) or a
 :class:`Change` (a message and the shell script that makes it right).
 :func:`ensure` reads the state of *all* the resources it is given in one SSH
-round trip, then applies only what differs, in order, re-reading the state of
-the remaining resources after a change. In check mode it plans and reports,
-and applies nothing.
+round trip, then applies only what differs, in order; each change re-reads the
+state of the remaining resources in its own round trip, after the change
+succeeded. In check mode it plans and reports, and applies nothing.
 
 Restarts survive failures: a file that a service depends on leaves a marker in
 ``/var/lib/fabstack/pending`` *before* it is moved into place, and the

@@ -100,10 +100,9 @@ def ensure(host, *resources: Resource) -> int:
             host.report.notified.update(outcome.notify)
             host.changed(resource.what, outcome.message, outcome.diff)
             continue
-        host.run("set -e\n" + outcome.script, what=resource.what)
+        # the remaining resources are read again in the change's own round trip
+        states[i + 1:] = _probe(host, todo[i + 1:], change=(resource.what, outcome.script))
         host.changed(resource.what, outcome.message, outcome.diff)
-        if i + 1 < len(todo):
-            states[i + 1:] = _probe(host, todo[i + 1:])
     return changed
 
 
@@ -130,9 +129,12 @@ def _read(host, resources: list[Resource]) -> list[str]:
     return states
 
 
-def _probe(host, resources: list[Resource], extra: list[str] | tuple = ()) -> list[str]:
+def _probe(host, resources: list[Resource], extra: list[str] | tuple = (),
+           change: tuple[str, str] | None = None) -> list[str]:
     """Each resource's state (``""`` for those that read nothing), then the output of each
-    ``extra`` snippet, read in one round trip."""
+    ``extra`` snippet, read in one round trip. ``change`` (what, script): a change that
+    runs first in that same round trip (:meth:`Host.apply`); if it fails, nothing is read
+    and its StepFailed is raised."""
     snippets: list = []
     slots: list = []  # per resource: None, (snippet,) or (snippet, joint, place in joint)
     joints: dict = {}  # joint -> (snippet index, its resources)
@@ -151,7 +153,9 @@ def _probe(host, resources: list[Resource], extra: list[str] | tuple = ()) -> li
             members.append(r)
     for joint, (index, members) in joints.items():
         snippets[index] = joint.probe(members)
-    outputs = host.probe(snippets + list(extra))
+    wanted = snippets + list(extra)
+    outputs = (host.probe(wanted) if change is None else
+               host.apply(change[1], wanted, what=change[0]))
     parts = {joint: joint.split(outputs[index], len(members))
              for joint, (index, members) in joints.items()}
     return ["" if slot is None else outputs[slot[0]] if len(slot) == 1 else
