@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from fabric import task
 from invoke.exceptions import Exit
 from paramiko import RejectPolicy, SSHException
 
@@ -43,6 +44,7 @@ from . import primitives
 from . import settings as settings_mod
 
 MASK = "********"
+CHECK_HELP = "Show what would change and change nothing."  # every converging task's --check
 PROBE_MARK = "@@fabstack-probe@@"
 DIFF_LINES = 40  # longer diffs are cut in the report
 COMMAND_TIMEOUT = 1800  # seconds: apt installs and upgrades can take many minutes
@@ -496,3 +498,27 @@ def session(c, title: str, check: bool = False, lock: bool = True):
               flush=True)
     if failure is not None:
         raise Exit(code=1)
+
+
+def converging_task(title: str, **options):
+    """Decorator: a Fabric task (``--check`` included) that converges the resources a
+    function of the host declares, in a :func:`session` named ``title``::
+
+        @converging_task("motd")
+        def motd(h):
+            '''Our message of the day.'''
+            return [Packages(["figlet"]), File("/etc/motd", "Hello\\n")]
+
+    The function's name and docstring are the task's; ``options`` go to Fabric's ``task``
+    (``name``, ``default``...).
+    """
+    def make(resources):
+        def converge(c, check=False):
+            with session(c, title, check) as h:
+                primitives.ensure(h, *resources(h))
+
+        converge.__name__ = converge.__qualname__ = resources.__name__
+        converge.__doc__, converge.__module__ = resources.__doc__, resources.__module__
+        return task(converge, help={"check": CHECK_HELP}, **options)
+
+    return make
