@@ -84,8 +84,10 @@ def claim_script(claim: str) -> str:
 def ensure(host, *resources: Resource) -> int:
     """Bring ``resources`` to their state on ``host``; report each; return how many changed.
 
-    Nothing is changed when any resource conflicts with what its probe found (see
-    :meth:`Resource.conflict`): every conflict is named at once.
+    One round trip reads them all; each change then runs in one round trip with the probe
+    of the resources after it (their state can depend on the change). Nothing is changed
+    when any resource conflicts with what its probe found (see :meth:`Resource.conflict`):
+    every conflict is named at once.
     """
     todo = list(resources)
     states = _read(host, todo)

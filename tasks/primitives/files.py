@@ -56,12 +56,13 @@ class Directory(Resource):
 class File(Resource):
     """A file with exactly ``content``, ``owner``, ``group`` and ``mode`` (or absent).
 
-    The new content is written to a temporary file in the same directory, owned
-    and chmod-ed *before* the content lands (so a secret is never readable by
-    others), checked with ``validate`` (``%s`` is the temporary path) when given,
-    then moved into place atomically. ``notify`` names units to act on when the
-    file changes, as ``"UNIT:restart"`` or ``"UNIT:reload"``. ``secret=True``
-    keeps the content out of diffs.
+    The new content is written to a temporary file in the same directory, which
+    mktemp creates empty and readable by root only and which is given the file's
+    owner, group and mode *before* the content lands (so a secret is never readable
+    by others, whatever the umask), checked with ``validate`` (``%s`` is the
+    temporary path) when given, then moved into place atomically. ``notify`` names
+    units to act on when the file changes, as ``"UNIT:restart"`` or
+    ``"UNIT:reload"``. ``secret=True`` keeps the content out of diffs.
     """
 
     def __init__(self, path: str, content: str | bytes = b"", owner: str = "root",
@@ -131,8 +132,8 @@ class File(Resource):
         return Change(message,
                       f"umask 077\ntmp=$(mktemp {q(directory)}/.fabstack.XXXXXX)\n"
                       "trap 'rm -f \"$tmp\"' EXIT\n"
-                      f"base64 -d > \"$tmp\" <<'FABSTACK_EOF'\n{body}FABSTACK_EOF\n"
                       f"chown {q(self.owner)}:{q(self.group)} \"$tmp\"\n"
-                      f"chmod {self.mode:04o} \"$tmp\"\n{validate}"
+                      f"chmod {self.mode:04o} \"$tmp\"\n"
+                      f"base64 -d > \"$tmp\" <<'FABSTACK_EOF'\n{body}FABSTACK_EOF\n{validate}"
                       f"{self._touch_markers()}mv -f \"$tmp\" {q(self.path)}\ntrap - EXIT",
                       diff, notify=tuple(self.markers))
