@@ -46,8 +46,8 @@ from fabric import task
 from invoke import Collection
 
 from .db import pgpass_line
-from .host import StepFailed, session
-from .primitives import Command, Directory, File, Group, Packages, Service, User, ensure, q, render
+from .host import StepFailed, converging_task, session
+from .primitives import Command, Directory, File, Group, Packages, Service, User, q, render
 
 BACKUP_USER = "backups"
 BACKUP_GROUP = "backups"
@@ -130,10 +130,6 @@ def backup_resources(h) -> list:
         Service(f"{unit}.timer"),
         *offsite_resources(h),
     ]
-
-
-def backup_step(h) -> None:
-    ensure(h, *backup_resources(h))
 
 
 # -- dumps -----------------------------------------------------------------------------------
@@ -274,11 +270,10 @@ def restore_database(h, path: str) -> None:
 
 # -- tasks -----------------------------------------------------------------------------------
 
-@task(default=True, help={"check": "Show what would change and change nothing."})
-def setup(c, check=False):
+@converging_task("backup", default=True)
+def setup(h):
     """Backup layout, the backup script, its daily timer, and the off-site pull account."""
-    with session(c, "backup", check) as h:
-        backup_step(h)
+    return backup_resources(h)
 
 
 @task(name="backup-db", help={"download": "Also fetch the dump to this machine",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from fabric import task
 
-from .host import session
+from .host import converging_task, session
 from .primitives import (
     PENDING_DIR,
     Change,
@@ -24,7 +24,6 @@ from .primitives import (
     Ok,
     ReleaseService,
     Resource,
-    ensure,
     host_notified,
     q,
     render,
@@ -93,11 +92,6 @@ def celery_resources(h) -> list:
     ]
 
 
-def celery_step(h) -> None:
-    """Install and enable the Celery units; run them once a release exists."""
-    ensure(h, *celery_resources(h))
-
-
 def restart_celery(h, reason: str = "(new release)") -> None:
     """Restart the worker and beat (e.g. after a deploy switched releases), and report it.
 
@@ -128,11 +122,10 @@ done""", what="restart celery")
         h.changed(f"service {unit}", f"restarted {reason}")
 
 
-@task(default=True, help={"check": "Show what would change and change nothing."})
-def setup(c, check=False):
+@converging_task("celery", default=True)
+def setup(h):
     """Celery worker and beat units: installed, enabled, running once a release exists."""
-    with session(c, "celery", check) as h:
-        celery_step(h)
+    return celery_resources(h)
 
 
 @task(help={"check": "Show what would be done and do nothing."})

@@ -21,7 +21,7 @@ from fabric import task
 from invoke.exceptions import Exit
 
 from . import nginx
-from .host import session
+from .host import converging_task, session
 from .primitives import (
     Change,
     Directory,
@@ -32,7 +32,6 @@ from .primitives import (
     Packages,
     Resource,
     Service,
-    ensure,
     q,
     render,
 )
@@ -132,15 +131,10 @@ def certbot_resources(h) -> list:
     ]
 
 
-def certbot_step(h) -> None:
-    ensure(h, *certbot_resources(h))
-
-
-@task(default=True, help={"check": "Show what would change and change nothing."})
-def setup(c, check=False):
+@converging_task("certbot", default=True)
+def setup(h):
     """certbot: the site's certificate from ACME_SERVER (webroot), renewal timer, NGINX on HTTPS."""
-    with session(c, "certbot", check) as h:
-        certbot_step(h)
+    return certbot_resources(h)
 
 
 @task(name="renew-dry-run")

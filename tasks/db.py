@@ -25,7 +25,7 @@ import unicodedata
 
 from fabric import task
 
-from .host import session
+from .host import converging_task, session
 from .primitives import (
     AptUpdate,
     Change,
@@ -39,7 +39,6 @@ from .primitives import (
     User,
     apt_repository,
     claim_script,
-    ensure,
     q,
     render,
 )
@@ -311,15 +310,10 @@ def db_resources(h) -> list:
     ]
 
 
-def db_step(h) -> None:
-    ensure(h, *db_resources(h))
-
-
-@task(default=True, help={"check": "Show what would change and change nothing."})
-def setup(c, check=False):
+@converging_task("db", default=True)
+def setup(h):
     """PostgreSQL, Redis, the app's role and database, and its environment files."""
-    with session(c, "db", check) as h:
-        db_step(h)
+    return db_resources(h)
 
 
 def _interactive(c, h, command: str) -> None:

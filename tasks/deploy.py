@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 from fabric import task
 
 from .executor import every_host
-from .host import StepFailed, session
+from .host import StepFailed, converging_task, session
 from .primitives import PENDING_DIR, File, ReleaseService, ensure, q, render
 from .settings import is_remote
 
@@ -89,10 +89,6 @@ def app_resources(h) -> list:
         ReleaseService(f"{s.app}.socket", f"{s.code_dir}/app"),
         ReleaseService(unit, f"{s.code_dir}/app"),
     ]
-
-
-def app_step(h) -> None:
-    ensure(h, *app_resources(h))
 
 
 # -- the deploy --------------------------------------------------------------------------
@@ -423,8 +419,7 @@ def releases(c):
             h.ok(f"release {release}", "current" if release == current else "kept")
 
 
-@task(help={"check": "Show what would change and change nothing."})
-def gunicorn(c, check=False):
+@converging_task("gunicorn")
+def gunicorn(h):
     """gunicorn's systemd socket and service units for the app (part of provision)."""
-    with session(c, "gunicorn", check) as h:
-        app_step(h)
+    return app_resources(h)

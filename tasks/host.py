@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from fabric import task
 from invoke.exceptions import Exit
 from paramiko import RejectPolicy, SSHException
 
@@ -43,6 +44,7 @@ from . import primitives
 from . import settings as settings_mod
 
 MASK = "********"
+CHECK_HELP = "Show what would change and change nothing."  # every converging task's --check
 PROBE_MARK = "@@fabstack-probe@@"
 DIFF_LINES = 40  # longer diffs are cut in the report
 COMMAND_TIMEOUT = 1800  # seconds: apt installs and upgrades can take many minutes
@@ -91,6 +93,9 @@ class Report:
     check: bool = False
     out: object = None  # None: sys.stdout at the time of printing
     lines: list[tuple[str, str, str]] = field(default_factory=list)
+    # check mode: the restart and reload markers (UNIT@ACTION) its planned changes would
+    # leave on the host (primitives.Change.notify), read by the plans after them
+    notified: set[str] = field(default_factory=set)
 
     def add(self, status: str, what: str, message: str, diff: str = "") -> None:
         self.lines.append((status, what, message))
@@ -309,14 +314,39 @@ class Host:
         """Run read-only shell ``snippets`` in one round trip; return each one's stdout."""
         if not snippets:
             return []
-        script = "".join(f"echo '{PROBE_MARK}{i}'\n{snippet}\n"
-                         for i, snippet in enumerate(snippets))
-        res = self.run(script, what="probe host state", check=False, timeout=self.probe_timeout)
+        res = self.run(_probe_script(snippets), what="probe host state", check=False,
+                       timeout=self.probe_timeout)
+        return self._answers(res, snippets)
+
+    def apply(self, script: str, snippets: list[str], what: str) -> list[str]:
+        """Run the change ``script`` under ``set -e`` as :meth:`run` does (StepFailed naming
+        ``what`` if it fails), then, in the same round trip, the read-only ``snippets`` as
+        :meth:`probe` does; return each snippet's stdout.
+
+        The change runs in a subshell with its input from /dev/null (so no command of it can
+        read the snippets); the snippets run only when it succeeded, and their exit status
+        is not the step's.
+        """
+        if not snippets:
+            self.run("set -e\n" + script, what=what)
+            return []
+        res = self.run(f"(\nset -e\n{script}\n) </dev/null\nstatus=$?\n"
+                       "[ $status -eq 0 ] || exit $status\n" + _probe_script(snippets)
+                       + "true\n", what=what)
+        return self._answers(res, snippets)
+
+    def _answers(self, res: Result, snippets: list[str]) -> list[str]:
+        """Each snippet's stdout from the output of :func:`_probe_script`'s script."""
         parts = res.stdout.split(PROBE_MARK)[1:]
         if len(parts) != len(snippets):
             raise StepFailed("probe host state", self.mask(
                 f"expected {len(snippets)} answers, got {len(parts)}: {res.stderr.strip()}"))
         return [part.split("\n", 1)[1] if "\n" in part else "" for part in parts]
+
+
+def _probe_script(snippets: list[str]) -> str:
+    """The script that runs ``snippets`` one after the other, each output after its mark."""
+    return "".join(f"echo '{PROBE_MARK}{i}'\n{snippet}\n" for i, snippet in enumerate(snippets))
 
 
 def ssh_exec(conn, command: str, stdin: str, wait: float) -> Result:
@@ -468,3 +498,27 @@ def session(c, title: str, check: bool = False, lock: bool = True):
               flush=True)
     if failure is not None:
         raise Exit(code=1)
+
+
+def converging_task(title: str, **options):
+    """Decorator: a Fabric task (``--check`` included) that converges the resources a
+    function of the host declares, in a :func:`session` named ``title``::
+
+        @converging_task("motd")
+        def motd(h):
+            '''Our message of the day.'''
+            return [Packages(["figlet"]), File("/etc/motd", "Hello\\n")]
+
+    The function's name and docstring are the task's; ``options`` go to Fabric's ``task``
+    (``name``, ``default``...).
+    """
+    def make(resources):
+        def converge(c, check=False):
+            with session(c, title, check) as h:
+                primitives.ensure(h, *resources(h))
+
+        converge.__name__ = converge.__qualname__ = resources.__name__
+        converge.__doc__, converge.__module__ = resources.__doc__, resources.__module__
+        return task(converge, help={"check": CHECK_HELP}, **options)
+
+    return make

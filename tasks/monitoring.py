@@ -13,10 +13,8 @@ with MONITORING=off (Telegraf's repository may be out of reach, the role is not)
 
 from __future__ import annotations
 
-from fabric import task
-
 from .db import PostgresResource, PostgresRole, sql_ident, sql_literal, sql_script
-from .host import StepFailed, session
+from .host import StepFailed, converging_task
 from .primitives import (
     Change,
     File,
@@ -25,7 +23,6 @@ from .primitives import (
     Packages,
     Service,
     apt_repository,
-    ensure,
     render,
 )
 
@@ -104,12 +101,7 @@ def monitoring_resources(h) -> list:
     return [*role_resources(h), *telegraf_resources(h)]
 
 
-def monitoring_step(h) -> None:
-    ensure(h, *monitoring_resources(h))
-
-
-@task(default=True, help={"check": "Show what would change and change nothing."})
-def setup(c, check=False):
+@converging_task("monitoring", default=True)
+def setup(h):
     """Telegraf to InfluxDB v2, and PostgreSQL's monitoring role (pg_monitor)."""
-    with session(c, "monitoring", check) as h:
-        monitoring_step(h)
+    return monitoring_resources(h)

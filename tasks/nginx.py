@@ -16,10 +16,8 @@ configuration keeps serving. NGINX reloads only when a file changed.
 
 from __future__ import annotations
 
-from fabric import task
-
-from .host import session
-from .primitives import Directory, File, Packages, Resource, Service, ensure, q, render
+from .host import converging_task
+from .primitives import Directory, File, Packages, Resource, Service, q, render
 
 SITES = "/etc/nginx/sites-enabled"
 CHECKER = "/usr/local/sbin/fabstack-nginx-check"
@@ -130,12 +128,7 @@ def nginx_resources(h) -> list:
     ]
 
 
-def nginx_step(h) -> None:
-    ensure(h, *nginx_resources(h))
-
-
-@task(default=True, help={"check": "Show what would change and change nothing."})
-def setup(c, check=False):
+@converging_task("nginx", default=True)
+def setup(h):
     """NGINX: the app's site (HTTP, or HTTPS once certified), static/media, 444 default server."""
-    with session(c, "nginx", check) as h:
-        nginx_step(h)
+    return nginx_resources(h)

@@ -11,7 +11,7 @@ from pathlib import Path
 from fabric import task
 
 from . import backup, celery, certbot, db, deploy, monitoring, nginx, python
-from .host import session
+from .host import CHECK_HELP, converging_task, session
 from .primitives import (
     AptUpdate,
     Command,
@@ -99,11 +99,7 @@ def base_resources(h) -> list:
     ]
 
 
-def base_step(h) -> None:
-    ensure(h, *base_resources(h))
-
-
-@task(default=True, help={"check": "Show what would change and change nothing."})
+@task(default=True, help={"check": CHECK_HELP})
 def all(c, check=False):  # noqa: A001 - "provision.all" reads best
     """Provision the whole stack in order, from the base system to monitoring."""
     with session(c, "provision", check) as h:
@@ -118,14 +114,13 @@ def all(c, check=False):  # noqa: A001 - "provision.all" reads best
             first = [*base_resources(h), *python.python_resources(h, release, candidate)]
         else:  # no apt lists yet (or a PPA is needed): the base system first, then look again
             refuse_conflicts(h, [*base_resources(h), *rest])  # before the base system changes
-            base_step(h)
-            python.python_step(h)
+            ensure(h, *base_resources(h))
+            ensure(h, *python.ready_resources(h))
             first = []
         ensure(h, *first, *rest)
 
 
-@task(help={"check": "Show what would change and change nothing."})
-def base(c, check=False):
+@converging_task("provision.base")
+def base(h):
     """Base system only: apt, upgrades, base packages, app user and directories, ufw."""
-    with session(c, "provision.base", check) as h:
-        base_step(h)
+    return base_resources(h)

@@ -8,9 +8,7 @@ can be had. The virtualenv is recreated only when its interpreter's minor versio
 
 from __future__ import annotations
 
-from fabric import task
-
-from .host import StepFailed, session
+from .host import StepFailed, converging_task
 from .primitives import AptUpdate, Command, Packages, apt_repository, ensure, q
 
 DEADSNAKES_KEY = ("https://keyserver.ubuntu.com/pks/lookup?op=get&search="
@@ -72,17 +70,18 @@ def facts(h, version: str) -> tuple[dict[str, str], bool]:
     return os_release(release), candidate
 
 
-def python_step(h) -> None:
+def ready_resources(h) -> list:
+    """:func:`python_resources` for the host as its facts are, once the apt lists are fresh
+    enough to install PYTHON_VERSION's interpreter (refreshed here if they were not)."""
     version = h.settings["PYTHON_VERSION"]
     release, candidate = facts(h, version)
     if not candidate:  # the lists may be missing or stale: refresh them once and look again
         ensure(h, AptUpdate(max_age=60))
         release, candidate = facts(h, version)
-    ensure(h, *python_resources(h, release, candidate))
+    return python_resources(h, release, candidate)
 
 
-@task(default=True, help={"check": "Show what would change and change nothing."})
-def setup(c, check=False):
+@converging_task("python", default=True)
+def setup(h):
     """Install PYTHON_VERSION (empty: the distro's python3) and the app's virtualenv."""
-    with session(c, "python", check) as h:
-        python_step(h)
+    return ready_resources(h)

@@ -319,24 +319,6 @@ def check_optional_min_length(minimum: int) -> Callable[[str], str | None]:
     return check
 
 
-def toml_quote(value: str) -> str:
-    """``value`` as a TOML basic string: double-quoted, ``"``, ``\\`` and controls escaped."""
-    out = []
-    for c in value:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\u{ord(c):04X}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def conninfo_quote(value: str) -> str:
-    """``value`` as one libpq connection-string value: single-quoted, ``\\`` and ``'`` escaped."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def is_true(value: str) -> bool:
     """A boolean setting's value (checked with check_bool) as a bool."""
     return value.lower() in ("true", "yes", "on", "1")
@@ -363,15 +345,6 @@ def check_public_key(value: str) -> str | None:
     if len(text.splitlines()) != 1 or not _PUBKEY.match(text):
         return "must name a file with one SSH public key line (ssh-ed25519 AAAA...)"
     return None
-
-
-def env_quote(value: str) -> str:
-    """``value`` as one double-quoted word that systemd's EnvironmentFile= and sh read alike.
-
-    Inside double quotes both readers take a backslash before ``\\ " $ ` `` as an escape and
-    keep every other character (newlines, ``'``, ``#``, ``=``, spaces) as it is.
-    """
-    return '"' + "".join("\\" + c if c in '\\"$`' else c for c in value) + '"'
 
 
 @dataclass(frozen=True)
@@ -509,10 +482,6 @@ class Settings:
     source: str = ".env"
     secrets: list[str] = field(default_factory=list)
     extras: dict[str, str] = field(default_factory=dict)  # APP_ENV_FOO=x as {"FOO": "x"}
-
-    env_quote = staticmethod(env_quote)
-    toml_quote = staticmethod(toml_quote)
-    conninfo_quote = staticmethod(conninfo_quote)
 
     def __getitem__(self, name: str) -> str:
         return self.values[name]

@@ -11,6 +11,8 @@ answers "" explicitly.
 Every other script is recorded in ``applied`` and succeeds (or fails, when it matches a
 regex in ``failing``) with no output: code that reads the output of a script that succeeded
 fails the test the same way (a test that needs that output gives the host its own executor).
+A change followed by a probe in the same round trip (``Host.apply``) is recorded as the
+change alone, and its probe answered when it succeeds.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from dataclasses import dataclass, field
 from tasks.db import JointPsql
 from tasks.host import PROBE_MARK, Result
 from tasks.primitives import OWNED
+
+# Host.apply's script: the change (as "set -e" and its script) in a subshell, then the probe.
+APPLY_THEN_PROBE = re.compile(r"^\(\n(set -e\n.*)\n\) </dev/null\nstatus=\$\?\n"
+                              r"\[ \$status -eq 0 \] \|\| exit \$status\n(.*)true\n\Z", re.S | re.M)
 
 
 def owned_answer(resources) -> tuple[str, str]:
@@ -62,12 +68,18 @@ class FakeConnection:
     def exec_script(self, command: str, script: str, wait: float = 0) -> Result:
         self.commands.append(command)
         self.scripts.append(script)
-        if PROBE_MARK in script:
+        if folded := APPLY_THEN_PROBE.search(script):  # Host.apply: a change, then a probe
+            script, probe = folded.groups()
+        elif PROBE_MARK in script:
             return Result(self._answer_probe(script), "", 0)
+        else:
+            probe = None
         self.applied.append(script)
         if any(re.search(pattern, script) for pattern in self.failing):
             return Result("", "simulated failure", 1)
-        return Applied(script)
+        if probe is None:
+            return Applied(script)
+        return Result(self._answer_probe(probe), "", 0)
 
     def _answer_probe(self, script: str) -> str:
         chunks = re.split(rf"^echo '{re.escape(PROBE_MARK)}(\d+)'\n", script, flags=re.M)

@@ -10,7 +10,7 @@ import pytest
 from tasks import build_namespace, celery, db, provision
 from tasks import settings as settings_mod
 from tasks.host import StepFailed
-from tasks.primitives import Change, File, Ok, Service, render
+from tasks.primitives import Change, File, Ok, Service, ensure, render
 from tests.conftest import VALID
 from tests.test_db import converged, host_for, parse_env_file
 
@@ -140,7 +140,8 @@ TMP = celery.TmpfilesApplied(celery.TMPFILES, celery.TMPFILES_DIRS, celery.TMPFI
      "applied (/run/celery missing, /var/log/celery missing)"),
 ])
 def test_tmpfiles_case(state, check, notified, expect):
-    outcome = TMP.plan(state, SimpleNamespace(check=check, notified=notified))
+    host = SimpleNamespace(check=check, report=SimpleNamespace(notified=notified))
+    outcome = TMP.plan(state, host)
     if isinstance(expect, Ok):
         assert outcome == expect
     else:
@@ -154,7 +155,8 @@ def test_tmpfiles_without_the_celery_user_fails_naming_the_db_step():
     assert outcome.message.startswith("cannot apply: user celery missing (the db step makes it")
     assert outcome.script.endswith("exit 1")
     # in check mode the db step (planned, not applied) would have made the user
-    outcome = TMP.plan("/run/celery missing\nno-user\n", SimpleNamespace(check=True))
+    outcome = TMP.plan("/run/celery missing\nno-user\n",
+                       SimpleNamespace(check=True, report=SimpleNamespace(notified=set())))
     assert outcome.message.startswith("applied")
 
 
@@ -219,7 +221,7 @@ def test_converged_host_changes_nothing_in_one_round_trip(make_host, settings):
     for release in (True, False):
         host, conn = host_for(make_host, settings)
         conn.answers = step_answers(release)
-        celery.celery_step(host)
+        ensure(host, *celery.celery_resources(host))
         assert conn.applied == [] and host.report.count("changed") == 0
         assert host.round_trips == 1
 
@@ -233,7 +235,7 @@ def test_fresh_host_without_release_installs_and_enables_but_starts_nothing(make
         "file /etc/systemd/system/celery.service": "missing\n",
         "file /etc/systemd/system/celerybeat.service": "missing\n",
         "service celery.service": NEW_UNIT, "service celerybeat.service": NEW_UNIT})
-    celery.celery_step(host)
+    ensure(host, *celery.celery_resources(host))
     applied = "\n".join(conn.applied)
     assert "systemd-tmpfiles --create /etc/tmpfiles.d/celery.conf" in applied
     for unit in UNITS:
@@ -248,7 +250,7 @@ def test_release_present_starts_stopped_units(make_host, settings):
     host, conn = host_for(make_host, settings)
     conn.answers = step_answers(**{"service celery.service": STOPPED,
                                    "service celerybeat.service": STOPPED})
-    celery.celery_step(host)
+    ensure(host, *celery.celery_resources(host))
     applied = "\n".join(conn.applied)
     assert [applied.count(f"systemctl start -- {u}") for u in UNITS] == [1, 1]
 
@@ -257,7 +259,7 @@ def test_release_gone_stops_running_units(make_host, settings):
     host, conn = host_for(make_host, settings)
     conn.answers = step_answers(release=False, **{"service celery.service": RUNNING,
                                                   "service celerybeat.service": RUNNING})
-    celery.celery_step(host)
+    ensure(host, *celery.celery_resources(host))
     applied = "\n".join(conn.applied)
     assert [applied.count(f"systemctl stop -- {u}") for u in UNITS] == [1, 1]
 
@@ -270,7 +272,7 @@ def test_changed_unit_file_and_pending_conf_restart_each_unit_once(make_host, se
         "file /etc/systemd/system/celery.service": "regular file|root|root|644\nold\n\n",
         "service celery.service": RUNNING.replace("Reload=no", "Reload=yes") + "pending=restart\n",
         "service celerybeat.service": RUNNING + "pending=restart\n"})
-    celery.celery_step(host)
+    ensure(host, *celery.celery_resources(host))
     applied = "\n".join(conn.applied)
     assert "touch /var/lib/fabstack/pending/celery.service@restart" in applied
     assert applied.count("systemctl daemon-reload") == 1
@@ -284,7 +286,7 @@ def test_step_without_the_db_step_fails_before_touching_units(make_host, setting
         "file /etc/systemd/system/celery.service": "missing\n"})
     conn.failing = [r"exit 1$"]  # the host runs that script as written: it fails
     with pytest.raises(StepFailed, match="tmpfiles"):
-        celery.celery_step(host)
+        ensure(host, *celery.celery_resources(host))
     assert "systemctl" not in "\n".join(conn.applied)
 
 
@@ -295,7 +297,7 @@ def test_check_mode_on_a_fresh_host_plans_and_applies_nothing(make_host, setting
         "tmpfiles /etc/tmpfiles.d/celery.conf": "no-user\n",
         "file /etc/systemd/system/celery.service": "missing\n",
         "service celery.service": NEW_UNIT})
-    celery.celery_step(host)
+    ensure(host, *celery.celery_resources(host))
     assert conn.applied == []
     out = capsys.readouterr().out
     assert "would change file /etc/systemd/system/celery.service: created" in out

@@ -23,6 +23,7 @@ from tasks.primitives import (
     ensure,
     render,
 )
+from tasks.primitives.templates import env_quote
 from tests.conftest import VALID, dotenv_quote
 from tests.fake import owned_answer
 
@@ -157,7 +158,7 @@ def parse_env_file(text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("value", [NASTY, "", " ", "\\", '"', "'", "$", "#", "=", "a\\", "x "])
 def test_env_quote_reads_back_the_same_in_both_readers(value):
-    assert read_double_quoted("K=" + settings_mod.env_quote(value)) == ("K", value)
+    assert read_double_quoted("K=" + env_quote(value)) == ("K", value)
 
 
 def test_app_env_file_holds_every_value_as_is():

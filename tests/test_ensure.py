@@ -1,9 +1,11 @@
 """ensure() over the fake connection: batching, re-probing, check mode, failures, secrets."""
 
+import subprocess
+
 import pytest
 
 from tasks.host import Host, Result, StepFailed
-from tasks.primitives import Directory, File, Group, Note, Service, User, ensure
+from tasks.primitives import Command, Directory, File, Group, Note, Service, User, ensure
 from tests.fake import FakeConnection, UnexpectedCommand
 
 CONVERGED = [
@@ -46,7 +48,7 @@ def test_notes_read_nothing_and_keep_the_other_states_in_place(make_host):
     changed = ensure(host, Note("first", "skipped: why"), Directory("/opt/a"),
                      Note("second", "skipped too"), Directory("/opt/b"))
     assert changed == 1 and "mkdir -p -- /opt/a" in conn.applied[0]
-    assert host.round_trips == 3  # probe, apply, probe of /opt/b (the notes read nothing)
+    assert host.round_trips == 2  # probe; apply with the probe of /opt/b (notes read nothing)
     assert [line[:2] for line in host.report.lines] == [
         ("ok", "first"), ("changed", "directory /opt/a"), ("ok", "second"),
         ("ok", "directory /opt/b")]
@@ -58,12 +60,13 @@ def test_notes_read_nothing_and_keep_the_other_states_in_place(make_host):
     assert conn.scripts == [] and host.round_trips == 0
 
 
-def test_change_applies_then_reprobes_the_rest(make_host):
+def test_change_applies_then_reprobes_the_rest_in_its_round_trip(make_host):
     host, conn = make_host([(r"-- /opt/a ", "missing\n")] + CONVERGED)
     assert ensure(host, Directory("/opt/a"), Directory("/opt/b")) == 1
     assert len(conn.applied) == 1 and "mkdir -p -- /opt/a" in conn.applied[0]
     assert conn.applied[0].startswith("set -e\n")
-    assert host.round_trips == 3  # probe, apply, probe of what is left
+    assert host.round_trips == 2  # probe; apply with the probe of what is left
+    assert "-- /opt/b " in conn.scripts[1] and "-- /opt/a " not in conn.scripts[1]
 
 
 def test_check_mode_probes_only_and_reports_would_change(make_host, capsys):
@@ -224,3 +227,50 @@ def test_proxy_files_are_root_only_and_secret_when_the_proxy_has_a_password(prox
     assert [(f.path, f.owner, f.mode, f.secret) for f in files] == [
         ("/etc/apt/apt.conf.d/80fabstack-proxy", "root", 0o600, secret),
         ("/etc/pip.conf", "root", 0o600, secret)]
+
+
+# -- a change and the re-probe of the rest share a round trip (real /bin/sh here) ------------
+
+def local_shell(command, stdin, wait):
+    """Run the host's command here, as sshd would run it there (its script on stdin)."""
+    res = subprocess.run(command, shell=True, input=stdin, capture_output=True, text=True,
+                         timeout=wait)
+    return Result(res.stdout, res.stderr, res.returncode)
+
+
+def made(path, script="echo made > {p}"):
+    return Command(f"make {path.name}", script.format(p=path), creates=str(path))
+
+
+def test_each_change_carries_the_probe_of_the_rest_and_a_rerun_changes_nothing(settings,
+                                                                              tmp_path):
+    host = Host(FakeConnection(), settings, executor=local_shell)
+    # the probe of b runs after a's change, in its round trip: a's file is already there
+    b = Command("b", "true", unless=f"test -e {tmp_path / 'a'}", message="ran")
+    assert ensure(host, made(tmp_path / "a"), b, made(tmp_path / "c")) == 2
+    assert host.round_trips == 3  # probe; make a + probe b and c; make c
+    assert [line[:2] for line in host.report.lines] == [
+        ("changed", "make a"), ("ok", "b"), ("changed", "make c")]
+    host = Host(FakeConnection(), settings, executor=local_shell)
+    assert ensure(host, made(tmp_path / "a"), b, made(tmp_path / "c")) == 0
+    assert host.round_trips == 1
+
+
+def test_a_failing_change_stops_before_the_rest_is_read_or_changed(settings, tmp_path):
+    host = Host(FakeConnection(), settings, executor=local_shell)
+    host._secrets = ["hunter2-xyz"]
+    failing = made(tmp_path / "a", "echo 'no: hunter2-xyz' >&2\nfalse\ntouch {p}.after")
+    later = Command("later", f"touch {tmp_path / 'later'}", unless="false")
+    with pytest.raises(StepFailed) as err:
+        ensure(host, failing, later)
+    assert err.value.what == "make a" and err.value.message == "exit 1: no: ********"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # set -e: nothing after `false`
+    assert [line[:2] for line in host.report.lines] == []  # reported by the session
+    assert host.round_trips == 2
+
+
+def test_a_change_cannot_read_the_probe_that_follows_it(settings, tmp_path):
+    host = Host(FakeConnection(), settings, executor=local_shell)
+    reader = made(tmp_path / "a", "cat > {p}")  # a command that reads its input
+    assert ensure(host, reader, made(tmp_path / "b")) == 2
+    assert (tmp_path / "a").read_text() == "" and (tmp_path / "b").read_text() == "made\n"

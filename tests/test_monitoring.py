@@ -52,7 +52,7 @@ def test_bad_switch_and_short_password_are_named():
 def test_off_without_password_declares_nothing(make_host):
     host, conn = host_for(make_host, make_settings())
     assert [type(r).__name__ for r in monitoring.monitoring_resources(host)] == ["Note"]
-    monitoring.monitoring_step(host)
+    ensure(host, *monitoring.monitoring_resources(host))
     assert conn.applied == [] and host.round_trips == 0
     assert host.report.lines == [("ok", "telegraf", "not installed (MONITORING=empty, "
                                                     "INFLUX_URL empty)")]
@@ -65,7 +65,7 @@ def test_off_with_password_makes_only_the_role(make_host):
     names = [r.what for r in monitoring.monitoring_resources(host)]
     assert names == ["telegraf", "postgresql role monitoring",
                      "postgresql role monitoring in pg_monitor"]
-    monitoring.monitoring_step(host)
+    ensure(host, *monitoring.monitoring_resources(host))
     applied = "\n".join(conn.applied)
     assert 'CREATE ROLE "monitoring" LOGIN PASSWORD \'SCRAM-SHA-256$4096:' in applied
     assert 'GRANT "pg_monitor" TO "monitoring";' in applied
@@ -79,7 +79,7 @@ def test_role_already_a_member_changes_nothing(make_host):
     host, conn = host_for(make_host, s, answers=[(r"pg_authid", f"t|{verifier}"),
                                                  (r"pg_auth_members", "1"),
                                                  (r"fabstack/owned", "role monitoring\n")])
-    monitoring.monitoring_step(host)
+    ensure(host, *monitoring.monitoring_resources(host))
     assert conn.applied == []
 
 
@@ -99,7 +99,7 @@ def test_on_without_role_password_is_refused(make_host):
 def test_on_with_missing_influx_settings_names_them(make_host):
     host, conn = host_for(make_host, make_settings(MONITORING="telegraf"))
     with pytest.raises(StepFailed) as err:
-        monitoring.monitoring_step(host)
+        ensure(host, *monitoring.monitoring_resources(host))
     for key in ("INFLUX_URL", "INFLUX_TOKEN", "INFLUX_ORG", "INFLUX_BUCKET",
                 "MONITORING_DB_PASSWORD"):
         assert key in str(err.value)

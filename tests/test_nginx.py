@@ -196,7 +196,7 @@ def test_certbot_step_switches_the_site_to_https_after_the_certificate(make_host
 def test_no_acme_server_no_certificate(make_host, capsys):
     host, conn = make_host()
     host.settings = make_settings(ACME_SERVER="")
-    certbot.certbot_step(host)
+    ensure(host, *certbot.certbot_resources(host))
     assert conn.scripts == []
     assert "ACME_SERVER is empty" in capsys.readouterr().out
 

@@ -1,0 +1,63 @@
+"""Templates: ``files/*.j2`` rendered with the settings (Jinja2, strict undefined)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+
+FILES_DIR = Path(__file__).resolve().parent.parent.parent / "files"
+
+
+class TemplateError(Exception):
+    """A template in files/ cannot be rendered; the message names file and line."""
+
+
+def toml_quote(value: str) -> str:
+    """``value`` as a TOML basic string: double-quoted, ``"``, ``\\`` and controls escaped."""
+    out = []
+    for c in value:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04X}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def conninfo_quote(value: str) -> str:
+    """``value`` as one libpq connection-string value: single-quoted, ``\\`` and ``'`` escaped."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def env_quote(value: str) -> str:
+    """``value`` as one double-quoted word that systemd's EnvironmentFile= and sh read alike.
+
+    Inside double quotes both readers take a backslash before ``\\ " $ ` `` as an escape and
+    keep every other character (newlines, ``'``, ``#``, ``=``, spaces) as it is.
+    """
+    return '"' + "".join("\\" + c if c in '\\"$`' else c for c in value) + '"'
+
+
+_jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(str(FILES_DIR)),
+                            undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                            autoescape=False)
+# Quoting for the file formats the templates write: {{ value | env_quote }}
+_jinja.filters.update(env_quote=env_quote, toml_quote=toml_quote, conninfo_quote=conninfo_quote)
+
+
+def render(name: str, settings, **extra) -> str:
+    """Render ``files/<name>`` with the settings as ``s`` and ``env`` (and ``extra``)."""
+    try:
+        return _jinja.get_template(name).render(s=settings, env=settings.values, **extra)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"files/{exc.name or name}:{exc.lineno}: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"files/{name}: {exc}") from None
+
+
+def prerender(settings) -> None:
+    """Render every template once so a broken one fails before any host is touched."""
+    for name in _jinja.list_templates(filter_func=lambda n: n.endswith(".j2")):
+        render(name, settings)
