@@ -68,9 +68,9 @@ def sources(s) -> dict[str, Source]:
     """The units ``--unit`` takes, in the order ``fab logs`` lists them."""
     app = s.app
     return {
-        "app": Source((f"{app}.service", f"{app}.socket"), (), (f"{s.log_dir}/*.log",)),
-        "celery": Source(("celery.service",), (), ("/var/log/celery/w*.log",)),
-        "beat": Source(("celerybeat.service",), (), ("/var/log/celery/beat.log",)),
+        "app": Source((f"{app}.service", f"{app}.socket"), (), (f"{s.layout.logs}/*.log",)),
+        "celery": Source(("celery.service",), (), (f"{s.layout.celery_logs}/w*.log",)),
+        "beat": Source(("celerybeat.service",), (), (f"{s.layout.celery_logs}/beat.log",)),
         "nginx": Source(("nginx.service",), (), ("/var/log/nginx/*.log",)),
         "postgresql": Source(("postgresql*.service",), (), ("/var/log/postgresql/*.log",)),
         "redis": Source(("redis-server.service",), (), ("/var/log/redis/*.log",)),

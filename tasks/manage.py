@@ -46,11 +46,11 @@ def forwarded(environ) -> dict[str, str]:
 def runner_script(s, args: list[str], stdin: bool) -> str:
     """The command's shell script on the host: ``$1`` is the root-only file of passed-on
     variables, deleted first; then the app's environment, the release, the app's user."""
-    current = f"{s.code_dir}/app"
+    current = s.layout.current
     return (f"if [ -n \"$1\" ]; then set -a; . \"$1\"; set +a; rm -f -- \"$1\"; fi\n"
-            f"set -a; . {q(s.app_env_file)}; set +a\n"
+            f"set -a; . {q(s.layout.env_file)}; set +a\n"
             f"cd {q(current)} || exit 1\nexport PYTHONPATH=\"$PWD\"\n"
-            f"exec runuser -u {q(s.app)} -- {q(s.venv_dir + '/bin/python')} manage.py "
+            f"exec runuser -u {q(s.app)} -- {q(s.layout.venv + '/bin/python')} manage.py "
             + " ".join(q(a) for a in args) + ("" if stdin else " </dev/null") + "\n")
 
 
@@ -58,11 +58,11 @@ def stage(h, args: list[str], variables: dict[str, str], interactive: bool) -> s
     """Check the host can run manage.py and write the passed-on variables; return the
     command that runs it (holding no value of any variable)."""
     s = h.settings
-    current = f"{s.code_dir}/app"
+    current = s.layout.current
     lines = "".join(f"{k}={q(v)}\n" for k, v in variables.items())
     res = h.run(f"[ -f {q(current)}/manage.py ] || {{ echo 'no release deployed: "
                 f"{current}/manage.py is missing (fab deploy first)' >&2; exit 3; }}\n"
-                f"[ -r {q(s.app_env_file)} ] || {{ echo '{s.app_env_file} is missing "
+                f"[ -r {q(s.layout.env_file)} ] || {{ echo '{s.layout.env_file} is missing "
                 "(fab provision first)' >&2; exit 3; }\n"
                 + (f"umask 077\nf=$(mktemp /root/.fabstack-manage.XXXXXX)\n"
                    f"cat > \"$f\" <<'FABSTACK_EOF'\n{lines}FABSTACK_EOF\necho \"$f\"\n"

@@ -223,12 +223,15 @@ class TemplateError(Exception):
 _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(str(FILES_DIR)),
                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                             autoescape=False)
+_jinja.filters["q"] = q  # {{ value | q }}: one shell word, quoted
 
 
 def render(name: str, settings, **extra) -> str:
-    """Render ``files/<name>`` with the settings as ``s`` and ``env`` (and ``extra``)."""
+    """Render ``files/<name>`` with the settings as ``s`` and ``env``, their ``layout`` (and
+    ``extra``)."""
     try:
-        return _jinja.get_template(name).render(s=settings, env=settings.values, **extra)
+        return _jinja.get_template(name).render(s=settings, env=settings.values,
+                                                layout=settings.layout, **extra)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"files/{exc.name or name}:{exc.lineno}: {exc.message}") from None
     except jinja2.TemplateError as exc:

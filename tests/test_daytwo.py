@@ -148,8 +148,7 @@ def test_site_shows_the_maintenance_page_while_it_exists(settings):
     site = nginx.Site(settings)
     probe = site.probe()
     assert f"[ -e {nginx.maintenance_page(settings)} ]" in probe
-    on = render("nginx-site-tls.conf.j2", settings, maintenance=True,
-                maintenance_root=nginx.MAINTENANCE_DIR)
+    on = render("nginx-site-tls.conf.j2", settings, maintenance=True)
     state = f"regular file|root|root|644\n{hashlib.sha256(on.encode()).hexdigest()}\n\n"
     outcome = site.plan("tls\nmaintenance\n" + state, SimpleNamespace(check=False))
     assert isinstance(outcome, Ok) and outcome.message.endswith("[HTTPS; maintenance page on]")
