@@ -4,8 +4,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -137,9 +139,36 @@ def test_the_logs_script_is_valid_shell(settings, tmp_path, follow):
     every = logs.sources(settings)
     for selected in (every, {"backup": every["backup"]}, {"app": every["app"]}):
         path = tmp_path / "logs.sh"
-        path.write_text(logs.script(selected, 300, follow))
+        path.write_text(logs.script(settings, selected, 300, follow))
         assert subprocess.run(["sh", "-n", str(path)]).returncode == 0
-        assert (" -o json -f " in path.read_text()) == follow
+        assert ("\nfollow=1\n" in path.read_text()) == follow
+
+
+def test_the_logs_script_reads_the_journal_and_the_files_changed_since(settings, tmp_path):
+    """The script run by sh, journalctl a stub that prints its arguments: unit globs reach it
+    unexpanded (a file in the folder matches one), file globs are expanded; an old file is
+    left out."""
+    stubs, folder = tmp_path / "bin", tmp_path / "logs"
+    stubs.mkdir()
+    folder.mkdir()
+    (stubs / "journalctl").write_text('#!/bin/sh\necho "journalctl $*"\n')
+    (stubs / "journalctl").chmod(0o755)
+    (folder / "new.log").write_text("one\ntwo\n")
+    (folder / "old.log").write_text("old\n")
+    os.utime(folder / "old.log", (time.time() - 7200, time.time() - 7200))
+    (folder / "pg1.service").touch()
+    selected = {"x": logs.Source(("a.service", "pg*.service"), ("x-backup",),
+                                 (f"{folder}/*.log",))}
+    res = subprocess.run(["sh", "-s"], input=logs.script(settings, selected, 300, False),
+                         capture_output=True, text=True, cwd=folder, check=True,
+                         env={"PATH": f"{stubs}:/usr/bin:/bin"})
+    lines = res.stdout.splitlines()
+    assert re.fullmatch(r"cut=\d+ offset=[-+]?\d+", lines[0])
+    cut = lines[0].split()[0].removeprefix("cut=")
+    assert lines[1:] == [
+        f"journalctl --no-pager -q -o json --since=@{cut} -u a.service -u pg*.service",
+        f"journalctl --no-pager -q -o json --since=@{cut} -t x-backup",
+        f"{logs.FILE_MARK}{folder}/new.log", "one", "two", ""]
 
 
 # -- fab maintenance -------------------------------------------------------------------------
