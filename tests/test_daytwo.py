@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -30,13 +31,42 @@ def test_only_superuser_variables_are_passed_on():
                                      "DJANGO_SUPERUSER_USERNAME": "u"}
 
 
-def test_runner_script_quotes_arguments_and_holds_no_values(settings):
-    script = manage.runner_script(settings, ["shell", "-c", "print('a b'); $(id)"], False)
-    assert "manage.py shell -c 'print('\"'\"'a b'\"'\"'); $(id)' </dev/null" in script
+def test_the_manage_command_quotes_arguments_and_holds_no_values(make_host, settings):
+    h, _ = make_host()
+    h._exec = lambda command, script, wait: Result("/root/.f1\n", "", 0)
+    command = manage.stage(h, ["shell", "-c", "print('a b'); $(id)"], {"DJANGO_SUPERUSER_X": "v"},
+                           False)
+    assert command.startswith("/bin/sh -c ")
+    assert command.endswith(" manage /root/.f1 shell -c 'print('\"'\"'a b'\"'\"'); $(id)'")
+    script = manage.runner_script(settings, False)
+    assert script.startswith("stdin=''\n")
     assert f". /opt/{settings.app}/conf/{settings.app}.conf" in script
     assert f"runuser -u {settings.app} -- /opt/{settings.app}/venv/bin/python" in script
     assert settings["DJANGO_SECRET_KEY"] not in script
-    assert "</dev/null" not in manage.runner_script(settings, ["shell"], True)
+    assert manage.runner_script(settings, True).startswith("stdin=1\n")
+
+
+def test_the_manage_runner_reads_and_deletes_the_variables_then_runs(settings, tmp_path):
+    """The runner run by sh with stand-ins: runuser prints its arguments and two variables."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "runuser").write_text('#!/bin/sh\necho "$*"; echo "$DJANGO_SUPERUSER_X $FROM_ENV"\n'
+                                   'cat\n')
+    (stubs / "runuser").chmod(0o755)
+    env_file, release = tmp_path / "app.conf", tmp_path / "app"
+    env_file.write_text('FROM_ENV="env value"\n')
+    release.mkdir()
+    variables = tmp_path / "vars"
+    variables.write_text("DJANGO_SUPERUSER_X='a b'\n")
+    script = (manage.runner_script(settings, False)
+              .replace(f"/opt/{settings.app}/conf/{settings.app}.conf", str(env_file))
+              .replace(f"cd /opt/{settings.app}/app ", f"cd {release} "))
+    res = subprocess.run(["sh", "-c", script, "manage", str(variables), "check", "--deploy"],
+                         input="not for the command", capture_output=True, text=True,
+                         env={"PATH": f"{stubs}:/usr/bin:/bin"}, check=True)
+    assert res.stdout == (f"-u {settings.app} -- /opt/{settings.app}/venv/bin/python manage.py "
+                          "check --deploy\na b env value\n")
+    assert not variables.exists()
 
 
 def test_stage_writes_variables_on_stdin_only(make_host):
@@ -46,7 +76,8 @@ def test_stage_writes_variables_on_stdin_only(make_host):
     command = manage.stage(h, ["createsuperuser"], {"DJANGO_SUPERUSER_PASSWORD": "s3cr3t pw"},
                            False)
     assert "s3cr3t" not in command and "/root/.f1" in command
-    assert "DJANGO_SUPERUSER_PASSWORD='s3cr3t pw'" in scripts[-1]
+    lines = "DJANGO_SUPERUSER_PASSWORD='s3cr3t pw'\n"  # on the script's stdin only
+    assert scripts[-1].startswith(f"variables={shlex.quote(lines)}\n")
 
 
 def test_stage_refuses_a_host_without_a_release(make_host):
