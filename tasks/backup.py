@@ -48,6 +48,7 @@ from invoke import Collection
 from .db import pgpass_line
 from .host import StepFailed, session
 from .primitives import Command, Directory, File, Group, Packages, Service, User, ensure, q, render
+from .scripts import script
 
 BACKUP_USER = "backups"
 BACKUP_GROUP = "backups"
@@ -57,14 +58,6 @@ OFFSITE_HOME = "/var/lib/offsite"
 RRSYNC = "/usr/bin/rrsync"
 FOLDERS = ("daily", "weekly", "monthly", "previous-deploy", "manual", "uploads", "media")
 DUMP_FOLDERS = ("manual", "previous-deploy", "daily", "weekly", "monthly", "uploads")
-
-# Exact row counts of every table of the app's database, one "schema.table|count" per line.
-ROW_COUNTS_SQL = (
-    "SELECT table_schema || '.' || table_name, (xpath('/row/c/text()', query_to_xml("
-    "format('SELECT count(*) AS c FROM %I.%I', table_schema, table_name), false, true, "
-    "'')))[1]::text FROM information_schema.tables WHERE table_type = 'BASE TABLE' AND "
-    "table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1;")
-
 
 def human(size: int) -> str:
     value = float(size)
@@ -153,10 +146,7 @@ def dump_database(h, kind: str) -> tuple[str, int]:
 
 def row_counts(h) -> dict[str, int]:
     """Exact row counts per table of the app's database, read as the app's role."""
-    s = h.settings
-    res = h.run(f"cd / && PGPASSFILE={q(s.layout.conf + '/pgpass')} psql -X -w -At -v "
-                f"ON_ERROR_STOP=1 -h localhost -U {q(s.db_user)} -d {q(s.db_name)} "
-                f"<<'FABSTACK_SQL'\n{ROW_COUNTS_SQL}\nFABSTACK_SQL", what="row counts")
+    res = h.run(script("backup-db.sh.j2", h.settings, action="counts"), what="row counts")
     counts = {}
     for line in res.stdout.splitlines():
         table, _, count = line.rpartition("|")
@@ -249,9 +239,7 @@ def restore_database(h, path: str) -> None:
         before = row_counts(h)
         safety, size = dump_database(h, "manual")
         h.changed("safety dump", f"the database as it was: {safety} ({human(size)})")
-        res = h.run(f"cd / && PGPASSFILE={q(s.layout.conf + '/pgpass')} pg_restore -h localhost "
-                    f"-U {q(s.db_user)} -w -d {q(s.db_name)} --clean --if-exists --no-owner "
-                    f"--no-acl --single-transaction --exit-on-error {q(path)}",
+        res = h.run(script("backup-db.sh.j2", s, action="restore", dump=path),
                     what="restore", check=False)
         if not res.ok:
             raise StepFailed("restore", f"pg_restore failed, the database is unchanged (one "

@@ -306,7 +306,7 @@ def db_resources(h) -> list:
         # read by systemd for the units (EnvironmentFile=), not by the celery account
         File(f"{conf}/celery.conf", render("celery.conf.j2", s), mode=0o600,
              notify=CELERY_RESTART),
-        File(f"{conf}/pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]), mode=0o600,
+        File(s.layout.pgpass, pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]), mode=0o600,
              secret=True),
     ]
 
@@ -335,7 +335,7 @@ def psql(c):
     """Open psql in the app's database as the app's role (password from a root-only file)."""
     with session(c, "db.psql", lock=False) as h:
         s = h.settings
-        _interactive(c, h, f"env PGPASSFILE={q(s.layout.conf + '/pgpass')} psql -h localhost "
+        _interactive(c, h, f"env PGPASSFILE={q(s.layout.pgpass)} psql -h localhost "
                            f"-U {q(s.db_user)} -d {q(s.db_name)}")
 
 

@@ -8,7 +8,8 @@ files/ gets as ``layout``::
         releases/ID/          releases
         repo.git/             repo: the host's mirror of a remote DEPLOY_REPO
         venv/                 venv
-        conf/                 conf: root:APP 0750; conf/APP.conf is env_file
+        conf/                 conf: root:APP 0750; conf/APP.conf is env_file, conf/pgpass
+                              pgpass (root's, for the app's database role)
         backup/               backup: the dumps and media snapshots
     /var/opt/APP/             home: the app user's home; static/ and media/ below it
     /var/log/APP/             logs
@@ -39,6 +40,7 @@ class Layout:
     venv: str
     conf: str
     env_file: str
+    pgpass: str
     backup: str
     home: str
     static: str
@@ -53,10 +55,12 @@ class Layout:
     @classmethod
     def of(cls, app: str) -> Layout:
         code, home = f"/opt/{app}", f"/var/opt/{app}"
+        conf = f"{code}/conf"
         return cls(app=app, code=code, current=f"{code}/app", releases=f"{code}/releases",
-                   repo=f"{code}/repo.git", venv=f"{code}/venv", conf=f"{code}/conf",
-                   env_file=f"{code}/conf/{app}.conf", backup=f"{code}/backup", home=home,
-                   static=f"{home}/static", media=f"{home}/media", logs=f"/var/log/{app}",
+                   repo=f"{code}/repo.git", venv=f"{code}/venv", conf=conf,
+                   env_file=f"{conf}/{app}.conf", pgpass=f"{conf}/pgpass",
+                   backup=f"{code}/backup", home=home, static=f"{home}/static",
+                   media=f"{home}/media", logs=f"/var/log/{app}",
                    backup_script=f"/usr/local/sbin/{app}-backup",
                    maintenance=f"/var/www/fabstack-maintenance/{app}")
 
