@@ -161,8 +161,7 @@ def _resolve_remote(h) -> Source | None:
     as it is, not updated (None: there is none yet).
     """
     s = h.settings
-    cache, key = s.layout.repo, f"{s.layout.conf}/deploy_key"
-    credentials = f"{s.layout.conf}/git-credentials"
+    cache, key, credentials = s.layout.repo, s.layout.deploy_key, s.layout.git_credentials
     url, credential = remote_credentials(s["DEPLOY_REPO"])
     label = f"{url}@{s['DEPLOY_REF']}"
     if h.check:
@@ -177,19 +176,7 @@ def _resolve_remote(h) -> Source | None:
                    present=credential is not None),
            *([File(key, Path(s["DEPLOY_KEY"]).expanduser().read_text(), mode=0o600,
                    secret=True)] if s["DEPLOY_KEY"] else []))
-    proxy = s["HTTP_PROXY"]
-    git = f"git -c credential.helper={q('store --file=' + credentials)} -C {q(cache)}"
-    res = h.run(
-        (f"export https_proxy={q(proxy)} http_proxy={q(proxy)}\n" if proxy else "")
-        + f"export GIT_SSH_COMMAND=\"ssh -i {key} -o IdentitiesOnly=yes "
-        f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={s.layout.conf}/known_hosts\"\n"
-        f"export GIT_TERMINAL_PROMPT=0\nset -e\numask 077\n"
-        f"if [ -d {q(cache)} ]; then chmod 0700 {q(cache)}\n"
-        f"  {git} remote set-url origin {q(url)}\n  {git} remote update --prune >&2\n"
-        f"else {git.replace(f' -C {q(cache)}', '')} clone --quiet --mirror {q(url)} {q(cache)} "
-        ">&2; fi\n"
-        f"git -C {q(cache)} rev-parse --verify {q(s['DEPLOY_REF'] + '^{commit}')}",
-        what="release source")
+    res = h.run(script("deploy-mirror.sh.j2", s, url=url), what="release source")
     return Source(res.stdout.strip(), None, label)
 
 

@@ -9,7 +9,8 @@ files/ gets as ``layout``::
         repo.git/             repo: the host's mirror of a remote DEPLOY_REPO
         venv/                 venv
         conf/                 conf: root:APP 0750; conf/APP.conf is env_file, conf/pgpass
-                              pgpass (root's, for the app's database role)
+                              pgpass (root's, for the app's database role), conf/deploy_key
+                              deploy_key and conf/git-credentials git_credentials (DEPLOY_REPO's)
         backup/               backup: the dumps and media snapshots
     /var/opt/APP/             home: the app user's home; static/ and media/ below it
     /var/log/APP/             logs
@@ -41,6 +42,8 @@ class Layout:
     conf: str
     env_file: str
     pgpass: str
+    deploy_key: str
+    git_credentials: str
     backup: str
     home: str
     static: str
@@ -59,6 +62,7 @@ class Layout:
         return cls(app=app, code=code, current=f"{code}/app", releases=f"{code}/releases",
                    repo=f"{code}/repo.git", venv=f"{code}/venv", conf=conf,
                    env_file=f"{conf}/{app}.conf", pgpass=f"{conf}/pgpass",
+                   deploy_key=f"{conf}/deploy_key", git_credentials=f"{conf}/git-credentials",
                    backup=f"{code}/backup", home=home, static=f"{home}/static",
                    media=f"{home}/media", logs=f"/var/log/{app}",
                    backup_script=f"/usr/local/sbin/{app}-backup",

@@ -104,8 +104,9 @@ def test_a_token_in_deploy_repo_never_reaches_a_command_line(make_host, capsys):
     stored = base64.b64decode(write.split("<<'FABSTACK_EOF'\n")[1].split("FABSTACK_EOF")[0])
     assert stored == f"https://{token}:@git.example.com\n".encode()
     assert token not in fetch and "umask 077" in fetch and "chmod 0700" in fetch
-    assert "clone --quiet --mirror https://git.example.com/org/app.git" in fetch
-    assert "credential.helper='store --file=/opt/ratemyderp/conf/git-credentials'" in fetch
+    assert fetch.startswith("url=https://git.example.com/org/app.git\n")
+    assert 'clone --quiet --mirror "$url" "$cache"' in fetch
+    assert "helper='store --file=/opt/ratemyderp/conf/git-credentials'\n" in fetch
     assert source.label == "https://git.example.com/org/app.git@main"
     assert token in s.secrets
 
