@@ -47,12 +47,12 @@ from invoke import Collection
 
 from .db import pgpass_line
 from .host import StepFailed, session
+from .layout import BACKUPS_HOME as BACKUP_HOME
 from .primitives import Command, Directory, File, Group, Packages, Service, User, ensure, q, render
 from .scripts import script
 
 BACKUP_USER = "backups"
 BACKUP_GROUP = "backups"
-BACKUP_HOME = "/var/lib/backups"
 OFFSITE_USER = "offsite"
 OFFSITE_HOME = "/var/lib/offsite"
 RRSYNC = "/usr/bin/rrsync"
