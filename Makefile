@@ -8,7 +8,7 @@ VENV := .venv
 # Every program the tests, the sandbox, the demo and the bench start on this machine comes from
 # one of these (tests/test_setup.py keeps it so).
 SYSTEM_PACKAGES := debootstrap systemd-container tinyproxy-bin iproute2 openssh-client pebble \
-	rsync git curl openssl
+	rsync git curl openssl shellcheck
 FAB := $(VENV)/bin/fab
 
 .PHONY: setup system-deps demo test unit lint sandbox-down bench

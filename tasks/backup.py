@@ -47,28 +47,17 @@ from invoke import Collection
 
 from .db import pgpass_line
 from .host import StepFailed, converging_task, session
+from .layout import BACKUPS_HOME as BACKUP_HOME
 from .primitives import Command, Directory, File, Group, Packages, Service, User, q, render
+from .scripts import script
 
 BACKUP_USER = "backups"
 BACKUP_GROUP = "backups"
-BACKUP_HOME = "/var/lib/backups"
 OFFSITE_USER = "offsite"
 OFFSITE_HOME = "/var/lib/offsite"
 RRSYNC = "/usr/bin/rrsync"
 FOLDERS = ("daily", "weekly", "monthly", "previous-deploy", "manual", "uploads", "media")
 DUMP_FOLDERS = ("manual", "previous-deploy", "daily", "weekly", "monthly", "uploads")
-
-# Exact row counts of every table of the app's database, one "schema.table|count" per line.
-ROW_COUNTS_SQL = (
-    "SELECT table_schema || '.' || table_name, (xpath('/row/c/text()', query_to_xml("
-    "format('SELECT count(*) AS c FROM %I.%I', table_schema, table_name), false, true, "
-    "'')))[1]::text FROM information_schema.tables WHERE table_type = 'BASE TABLE' AND "
-    "table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1;")
-
-
-def script_path(s) -> str:
-    return f"/usr/local/sbin/{s.app}-backup"
-
 
 def human(size: int) -> str:
     value = float(size)
@@ -100,7 +89,7 @@ def offsite_resources(h) -> list:
         Directory(OFFSITE_HOME, "root", OFFSITE_USER, 0o750),
         Directory(f"{OFFSITE_HOME}/.ssh", "root", OFFSITE_USER, 0o750),
         # root-owned: the account cannot change its own key or its restrictions.
-        File(keys, authorized_keys_line(Path(pub).expanduser().read_text(), s.backup_dir),
+        File(keys, authorized_keys_line(Path(pub).expanduser().read_text(), s.layout.backup),
              owner="root", group=OFFSITE_USER, mode=0o640),
     ]
 
@@ -108,7 +97,7 @@ def offsite_resources(h) -> list:
 def backup_resources(h) -> list:
     """Everything ``backup.setup`` declares, in order."""
     s = h.settings
-    d = s.backup_dir
+    d = s.layout.backup
     unit = f"{s.app}-backup"
     return [
         Packages(["rsync"]),
@@ -119,7 +108,7 @@ def backup_resources(h) -> list:
              owner=BACKUP_USER, group=BACKUP_GROUP, mode=0o600, secret=True),
         Directory(d, "root", BACKUP_GROUP, 0o750),
         *[Directory(f"{d}/{name}", BACKUP_USER, BACKUP_GROUP, 0o750) for name in FOLDERS],
-        File(script_path(s), render("backup.py.j2", s), mode=0o755,
+        File(s.layout.backup_script, render("backup.py.j2", s), mode=0o755,
              validate="python3 -m py_compile %s"),
         File(f"/etc/systemd/system/{unit}.service", render("backup.service.j2", s)),
         File(f"/etc/systemd/system/{unit}.timer", render("backup.timer.j2", s),
@@ -139,7 +128,7 @@ def dump_database(h, kind: str) -> tuple[str, int]:
 
     Raises StepFailed("database dump", ...) when the dump or its check fails.
     """
-    script = script_path(h.settings)
+    script = h.settings.layout.backup_script
     res = h.run(f"test -x {q(script)} || {{ echo '{script} is missing: run fab backup (part of "
                 f"fab provision) first' >&2; exit 1; }}\n{q(script)} dump {q(kind)}",
                 what="database dump", check=False)
@@ -153,10 +142,7 @@ def dump_database(h, kind: str) -> tuple[str, int]:
 
 def row_counts(h) -> dict[str, int]:
     """Exact row counts per table of the app's database, read as the app's role."""
-    s = h.settings
-    res = h.run(f"cd / && PGPASSFILE={q(s.conf_dir + '/pgpass')} psql -X -w -At -v "
-                f"ON_ERROR_STOP=1 -h localhost -U {q(s.db_user)} -d {q(s.db_name)} "
-                f"<<'FABSTACK_SQL'\n{ROW_COUNTS_SQL}\nFABSTACK_SQL", what="row counts")
+    res = h.run(script("backup-db.sh.j2", h.settings, action="counts"), what="row counts")
     counts = {}
     for line in res.stdout.splitlines():
         table, _, count = line.rpartition("|")
@@ -176,18 +162,18 @@ def find_dump(h, name: str) -> str:
     """The path of dump ``name`` (a file name, or KIND/NAME) in the backup folders."""
     s = h.settings
     if name.startswith("/"):
-        name = name.removeprefix(s.backup_dir + "/")
+        name = name.removeprefix(s.layout.backup + "/")
     parts = name.split("/")
     if ".." in parts or len(parts) > 2 or not name.endswith(".dump"):
         raise StepFailed("find dump", f"{name!r}: give a dump's file name (….dump) or "
                          "FOLDER/NAME.dump from the backup folder")
-    candidates = [f"{s.backup_dir}/{name}"] if len(parts) == 2 else [
-        f"{s.backup_dir}/{folder}/{name}" for folder in DUMP_FOLDERS]
+    candidates = [f"{s.layout.backup}/{name}"] if len(parts) == 2 else [
+        f"{s.layout.backup}/{folder}/{name}" for folder in DUMP_FOLDERS]
     found = h.probe([f"for f in {' '.join(q(c) for c in candidates)}; do "
                      "[ -f \"$f\" ] && echo \"$f\"; done; true"])[0].split()
     if not found:
-        listing = h.probe([f"cd {q(s.backup_dir)} && ls -1t */*.dump 2>/dev/null | head -n 8"])
-        raise StepFailed("find dump", f"no dump {name} in {s.backup_dir}; newest: "
+        listing = h.probe([f"cd {q(s.layout.backup)} && ls -1t */*.dump 2>/dev/null | head -n 8"])
+        raise StepFailed("find dump", f"no dump {name} in {s.layout.backup}; newest: "
                          f"{', '.join(listing[0].split()) or 'none'}")
     return found[0]
 
@@ -199,7 +185,7 @@ def upload_dump(h, local: str) -> str:
         raise StepFailed("upload dump", f"{local}: no such file here")
     s = h.settings
     name = path.name if path.name.endswith(".dump") else path.name + ".dump"
-    dest = f"{s.backup_dir}/uploads/{name}"
+    dest = f"{s.layout.backup}/uploads/{name}"
     tmp = h.upload(str(path), name, "upload dump")
     h.run(f"install -o {BACKUP_USER} -g {BACKUP_GROUP} -m 0640 {q(tmp)} {q(dest)}\n"
           f"rc=$?; {h.drop_upload(tmp)}; exit $rc", what="upload dump")
@@ -249,9 +235,7 @@ def restore_database(h, path: str) -> None:
         before = row_counts(h)
         safety, size = dump_database(h, "manual")
         h.changed("safety dump", f"the database as it was: {safety} ({human(size)})")
-        res = h.run(f"cd / && PGPASSFILE={q(s.conf_dir + '/pgpass')} pg_restore -h localhost "
-                    f"-U {q(s.db_user)} -w -d {q(s.db_name)} --clean --if-exists --no-owner "
-                    f"--no-acl --single-transaction --exit-on-error {q(path)}",
+        res = h.run(script("backup-db.sh.j2", s, action="restore", dump=path),
                     what="restore", check=False)
         if not res.ok:
             raise StepFailed("restore", f"pg_restore failed, the database is unchanged (one "

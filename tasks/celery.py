@@ -17,6 +17,8 @@ from __future__ import annotations
 from fabric import task
 
 from .host import converging_task, session
+from .layout import CELERY_LOGS as LOG_DIR
+from .layout import CELERY_RUN as RUN_DIR
 from .primitives import (
     PENDING_DIR,
     Change,
@@ -28,12 +30,11 @@ from .primitives import (
     q,
     render,
 )
+from .scripts import script
 
 UNITS = ("celery.service", "celerybeat.service")
 TMPFILES = "/etc/tmpfiles.d/celery.conf"
 TMPFILES_MARKER = "celery-tmpfiles@create"
-RUN_DIR = "/run/celery"
-LOG_DIR = "/var/log/celery"
 # The directories tmpfiles.d makes, as `stat -c '%U:%G %a'` shows them when right.
 TMPFILES_DIRS = {RUN_DIR: "celery:celery 755", LOG_DIR: "celery:celery 750"}
 RESTART_WAIT = 15  # seconds a restarted unit has to be active
@@ -78,7 +79,7 @@ class TmpfilesApplied(Resource):
 def celery_resources(h) -> list:
     """Everything ``celery.setup`` declares, in order."""
     s = h.settings
-    release = f"{s.code_dir}/app"
+    release = s.layout.current
     return [
         File(TMPFILES, render("celery-tmpfiles.conf.j2", s),
              notify=[TMPFILES_MARKER.replace("@", ":")]),
@@ -98,26 +99,12 @@ def restart_celery(h, reason: str = "(new release)") -> None:
     A restart also satisfies any restart still pending from a configuration change, so those
     markers are cleared. Fails (StepFailed) when a unit is not active afterwards.
     """
-    units = " ".join(UNITS)
     if h.check:
         for unit in UNITS:
             h.changed(f"service {unit}", f"restarted {reason}")
         return
-    markers = " ".join(f"{PENDING_DIR}/{q(u)}@* {PENDING_DIR}/{q(u.removesuffix('.service'))}@*"
-                       for u in UNITS)
-    h.run(f"""set -e
-systemctl restart -- {units}
-rm -f {markers}
-active() {{ for u in {units}; do systemctl is-active --quiet -- "$u" || return 1; done; }}
-i=0
-until active; do
-  i=$((i + 1))
-  if [ $i -ge {RESTART_WAIT} ]; then
-    systemctl --no-pager --lines=20 status -- {units} >&2 || true
-    exit 1
-  fi
-  sleep 1
-done""", what="restart celery")
+    h.run(script("celery-restart.sh.j2", h.settings, *UNITS, pending=PENDING_DIR,
+                 wait=RESTART_WAIT), what="restart celery")
     for unit in UNITS:
         h.changed(f"service {unit}", f"restarted {reason}")
 

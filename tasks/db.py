@@ -26,6 +26,7 @@ import unicodedata
 from fabric import task
 
 from .host import converging_task, session
+from .layout import CELERY_HOME
 from .primitives import (
     AptUpdate,
     Change,
@@ -47,7 +48,6 @@ from .python import os_release
 PGDG_URI = "https://apt.postgresql.org/pub/repos/apt"
 PGDG_KEY = "https://www.postgresql.org/media/keys/ACCC4CF8.asc"
 SCRAM_ITERATIONS = 4096
-CELERY_HOME = "/var/lib/celery"
 # The Celery units (tasks/celery.py) read both environment files: restarted when one changes.
 CELERY_RESTART = ("celery.service:restart", "celerybeat.service:restart")
 
@@ -287,7 +287,7 @@ def package_resources(h) -> list:
 def db_resources(h) -> list:
     """Everything ``db.setup`` declares, in order (packages first)."""
     s = h.settings
-    app, conf = s.app, s.conf_dir
+    app, conf = s.app, s.layout.conf
     return [
         *package_resources(h),
         Service("postgresql"),
@@ -300,12 +300,12 @@ def db_resources(h) -> list:
         Group("celery"),
         User("celery", group="celery", home=CELERY_HOME),
         Directory(CELERY_HOME, "celery", "celery", 0o750),
-        File(s.app_env_file, render("app.conf.j2", s), group=app, mode=0o640, secret=True,
+        File(s.layout.env_file, render("app.conf.j2", s), group=app, mode=0o640, secret=True,
              notify=(*CELERY_RESTART, f"{app}.service:restart")),
         # read by systemd for the units (EnvironmentFile=), not by the celery account
         File(f"{conf}/celery.conf", render("celery.conf.j2", s), mode=0o600,
              notify=CELERY_RESTART),
-        File(f"{conf}/pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]), mode=0o600,
+        File(s.layout.pgpass, pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]), mode=0o600,
              secret=True),
     ]
 
@@ -329,7 +329,7 @@ def psql(c):
     """Open psql in the app's database as the app's role (password from a root-only file)."""
     with session(c, "db.psql", lock=False) as h:
         s = h.settings
-        _interactive(c, h, f"env PGPASSFILE={q(s.conf_dir + '/pgpass')} psql -h localhost "
+        _interactive(c, h, f"env PGPASSFILE={q(s.layout.pgpass)} psql -h localhost "
                            f"-U {q(s.db_user)} -d {q(s.db_name)}")
 
 

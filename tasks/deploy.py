@@ -19,6 +19,7 @@ restart queues requests instead of refusing them.
 from __future__ import annotations
 
 import gzip
+import posixpath
 import subprocess
 import time
 from dataclasses import dataclass
@@ -30,15 +31,10 @@ from fabric import task
 from .executor import every_host
 from .host import StepFailed, converging_task, session
 from .primitives import PENDING_DIR, File, ReleaseService, ensure, q, render
+from .scripts import script
 from .settings import is_remote
 
-BOOT_MARK = "@@fabstack-boot-check@@"
-# Run as the app's user with its environment: the release's WSGI module must import (settings
-# read, apps loaded) and hold a callable ``application``, as gunicorn will need.
-BOOT_CHECK = ("import importlib, sys\n"
-              "app = getattr(importlib.import_module(sys.argv[1]), 'application', None)\n"
-              "if not callable(app):\n"
-              "    sys.exit(sys.argv[1] + ' has no callable application')\n")
+BOOT_MARK = "@@fabstack-boot-check@@"  # files/deploy-release.sh.j2 prints it after pip
 
 
 @dataclass
@@ -67,12 +63,6 @@ def resolve_local(repo: str, ref: str, subdir: str) -> Source:
     return Source(commit, archive, f"{path}@{ref}")
 
 
-def _layout(s) -> dict[str, str]:
-    return {"code": s.code_dir, "releases": f"{s.code_dir}/releases",
-            "current": f"{s.code_dir}/app",
-            "venv": s.venv_dir, "env": s.app_env_file}
-
-
 # -- provisioning: gunicorn's units ------------------------------------------------------
 
 def app_resources(h) -> list:
@@ -86,8 +76,8 @@ def app_resources(h) -> list:
              notify=[f"{unit}:restart"]),
         # Before the first release there is nothing to activate: a request would only fail
         # the service and, after a few, the socket too.
-        ReleaseService(f"{s.app}.socket", f"{s.code_dir}/app"),
-        ReleaseService(unit, f"{s.code_dir}/app"),
+        ReleaseService(f"{s.app}.socket", s.layout.current),
+        ReleaseService(unit, s.layout.current),
     ]
 
 
@@ -95,62 +85,43 @@ def app_resources(h) -> list:
 
 def prerequisites(s) -> dict[str, str]:
     """What a deploy needs that ``fab provision`` makes: path on the host -> what it is."""
-    from .backup import script_path
     from .nginx import site_path
 
-    return {f"{s.venv_dir}/bin/python": "the virtualenv",
-            s.app_env_file: "the app's environment file",
+    return {f"{s.layout.venv}/bin/python": "the virtualenv",
+            s.layout.env_file: "the app's environment file",
             f"/etc/systemd/system/{s.app}.service": "gunicorn's unit",
             site_path(s): "the NGINX site",
-            script_path(s): "the backup script"}
+            s.layout.backup_script: "the backup script"}
 
 
 def _state(h) -> tuple[str, list[str], list[str]]:
     """The current release's id, every release (oldest first), and the missing prerequisites."""
-    paths = _layout(h.settings)
+    layout = h.settings.layout
     needed = prerequisites(h.settings)
     current, listing, missing = h.probe([
-        f"readlink {q(paths['current'])} 2>/dev/null | xargs -r basename",
-        f"ls -1 {q(paths['releases'])} 2>/dev/null | grep -v '^[.]'",
+        f"readlink {q(layout.current)} 2>/dev/null | xargs -r basename",
+        f"ls -1 {q(layout.releases)} 2>/dev/null | grep -v '^[.]'",
         "".join(f"[ -e {q(path)} ] || echo {q(path)}\n" for path in needed) + "true",
     ])
     return (current.strip(), sorted(listing.split()),
             [f"{needed[path]} ({path})" for path in missing.split()])
 
 
-def _env_lines(h, release_dir: str) -> str:
-    """Shell lines that load the app's environment with PYTHONPATH at ``release_dir``."""
-    paths = _layout(h.settings)
-    return (f"set -a; . {q(paths['env'])}; set +a\nexport PYTHONPATH={q(release_dir)}\n"
-            f"cd {q(release_dir)}\n")
-
-
 def _prepare(h, source: Source, release: str, current: str) -> None:
     s = h.settings
-    paths = _layout(s)
-    rel = f"{paths['releases']}/{release}"
     if source.archive is not None:
-        upload = h.upload(source.archive, "release.tar.gz", "upload the release")
-        fetch = f"tar -xzf {q(upload)} -C {q(rel)} || fail\n{h.drop_upload(upload)}\n"
+        archive, tree = h.upload(source.archive, "release.tar.gz", "upload the release"), ""
     else:
-        fetch = _remote_fetch(s, source.commit, rel)
-    old_req = f"{paths['releases']}/{current}/requirements.txt" if current else "/dev/null"
-    h.run(f"fail() {{ rm -rf {q(rel)}; exit 1; }}\n"
-          f"mkdir -p {q(paths['releases'])} && mkdir {q(rel)} || exit 1\n{fetch}"
-          f"printf '%s\\n' {q(release)} > {q(rel)}/REVISION || fail\n"
-          f"chown -R root:root {q(rel)} && chmod -R u=rwX,go=rX {q(rel)} || fail\n"
-          f"test -f {q(rel)}/requirements.txt || {{ echo 'the release has no "
-          "requirements.txt' >&2; fail; }",
+        subdir = s["DEPLOY_SUBDIR"].strip("/")
+        archive, tree = "", f"{source.commit}:{subdir}" if subdir else source.commit
+    h.run(script("deploy-unpack.sh.j2", s, release=release, archive=archive, tree=tree),
           what=f"release {release}")
     h.changed(f"release {release}", f"unpacked {source.label} ({source.commit[:12]})")
-    venv, wsgi = q(paths["venv"]), s["WSGI_APP"]
+    wsgi = s["WSGI_APP"]
     # One round trip: the requirements, then whether the release can boot at all (before
     # anything else: a release that cannot boot is never migrated nor switched to).
-    res = h.run(f"if cmp -s {q(old_req)} {q(rel)}/requirements.txt; then echo same; else\n"
-                f"  {venv}/bin/pip install -q --disable-pip-version-check "
-                f"-r {q(rel)}/requirements.txt || exit 1\nfi\necho {BOOT_MARK} >&2\n"
-                + _env_lines(h, rel)
-                + f"runuser -u {q(s.app)} -- {venv}/bin/python -c {q(BOOT_CHECK)} {q(wsgi)}",
+    res = h.run(script("deploy-release.sh.j2", s, release=release, action="boot",
+                       current=current, mark=BOOT_MARK),
                 what="requirements", check=False)
     pip_err, checked, boot_err = res.stderr.partition(f"{BOOT_MARK}\n")
     if not checked:
@@ -163,14 +134,6 @@ def _prepare(h, source: Source, release: str, current: str) -> None:
         _abort(h, release, "app boot check", f"the new release's WSGI app ({wsgi}) does not "
                f"load as {s.app} with its environment:\n{boot_err.strip()[-1500:]}")
     h.ok("app boot check", f"{wsgi}.application loads as {s.app} with its environment")
-
-
-def _remote_fetch(s, commit: str, rel: str) -> str:
-    """Shell lines that archive ``commit`` from the host's mirror of DEPLOY_REPO into ``rel``."""
-    cache = f"{s.code_dir}/repo.git"
-    subdir = s["DEPLOY_SUBDIR"].strip("/")
-    tree = f"{commit}:{subdir}" if subdir else commit
-    return f"git -C {q(cache)} archive --format=tar {q(tree)} | tar -x -C {q(rel)} || fail\n"
 
 
 def remote_credentials(repo: str) -> tuple[str, str | None]:
@@ -194,8 +157,7 @@ def _resolve_remote(h) -> Source | None:
     as it is, not updated (None: there is none yet).
     """
     s = h.settings
-    cache, key = f"{s.code_dir}/repo.git", f"{s.conf_dir}/deploy_key"
-    credentials = f"{s.conf_dir}/git-credentials"
+    cache, key, credentials = s.layout.repo, s.layout.deploy_key, s.layout.git_credentials
     url, credential = remote_credentials(s["DEPLOY_REPO"])
     label = f"{url}@{s['DEPLOY_REF']}"
     if h.check:
@@ -210,26 +172,12 @@ def _resolve_remote(h) -> Source | None:
                    present=credential is not None),
            *([File(key, Path(s["DEPLOY_KEY"]).expanduser().read_text(), mode=0o600,
                    secret=True)] if s["DEPLOY_KEY"] else []))
-    proxy = s["HTTP_PROXY"]
-    git = f"git -c credential.helper={q('store --file=' + credentials)} -C {q(cache)}"
-    res = h.run(
-        (f"export https_proxy={q(proxy)} http_proxy={q(proxy)}\n" if proxy else "")
-        + f"export GIT_SSH_COMMAND=\"ssh -i {key} -o IdentitiesOnly=yes "
-        f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={s.conf_dir}/known_hosts\"\n"
-        f"export GIT_TERMINAL_PROMPT=0\nset -e\numask 077\n"
-        f"if [ -d {q(cache)} ]; then chmod 0700 {q(cache)}\n"
-        f"  {git} remote set-url origin {q(url)}\n  {git} remote update --prune >&2\n"
-        f"else {git.replace(f' -C {q(cache)}', '')} clone --quiet --mirror {q(url)} {q(cache)} "
-        ">&2; fi\n"
-        f"git -C {q(cache)} rev-parse --verify {q(s['DEPLOY_REF'] + '^{commit}')}",
-        what="release source")
+    res = h.run(script("deploy-mirror.sh.j2", s, url=url), what="release source")
     return Source(res.stdout.strip(), None, label)
 
 
 def _backup_and_migrate(h, release: str) -> None:
     s = h.settings
-    paths = _layout(s)
-    rel = f"{paths['releases']}/{release}"
     from .backup import dump_database, human
 
     try:  # the backup script's dump (tasks/backup.py), kept BACKUP_KEEP_DEPLOY times
@@ -238,9 +186,7 @@ def _backup_and_migrate(h, release: str) -> None:
         _abort(h, release, "pre-migration backup",
                f"pg_dump failed, not migrating: {exc.message[-500:]}")
     h.changed("pre-migration backup", f"database dumped to {dump} ({human(size)})")
-    venv = q(paths["venv"])
-    res = h.run(_env_lines(h, rel)
-                + f"runuser -u {q(s.app)} -- {venv}/bin/python manage.py migrate --noinput",
+    res = h.run(script("deploy-release.sh.j2", s, release=release, action="migrate"),
                 what="migrations", check=False)
     if not res.ok:
         _abort(h, release, "migrations", res.stderr.strip()[-1500:] or res.stdout[-1500:])
@@ -250,7 +196,7 @@ def _backup_and_migrate(h, release: str) -> None:
         h.changed("migrations", f"applied {', '.join(applied)}")
     else:
         h.ok("migrations", "none to apply")
-    res = h.run(_env_lines(h, rel) + f"{venv}/bin/python manage.py collectstatic --noinput",
+    res = h.run(script("deploy-release.sh.j2", s, release=release, action="collectstatic"),
                 what="static files", check=False)
     if not res.ok:
         _abort(h, release, "static files", res.stderr.strip()[-1500:])
@@ -258,8 +204,7 @@ def _backup_and_migrate(h, release: str) -> None:
 
 
 def _abort(h, release: str, what: str, why: str):
-    paths = _layout(h.settings)
-    h.run(f"rm -rf {q(paths['releases'])}/{q(release)}", what=what)
+    h.run(f"rm -rf {q(h.settings.layout.release(release))}", what=what)
     raise StepFailed(what, f"{why}\nrelease {release} abandoned; the current release "
                      "keeps serving")
 
@@ -271,37 +216,16 @@ def _switch(h, release: str) -> None:
     release's code. systemd holds the socket meanwhile, so requests wait instead of failing,
     and gunicorn's graceful stop lets the old workers finish theirs.
     """
-    s = h.settings
-    paths = _layout(s)
-    unit = f"{s.app}.service"
-    h.run(f"set -e\nln -sfn releases/{q(release)} {q(paths['code'])}/.app.new\n"
-          f"mv -T {q(paths['code'])}/.app.new {q(paths['current'])}\n"
-          f"systemctl start {q(s.app)}.socket\n"
-          f"systemctl restart {q(unit)}\n"
-          # the restart also does any restart a configuration change left pending
-          f"rm -f {PENDING_DIR}/{q(unit)}@* {PENDING_DIR}/{q(s.app)}@*",
+    layout = h.settings.layout
+    link = posixpath.relpath(layout.release(release), posixpath.dirname(layout.current))
+    h.run(script("deploy-switch.sh.j2", h.settings, link=link, pending=PENDING_DIR),
           what=f"switch to {release}")
 
 
 def health_check(h, release: str, timeout: int = 60) -> tuple[bool, str]:
     """Ask HEALTH_PATH through NGINX (following redirects) until it answers from ``release``."""
-    s = h.settings
-    domain, path = s["DOMAIN"], s["HEALTH_PATH"]
-    res = h.run(
-        f"want={q(release)}; end=$(( $(date +%s) + {timeout} ))\n"
-        "while :; do\n"
-        f"  out=$(curl -sS -k -L --max-time 5 -o /dev/null -D - -w 'code=%{{http_code}}' "
-        f"--resolve {domain}:80:127.0.0.1 --resolve {domain}:443:127.0.0.1 "
-        f"http://{domain}{path} 2>&1)\n"
-        "  code=$(printf '%s' \"$out\" | sed -n 's/.*code=//p' | tail -n 1)\n"
-        "  rel=$(printf '%s' \"$out\" | tr -d '\\r' | sed -n 's/^[Xx]-[Rr]elease: *//p'"
-        " | tail -n 1)\n"
-        "  case $code in 2??) if [ -z \"$rel\" ] || [ \"$rel\" = \"$want\" ]; then\n"
-        "    echo \"HTTP $code${rel:+ from release $rel}\"; exit 0; fi;; esac\n"
-        "  if [ $(date +%s) -ge $end ]; then\n"
-        "    echo \"HTTP ${code:-no answer}${rel:+ from release $rel}: $(printf '%s' \"$out\""
-        " | grep -v '^code=' | tail -n 1)\"; exit 1; fi\n"
-        "  sleep 0.5\ndone", what="health check", check=False)
+    res = h.run(script("health-check.sh.j2", h.settings, want=release, timeout=timeout),
+                what="health check", check=False)
     return res.ok, res.stdout.strip()
 
 
@@ -316,8 +240,8 @@ def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
     if not old:
         h.ok("old releases", f"{len(releases)} kept (at most {keep})")
         return
-    base = _layout(h.settings)["releases"]
-    h.run("rm -rf " + " ".join(q(f"{base}/{r}") for r in old), what="old releases")
+    layout = h.settings.layout
+    h.run("rm -rf " + " ".join(q(layout.release(r)) for r in old), what="old releases")
     h.changed("old releases", f"removed {', '.join(old)} (keeping {keep})")
 
 
@@ -362,7 +286,7 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
         if not healthy:
             if current:
                 _switch(h, current)
-                h.run(f"rm -rf {q(_layout(s)['releases'])}/{q(release)}", what="rollback")
+                h.run(f"rm -rf {q(s.layout.release(release))}", what="rollback")
                 raise StepFailed("health check", f"{detail}; put release {current} back "
                                  f"and removed {release}")
             raise StepFailed("health check", f"{detail}; there is no earlier release to put "

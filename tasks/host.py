@@ -42,6 +42,7 @@ from paramiko import RejectPolicy, SSHException
 
 from . import primitives
 from . import settings as settings_mod
+from .scripts import script
 
 MASK = "********"
 CHECK_HELP = "Show what would change and change nothing."  # every converging task's --check
@@ -218,21 +219,14 @@ class Host:
         """The holder: takes the lock (waiting LOCK_WAIT s), says who holds it, keeps it."""
         who = (f"{getpass.getuser()}@{socket.gethostname()} since "
                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, task {self._lock_task}")
-        return (f"exec 9>>{LOCK_FILE} || exit 1\n"
-                f"if ! flock -w {LOCK_WAIT} 9; then\n"
-                f"  printf '%s\\n' {self._lock_token} > {LOCK_FILE}.refused\n"
-                f"  echo \"busy $(cut -d' ' -f2- {LOCK_FILE})\"; exit 3\nfi\n"
-                f"printf '%s\\n' {shlex.quote(self._lock_token + ' ' + who)} > {LOCK_FILE}\n"
-                # held until the channel closes: the run's end, or its connection's
-                "echo locked\nexec cat >/dev/null\n")
+        return script("host-lock.sh.j2", self.settings, lock=LOCK_FILE, wait=LOCK_WAIT,
+                      token=self._lock_token, who=who)
 
     def _lock_gate(self) -> str:
         """Lines that wait until this run's holder has the lock (the first command's start)."""
-        token = self._lock_token
-        return (f"i=0; until grep -qsF {token} {LOCK_FILE}; do\n"
-                f"  [ $i -lt {(LOCK_WAIT + 5) * 100} ] && ! grep -qsF {token} {LOCK_FILE}.refused"
-                f" || exit {LOCK_GATE_EXIT}\n"
-                "  i=$((i + 1)); sleep 0.01\ndone\n")
+        return script("host-lock-gate.sh.j2", self.settings, lock=LOCK_FILE,
+                      token=self._lock_token, tries=(LOCK_WAIT + 5) * 100,
+                      gate_exit=LOCK_GATE_EXIT)
 
     def _confirm_lock(self) -> None:
         answer = self._lock.answer()

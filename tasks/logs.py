@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from fabric import task
 
+from . import scripts
 from .host import StepFailed, session
 
 FILE_LINES = 20000  # of each log file, only the last lines are read
@@ -68,9 +69,9 @@ def sources(s) -> dict[str, Source]:
     """The units ``--unit`` takes, in the order ``fab logs`` lists them."""
     app = s.app
     return {
-        "app": Source((f"{app}.service", f"{app}.socket"), (), (f"{s.log_dir}/*.log",)),
-        "celery": Source(("celery.service",), (), ("/var/log/celery/w*.log",)),
-        "beat": Source(("celerybeat.service",), (), ("/var/log/celery/beat.log",)),
+        "app": Source((f"{app}.service", f"{app}.socket"), (), (f"{s.layout.logs}/*.log",)),
+        "celery": Source(("celery.service",), (), (f"{s.layout.celery_logs}/w*.log",)),
+        "beat": Source(("celerybeat.service",), (), (f"{s.layout.celery_logs}/beat.log",)),
         "nginx": Source(("nginx.service",), (), ("/var/log/nginx/*.log",)),
         "postgresql": Source(("postgresql*.service",), (), ("/var/log/postgresql/*.log",)),
         "redis": Source(("redis-server.service",), (), ("/var/log/redis/*.log",)),
@@ -101,46 +102,16 @@ def line_time(line: str, offset: int) -> float | None:
     return None
 
 
-def script(selected: dict[str, Source], seconds: int, follow: bool) -> str:
-    """The shell script that prints the logs: ``cut=EPOCH offset=SECONDS``, the journal as
-    JSON lines, each file's tail after a FILE_MARK line; with ``follow``, FOLLOW_MARK and
-    then new lines as they come (tail's ``==> FILE <==`` headers name their file)."""
-    units = " ".join(f"-u '{u}'" for src in selected.values() for u in src.units)
-    tags = " ".join(f"-t '{t}'" for src in selected.values() for t in src.tags)
-    files = " ".join(f for src in selected.values() for f in src.files)
-    lines = [
-        "now=$(date +%s); cut=$((now - " + str(seconds) + "))",
-        "z=$(date +%z); sign=${z%????}; hh=${z#?}; hh=${hh%??}; mm=${z#???}",
-        "echo \"cut=$cut offset=$sign$(( ${hh#0} * 3600 + ${mm#0} * 60 ))\"",
-        "cursors=$(mktemp -d)",
-        "trap 'rm -rf \"$cursors\"' EXIT",
-        # (systemd 257 takes no --cursor-file beside --since: each entry's __CURSOR is kept)
-        f"journalctl --no-pager -q -o json --since=@$cut {units} 2>/dev/null "
-        "| tee \"$cursors/u\"",
-    ]
-    if tags:
-        lines.append(f"journalctl --no-pager -q -o json --since=@$cut {tags} 2>/dev/null "
-                     "| tee \"$cursors/t\"")
-    if files:
-        lines += [f"for f in {files}; do",
-                  "  [ -f \"$f\" ] && [ \"$(stat -c %Y -- \"$f\")\" -ge \"$cut\" ] || continue",
-                  f"  echo '{FILE_MARK}'\"$f\"; tail -n {FILE_LINES} -- \"$f\"; echo", "done"]
-    if follow:
-        # journalctl -f and tail -F end when their output closes (fab went away).
-        lines.append(f"echo '{FOLLOW_MARK}'")
-        # from the last entry printed above, or from now when there was none
-        lines.append("after() { c=$(tail -n 1 \"$1\" "
-                     "| sed -n 's/.*\"__CURSOR\":\"\\([^\"]*\\)\".*/\\1/p'); "
-                     "if [ -n \"$c\" ]; then printf '%s\\n' \"--after-cursor=$c\"; "
-                     "else printf '%s\\n' -n0; fi; }")
-        lines.append(f"journalctl --no-pager -q -o json -f {units} \"$(after \"$cursors/u\")\" &")
-        if tags:
-            lines.append(f"journalctl --no-pager -q -o json -f {tags} "
-                         "\"$(after \"$cursors/t\")\" &")
-        if files:
-            lines.append(f"tail -n 0 -F -v {files} 2>/dev/null &")
-        lines.append("wait")
-    return "\n".join(lines) + "\n"
+def script(s, selected: dict[str, Source], seconds: int, follow: bool) -> str:
+    """The shell script that prints the logs (files/logs.sh.j2): ``cut=EPOCH offset=SECONDS``,
+    the journal as JSON lines, each file's tail after a FILE_MARK line; with ``follow``,
+    FOLLOW_MARK and then new lines as they come."""
+    return scripts.script(
+        "logs.sh.j2", s, seconds=seconds, follow="1" if follow else "",
+        units=" ".join(u for src in selected.values() for u in src.units),
+        tags=" ".join(t for src in selected.values() for t in src.tags),
+        files=" ".join(f for src in selected.values() for f in src.files),
+        file_mark=FILE_MARK, follow_mark=FOLLOW_MARK, file_lines=FILE_LINES)
 
 
 def journal_line(entry: dict, selected: dict[str, Source]) -> tuple[float, str, str] | None:
@@ -291,7 +262,7 @@ def logs(c, unit=None, since="1h", follow=False):
         selected = {unit: every[unit]} if unit else every
         reader = LogLines(selected, h.mask)
         h.conn.open()
-        status, err = stream(h, script(selected, seconds, follow), reader.feed)
+        status, err = stream(h, script(h.settings, selected, seconds, follow), reader.feed)
         reader.flush()
         if status not in (0, -1):
             raise StepFailed("logs", h.mask(err.strip() or f"exit {status}"))

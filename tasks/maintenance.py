@@ -16,8 +16,9 @@ import os
 from fabric import task
 
 from .host import StepFailed, session
-from .nginx import MAINTENANCE_DIR, Site, maintenance_page, site_resources
+from .nginx import Site, maintenance_page, site_resources
 from .primitives import Directory, File, Service, ensure, q, render
+from .scripts import script
 
 MESSAGE_MAX = 1000  # characters
 HEADER = "X-Fabstack-Maintenance"  # files/nginx-app.conf.j2 adds it while the page is on
@@ -27,17 +28,9 @@ LIVE_TIMEOUT = 15  # seconds NGINX's workers get to take the reloaded configurat
 def wait_until_live(h, on: bool) -> None:
     """Ask the site from the host until NGINX's answer says the wanted configuration is live
     (a reload leaves the old workers answering for a moment)."""
-    s = h.settings
-    domain, path = s["DOMAIN"], s["HEALTH_PATH"]
-    want = "on" if on else "off"
-    res = h.run(
-        f"end=$(( $(date +%s) + {LIVE_TIMEOUT} ))\nwhile :; do\n"
-        f"  if curl -sS -k -L --max-time 5 -o /dev/null -D - --resolve {q(domain)}:80:127.0.0.1 "
-        f"--resolve {q(domain)}:443:127.0.0.1 {q(f'http://{domain}{path}')} 2>/dev/null "
-        f"| tr -d '\\r' | grep -qix '{HEADER}: on'; then now=on; else now=off; fi\n"
-        f"  [ \"$now\" = {want} ] && exit 0\n"
-        "  [ $(date +%s) -ge $end ] && exit 1\n  sleep 0.2\ndone",
-        what="maintenance page", check=False)
+    res = h.run(script("maintenance-live.sh.j2", h.settings, want="on" if on else "off",
+                       timeout=LIVE_TIMEOUT, header=HEADER),
+                what="maintenance page", check=False)
     if not res.ok:
         raise StepFailed("maintenance page", f"NGINX still answers with the page "
                          f"{'off' if on else 'on'} {LIVE_TIMEOUT} s after its reload: see "
@@ -54,8 +47,8 @@ def maintenance_resources(h, on: bool, message: str | None) -> list:
     page = maintenance_page(s)
     if not on:
         return [Site(s, maintenance=False), Service("nginx")]
-    return [Directory(MAINTENANCE_DIR, "root", "root", 0o755),
-            Directory(os.path.dirname(page), "root", "root", 0o755),
+    return [Directory(os.path.dirname(s.layout.maintenance), "root", "root", 0o755),
+            Directory(s.layout.maintenance, "root", "root", 0o755),
             File(page, render("maintenance.html.j2", s, **({"message": message}
                                                           if message else {})), mode=0o644),
             *site_resources(h)]

@@ -24,6 +24,7 @@ import sys
 from fabric import task
 from invoke.exceptions import Exit
 
+from . import scripts
 from .executor import takes_remainder
 from .host import MASK, StepFailed, session
 from .primitives import q
@@ -43,40 +44,28 @@ def forwarded(environ) -> dict[str, str]:
             if k.startswith(FORWARDED) and _NAME.match(k)}
 
 
-def runner_script(s, args: list[str], stdin: bool) -> str:
-    """The command's shell script on the host: ``$1`` is the root-only file of passed-on
-    variables, deleted first; then the app's environment, the release, the app's user."""
-    current = f"{s.code_dir}/app"
-    return (f"if [ -n \"$1\" ]; then set -a; . \"$1\"; set +a; rm -f -- \"$1\"; fi\n"
-            f"set -a; . {q(s.app_env_file)}; set +a\n"
-            f"cd {q(current)} || exit 1\nexport PYTHONPATH=\"$PWD\"\n"
-            f"exec runuser -u {q(s.app)} -- {q(s.venv_dir + '/bin/python')} manage.py "
-            + " ".join(q(a) for a in args) + ("" if stdin else " </dev/null") + "\n")
+def runner_script(s, stdin: bool) -> str:
+    """The command's shell script on the host (files/manage-run.sh.j2): its arguments are the
+    root-only file of passed-on variables (deleted first), then manage.py's."""
+    return scripts.script("manage-run.sh.j2", s, stdin="1" if stdin else "")
 
 
 def stage(h, args: list[str], variables: dict[str, str], interactive: bool) -> str:
     """Check the host can run manage.py and write the passed-on variables; return the
     command that runs it (holding no value of any variable)."""
     s = h.settings
-    current = f"{s.code_dir}/app"
     lines = "".join(f"{k}={q(v)}\n" for k, v in variables.items())
-    res = h.run(f"[ -f {q(current)}/manage.py ] || {{ echo 'no release deployed: "
-                f"{current}/manage.py is missing (fab deploy first)' >&2; exit 3; }}\n"
-                f"[ -r {q(s.app_env_file)} ] || {{ echo '{s.app_env_file} is missing "
-                "(fab provision first)' >&2; exit 3; }\n"
-                + (f"umask 077\nf=$(mktemp /root/.fabstack-manage.XXXXXX)\n"
-                   f"cat > \"$f\" <<'FABSTACK_EOF'\n{lines}FABSTACK_EOF\necho \"$f\"\n"
-                   if variables else ""),
+    res = h.run(scripts.script("manage-stage.sh.j2", s, variables=lines),
                 what="manage.py", check=False)
     if res.exited == 3:
         raise StepFailed("manage.py", res.stderr.strip())
     if not res.ok:
         raise StepFailed("manage.py", h.mask(res.stderr.strip() or f"exit {res.exited}"))
     shown = ", ".join(variables) or "none"
-    h.ok("manage.py", f"manage.py {' '.join(args)} in {current} as {s.app} "
+    h.ok("manage.py", f"manage.py {' '.join(args)} in {s.layout.current} as {s.app} "
          f"({'with a terminal' if interactive else 'output streamed'}; passed on: {shown})")
-    return (f"/bin/sh -c {q(runner_script(s, args, interactive))} manage "
-            f"{q(res.stdout.strip())}")
+    return (f"/bin/sh -c {q(runner_script(s, interactive))} manage "
+            f"{q(res.stdout.strip())} " + " ".join(q(a) for a in args))
 
 
 class MaskedLines:

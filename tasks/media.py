@@ -141,7 +141,7 @@ def clean_path(path: str) -> str:
 
 def snapshots(h) -> list[tuple[str, str, str]]:
     """The media snapshots on the host, oldest first: (name, files, size)."""
-    base = f"{h.settings.backup_dir}/media"
+    base = h.settings.layout.media_snapshots
     (listing,) = h.probe([f"for d in {q(base)}/*/; do [ -d \"$d\" ] || continue; "
                           "n=$(basename \"$d\"); "
                           "echo \"$n $(find \"$d\" -type f ! -name "
@@ -152,7 +152,8 @@ def snapshots(h) -> list[tuple[str, str, str]]:
 
 def plan(h, snapshot: str, rel: str, delete: bool, apply: bool) -> dict:
     s = h.settings
-    args = {"snapshot": f"{s.backup_dir}/media/{snapshot}", "media": s.media_dir.rstrip("/"),
+    args = {"snapshot": f"{s.layout.media_snapshots}/{snapshot}",
+            "media": s.layout.media.rstrip("/"),
             "path": rel, "delete": delete, "apply": apply, "meta_name": META_NAME}
     res = h.run(f"python3 - {q(json.dumps(args))} <<'FABSTACK_EOF'\n{RESTORE_PY}FABSTACK_EOF",
                 what="restore-media")
@@ -181,14 +182,14 @@ def restore_media(c, snapshot=None, path=None, delete=False, yes=False):
             for name, files, size in found:
                 h.ok(f"snapshot {name}", f"{files} files, {size}")
             if not found:
-                h.ok("snapshots", f"none in {h.settings.backup_dir}/media")
+                h.ok("snapshots", f"none in {h.settings.layout.media_snapshots}")
             return
         if snapshot not in [row[0] for row in found]:
             raise StepFailed("restore-media", f"no snapshot {snapshot} (there are: "
                              f"{', '.join(r[0] for r in found) or 'none'})")
         s = h.settings
-        where = f"{s.media_dir}/{rel}" if rel else s.media_dir
-        res = h.run(f"test -e {q(f'{s.backup_dir}/media/{snapshot}/{rel}')}",
+        where = f"{s.layout.media}/{rel}" if rel else s.layout.media
+        res = h.run(f"test -e {q(f'{s.layout.media_snapshots}/{snapshot}/{rel}')}",
                     what="restore-media", check=False) if rel else None
         if res is not None and not res.ok:
             raise StepFailed("restore-media", f"snapshot {snapshot} has no {rel}")

@@ -24,7 +24,6 @@ CHECKER = "/usr/local/sbin/fabstack-nginx-check"
 DEFAULT_SITE = f"{SITES}/fabstack-default.conf"
 ACME_WEBROOT = "/var/www/letsencrypt"  # also in files/nginx-site*.conf.j2
 LIVE_DIR = "/etc/letsencrypt/live"
-MAINTENANCE_DIR = "/var/www/fabstack-maintenance"  # also in files/nginx-app.conf.j2
 MAINTENANCE_PAGE = "fabstack-maintenance.html"
 
 
@@ -34,7 +33,7 @@ def site_path(s) -> str:
 
 def maintenance_page(s) -> str:
     """The maintenance page (``fab maintenance``); while it exists the site serves it."""
-    return f"{MAINTENANCE_DIR}/{s.app}/{MAINTENANCE_PAGE}"
+    return f"{s.layout.maintenance}/{MAINTENANCE_PAGE}"
 
 
 def certificate_files(s) -> tuple[str, str]:
@@ -65,8 +64,7 @@ class Site(Resource):
         self.forced = maintenance  # None: follow the page; fab maintenance off says False
 
         def version(template: str, maintenance: bool) -> File:
-            return config_file(site_path(s), render(template, s, maintenance=maintenance,
-                                                    maintenance_root=MAINTENANCE_DIR))
+            return config_file(site_path(s), render(template, s, maintenance=maintenance))
 
         self.http = version("nginx-site.conf.j2", False)
         self.tls = version("nginx-site-tls.conf.j2", False)

@@ -45,7 +45,7 @@ def python_resources(h, release: dict[str, str], candidate: bool) -> list:
                              "provides other versions")
         resources += apt_repository("deadsnakes", DEADSNAKES_URI, release["VERSION_CODENAME"],
                                     "main", DEADSNAKES_KEY)
-    venv = s.venv_dir
+    venv = s.layout.venv
     # The virtualenv's minor version (pyvenv.cfg) must be the interpreter's, read on the host
     # when PYTHON_VERSION is empty: a distro upgrade that moves python3 recreates it.
     want = q(version) if version else (

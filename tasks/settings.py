@@ -18,6 +18,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 from dotenv.parser import parse_stream
 
+from .layout import Layout
+
 REQUIRED = object()
 
 _PLACEHOLDER = re.compile(r"^<[^<>]*>$")
@@ -497,40 +499,9 @@ class Settings:
         return [domain, f"www.{domain}"] if is_true(self.values["WWW_ALIAS"]) else [domain]
 
     @property
-    def code_dir(self) -> str:
-        return f"/opt/{self.app}"
-
-    @property
-    def conf_dir(self) -> str:
-        return f"/opt/{self.app}/conf"
-
-    @property
-    def venv_dir(self) -> str:
-        return f"/opt/{self.app}/venv"
-
-    @property
-    def backup_dir(self) -> str:
-        return f"/opt/{self.app}/backup"
-
-    @property
-    def home_dir(self) -> str:
-        return f"/var/opt/{self.app}"
-
-    @property
-    def static_dir(self) -> str:
-        return f"/var/opt/{self.app}/static"
-
-    @property
-    def media_dir(self) -> str:
-        return f"/var/opt/{self.app}/media"
-
-    @property
-    def log_dir(self) -> str:
-        return f"/var/log/{self.app}"
-
-    @property
-    def app_env_file(self) -> str:
-        return f"{self.conf_dir}/{self.app}.conf"
+    def layout(self) -> Layout:
+        """Where the app lives on the host (tasks/layout.py)."""
+        return Layout.of(self.app)
 
     @property
     def db_name(self) -> str:
@@ -557,11 +528,11 @@ class Settings:
         """The app's environment (:data:`MANAGED_ENV`, then the operator's extras)."""
         v = self.values
         env = {
-            "PYTHONPATH": f"{self.code_dir}/app",
+            "PYTHONPATH": self.layout.current,
             "DJANGO_SETTINGS_MODULE": v["DJANGO_SETTINGS_MODULE"],
             "DJANGO_SECURE_SSL_REDIRECT": v["DJANGO_SECURE_SSL_REDIRECT"],
-            "DJANGO_STATIC_DIR": self.static_dir,
-            "DJANGO_MEDIA_DIR": self.media_dir,
+            "DJANGO_STATIC_DIR": self.layout.static,
+            "DJANGO_MEDIA_DIR": self.layout.media,
             "DJANGO_SECRET_KEY": v["DJANGO_SECRET_KEY"],
             "DJANGO_ADMIN_URL": v["DJANGO_ADMIN_URL"],
             "DJANGO_ALLOWED_HOSTS": f"{v['DOMAIN']},www.{v['DOMAIN']}",

@@ -40,9 +40,9 @@ def services(s) -> list[tuple[str, str]]:
 
 def snippets(s) -> list[str]:
     """The read-only probe, one snippet per part of the report."""
-    current = f"{s.code_dir}/app"
+    current = s.layout.current
     cert = f"/etc/letsencrypt/live/{s['DOMAIN']}/fullchain.pem"
-    folders = " ".join(q(p) for p in (s.home_dir, "/var/lib/postgresql", s.backup_dir))
+    folders = " ".join(q(p) for p in (s.layout.home, "/var/lib/postgresql", s.layout.backup))
     return [
         "date +%s",
         "".join(f"echo {q(unit)} $(systemctl is-active -- {q(unit)} 2>/dev/null)\n"
@@ -50,12 +50,13 @@ def snippets(s) -> list[str]:
         "ss -ltnH 2>/dev/null | awk '{print $4}'",
         f"if [ -L {q(current)} ]; then readlink -- {q(current)}; "
         f"stat -c %Y -- {q(current)}; fi",
-        f"find {q(s.backup_dir)} -type f -name '*.dump' -printf '%T@ %s %p\\n' 2>/dev/null"
+        f"find {q(s.layout.backup)} -type f -name '*.dump' -printf '%T@ %s %p\\n' 2>/dev/null"
         " | sort -n | tail -n 1",
         f"if [ -f {q(cert)} ]; then end=$(openssl x509 -enddate -noout -in {q(cert)} "
         "| cut -d= -f2); date -d \"$end\" +%s; else echo none; fi",
         f"du -sh -- {folders} 2>/dev/null; true",
-        f"df -P -- / {q(s.code_dir)} {q(s.home_dir)} 2>/dev/null | awk 'NR > 1 {{print $5, $6}}'"
+        f"df -P -- / {q(s.layout.code)} {q(s.layout.home)} 2>/dev/null "
+        "| awk 'NR > 1 {print $5, $6}'"
         " | sort -u",
         f"stat -c %Y -- {q(maintenance_page(s))} 2>/dev/null; true",
     ]
@@ -120,7 +121,7 @@ def assess(s, answers: list[str]) -> list[Line]:
         lines.append(Line("ok", "release", f"{rel[0].rsplit('/', 1)[-1]}, deployed "
                           f"{when(int(rel[1]))} ({ago(now - int(rel[1]))} ago)"))
     else:
-        lines.append(Line("warning", "release", f"none deployed ({s.code_dir}/app missing)"))
+        lines.append(Line("warning", "release", f"none deployed ({s.layout.current} missing)"))
 
     parts = dump.split(" ", 2)
     if len(parts) == 3:
@@ -132,7 +133,7 @@ def assess(s, answers: list[str]) -> list[Line]:
                           + ("" if status == "ok" else
                              f": older than {BACKUP_MAX_AGE // 3600} h")))
     else:
-        lines.append(Line("warning", "last backup", f"none (no *.dump below {s.backup_dir})"))
+        lines.append(Line("warning", "last backup", f"none (no *.dump below {s.layout.backup})"))
 
     cert = cert.strip()
     if cert.isdigit():

@@ -3,6 +3,7 @@
 import configparser
 import posixpath
 import re
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from tasks import build_namespace, celery, db, provision
 from tasks import settings as settings_mod
 from tasks.host import StepFailed
-from tasks.primitives import Change, File, Ok, Service, ensure, render
+from tasks.primitives import PENDING_DIR, Change, File, Ok, Service, ensure, render
 from tests.conftest import VALID
 from tests.test_db import converged, host_for, parse_env_file
 
@@ -308,23 +309,37 @@ def test_db_step_environment_files_notify_both_units():
     s = make_settings()
     files = {r.path: r for r in db.db_resources(SimpleNamespace(settings=s))
              if isinstance(r, File)}
-    for path in (s.app_env_file, f"{s.conf_dir}/celery.conf"):
+    for path in (s.layout.env_file, f"{s.layout.conf}/celery.conf"):
         assert {"celery.service@restart", "celerybeat.service@restart"} <= set(
             files[path].markers)
     # gunicorn reads the app's environment too; celery.conf is Celery's alone
-    assert f"{s.app}.service@restart" in files[s.app_env_file].markers
-    assert f"{s.app}.service@restart" not in files[f"{s.conf_dir}/celery.conf"].markers
+    assert f"{s.app}.service@restart" in files[s.layout.env_file].markers
+    assert f"{s.app}.service@restart" not in files[f"{s.layout.conf}/celery.conf"].markers
 
 
 # -- restart after a deploy ----------------------------------------------------------------
 
-def test_restart_celery_restarts_both_once_and_reports(make_host, settings, capsys):
+def test_restart_celery_restarts_both_once_and_reports(make_host, settings, capsys, tmp_path):
     host, conn = host_for(make_host, settings)
     celery.restart_celery(host)
     [script] = conn.applied
-    assert script.count("systemctl restart -- celery.service celerybeat.service") == 1
-    assert "rm -f /var/lib/fabstack/pending/celery.service@* " in script
-    assert "systemctl is-active --quiet" in script
+    # The script itself, run by sh: a stub systemctl logs its arguments, the pending restarts'
+    # markers are in a scratch folder.
+    stubs, pending, log = tmp_path / "bin", tmp_path / "pending", tmp_path / "log"
+    stubs.mkdir()
+    pending.mkdir()
+    (stubs / "systemctl").write_text('#!/bin/sh\necho "$*" >> "$LOG"\n')
+    (stubs / "systemctl").chmod(0o755)
+    for marker in ("celery.service@restart", "celerybeat@create", "ratemyderp.service@restart"):
+        (pending / marker).touch()
+    assert f"pending={PENDING_DIR}\n" in script
+    subprocess.run(["sh", "-s"], input=script.replace(f"pending={PENDING_DIR}\n",
+                                                      f"pending={pending}\n"),
+                   text=True, check=True, env={"PATH": f"{stubs}:/usr/bin:/bin", "LOG": str(log)})
+    assert log.read_text().splitlines() == [
+        "restart -- celery.service celerybeat.service",
+        "is-active --quiet -- celery.service", "is-active --quiet -- celerybeat.service"]
+    assert [p.name for p in pending.iterdir()] == ["ratemyderp.service@restart"]
     out = capsys.readouterr().out
     for unit in UNITS:
         assert f"changed      service {unit}: restarted (new release)" in out
@@ -363,7 +378,7 @@ def test_provision_runs_celery_after_the_data_tier(monkeypatch):
     monkeypatch.setattr(provision, "ensure", lambda h, *resources: seen.extend(resources))
     provision.all.body(None)
     whats = [r.what for r in seen]
-    assert whats.index(f"file {s.app_env_file}") < whats.index(
+    assert whats.index(f"file {s.layout.env_file}") < whats.index(
         "file /etc/systemd/system/celery.service") < whats.index("service celery.service")
 
 

@@ -4,8 +4,11 @@ import hashlib
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -28,13 +31,42 @@ def test_only_superuser_variables_are_passed_on():
                                      "DJANGO_SUPERUSER_USERNAME": "u"}
 
 
-def test_runner_script_quotes_arguments_and_holds_no_values(settings):
-    script = manage.runner_script(settings, ["shell", "-c", "print('a b'); $(id)"], False)
-    assert "manage.py shell -c 'print('\"'\"'a b'\"'\"'); $(id)' </dev/null" in script
+def test_the_manage_command_quotes_arguments_and_holds_no_values(make_host, settings):
+    h, _ = make_host()
+    h._exec = lambda command, script, wait: Result("/root/.f1\n", "", 0)
+    command = manage.stage(h, ["shell", "-c", "print('a b'); $(id)"], {"DJANGO_SUPERUSER_X": "v"},
+                           False)
+    assert command.startswith("/bin/sh -c ")
+    assert command.endswith(" manage /root/.f1 shell -c 'print('\"'\"'a b'\"'\"'); $(id)'")
+    script = manage.runner_script(settings, False)
+    assert script.startswith("stdin=''\n")
     assert f". /opt/{settings.app}/conf/{settings.app}.conf" in script
     assert f"runuser -u {settings.app} -- /opt/{settings.app}/venv/bin/python" in script
     assert settings["DJANGO_SECRET_KEY"] not in script
-    assert "</dev/null" not in manage.runner_script(settings, ["shell"], True)
+    assert manage.runner_script(settings, True).startswith("stdin=1\n")
+
+
+def test_the_manage_runner_reads_and_deletes_the_variables_then_runs(settings, tmp_path):
+    """The runner run by sh with stand-ins: runuser prints its arguments and two variables."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "runuser").write_text('#!/bin/sh\necho "$*"; echo "$DJANGO_SUPERUSER_X $FROM_ENV"\n'
+                                   'cat\n')
+    (stubs / "runuser").chmod(0o755)
+    env_file, release = tmp_path / "app.conf", tmp_path / "app"
+    env_file.write_text('FROM_ENV="env value"\n')
+    release.mkdir()
+    variables = tmp_path / "vars"
+    variables.write_text("DJANGO_SUPERUSER_X='a b'\n")
+    script = (manage.runner_script(settings, False)
+              .replace(f"/opt/{settings.app}/conf/{settings.app}.conf", str(env_file))
+              .replace(f"cd /opt/{settings.app}/app ", f"cd {release} "))
+    res = subprocess.run(["sh", "-c", script, "manage", str(variables), "check", "--deploy"],
+                         input="not for the command", capture_output=True, text=True,
+                         env={"PATH": f"{stubs}:/usr/bin:/bin"}, check=True)
+    assert res.stdout == (f"-u {settings.app} -- /opt/{settings.app}/venv/bin/python manage.py "
+                          "check --deploy\na b env value\n")
+    assert not variables.exists()
 
 
 def test_stage_writes_variables_on_stdin_only(make_host):
@@ -44,7 +76,8 @@ def test_stage_writes_variables_on_stdin_only(make_host):
     command = manage.stage(h, ["createsuperuser"], {"DJANGO_SUPERUSER_PASSWORD": "s3cr3t pw"},
                            False)
     assert "s3cr3t" not in command and "/root/.f1" in command
-    assert "DJANGO_SUPERUSER_PASSWORD='s3cr3t pw'" in scripts[-1]
+    lines = "DJANGO_SUPERUSER_PASSWORD='s3cr3t pw'\n"  # on the script's stdin only
+    assert scripts[-1].startswith(f"variables={shlex.quote(lines)}\n")
 
 
 def test_stage_refuses_a_host_without_a_release(make_host):
@@ -137,9 +170,36 @@ def test_the_logs_script_is_valid_shell(settings, tmp_path, follow):
     every = logs.sources(settings)
     for selected in (every, {"backup": every["backup"]}, {"app": every["app"]}):
         path = tmp_path / "logs.sh"
-        path.write_text(logs.script(selected, 300, follow))
+        path.write_text(logs.script(settings, selected, 300, follow))
         assert subprocess.run(["sh", "-n", str(path)]).returncode == 0
-        assert (" -o json -f " in path.read_text()) == follow
+        assert ("\nfollow=1\n" in path.read_text()) == follow
+
+
+def test_the_logs_script_reads_the_journal_and_the_files_changed_since(settings, tmp_path):
+    """The script run by sh, journalctl a stub that prints its arguments: unit globs reach it
+    unexpanded (a file in the folder matches one), file globs are expanded; an old file is
+    left out."""
+    stubs, folder = tmp_path / "bin", tmp_path / "logs"
+    stubs.mkdir()
+    folder.mkdir()
+    (stubs / "journalctl").write_text('#!/bin/sh\necho "journalctl $*"\n')
+    (stubs / "journalctl").chmod(0o755)
+    (folder / "new.log").write_text("one\ntwo\n")
+    (folder / "old.log").write_text("old\n")
+    os.utime(folder / "old.log", (time.time() - 7200, time.time() - 7200))
+    (folder / "pg1.service").touch()
+    selected = {"x": logs.Source(("a.service", "pg*.service"), ("x-backup",),
+                                 (f"{folder}/*.log",))}
+    res = subprocess.run(["sh", "-s"], input=logs.script(settings, selected, 300, False),
+                         capture_output=True, text=True, cwd=folder, check=True,
+                         env={"PATH": f"{stubs}:/usr/bin:/bin"})
+    lines = res.stdout.splitlines()
+    assert re.fullmatch(r"cut=\d+ offset=[-+]?\d+", lines[0])
+    cut = lines[0].split()[0].removeprefix("cut=")
+    assert lines[1:] == [
+        f"journalctl --no-pager -q -o json --since=@{cut} -u a.service -u pg*.service",
+        f"journalctl --no-pager -q -o json --since=@{cut} -t x-backup",
+        f"{logs.FILE_MARK}{folder}/new.log", "one", "two", ""]
 
 
 # -- fab maintenance -------------------------------------------------------------------------
@@ -148,8 +208,7 @@ def test_site_shows_the_maintenance_page_while_it_exists(settings):
     site = nginx.Site(settings)
     probe = site.probe()
     assert f"[ -e {nginx.maintenance_page(settings)} ]" in probe
-    on = render("nginx-site-tls.conf.j2", settings, maintenance=True,
-                maintenance_root=nginx.MAINTENANCE_DIR)
+    on = render("nginx-site-tls.conf.j2", settings, maintenance=True)
     state = f"regular file|root|root|644\n{hashlib.sha256(on.encode()).hexdigest()}\n\n"
     outcome = site.plan("tls\nmaintenance\n" + state, SimpleNamespace(check=False))
     assert isinstance(outcome, Ok) and outcome.message.endswith("[HTTPS; maintenance page on]")

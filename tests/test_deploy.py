@@ -15,14 +15,14 @@ def prepare(make_host, requirements: Result):
 
     def execute(command, stdin, wait):
         conn.exec_script(command, stdin)
-        return requirements if "pip install" in stdin else Result("", "", 0)
+        return requirements if "action=boot" in stdin else Result("", "", 0)
 
     host._exec = execute
     return host, conn
 
 
 def boot_script(conn) -> str:
-    return next(script for script in conn.applied if "pip install" in script)
+    return next(script for script in conn.applied if "action=boot" in script)
 
 
 def test_the_release_must_load_before_anything_else(make_host, capsys):
@@ -30,10 +30,13 @@ def test_the_release_must_load_before_anything_else(make_host, capsys):
     deploy._prepare(host, SOURCE, RELEASE, "20261126000000-0123456789ab")
     script = boot_script(conn)
     # as the app's user, with the environment its file gives, from the new release
-    assert "set -a; . /opt/ratemyderp/conf/ratemyderp.conf; set +a\n" in script
-    assert f"export PYTHONPATH=/opt/ratemyderp/releases/{RELEASE}\n" in script
-    assert script.rstrip().endswith(" config.wsgi")
-    assert "runuser -u ratemyderp -- /opt/ratemyderp/venv/bin/python -c " in script
+    assert script.startswith(f"release={RELEASE}\naction=boot\n"
+                             "current=20261126000000-0123456789ab\n")
+    assert "rel=/opt/ratemyderp/releases/$release\n" in script
+    assert "set -a\n# shellcheck source=/dev/null" in script
+    assert ("\n. /opt/ratemyderp/conf/ratemyderp.conf\nset +a\nexport PYTHONPATH=\"$rel\"\n"
+            in script)
+    assert 'runuser -u ratemyderp -- "$venv/bin/python" - config.wsgi <<' in script
     out = capsys.readouterr().out
     assert "ok           requirements: unchanged since the current release" in out
     assert "ok           app boot check: config.wsgi.application loads as ratemyderp" in out
@@ -101,8 +104,9 @@ def test_a_token_in_deploy_repo_never_reaches_a_command_line(make_host, capsys):
     stored = base64.b64decode(write.split("<<'FABSTACK_EOF'\n")[1].split("FABSTACK_EOF")[0])
     assert stored == f"https://{token}:@git.example.com\n".encode()
     assert token not in fetch and "umask 077" in fetch and "chmod 0700" in fetch
-    assert "clone --quiet --mirror https://git.example.com/org/app.git" in fetch
-    assert "credential.helper='store --file=/opt/ratemyderp/conf/git-credentials'" in fetch
+    assert fetch.startswith("url=https://git.example.com/org/app.git\n")
+    assert 'clone --quiet --mirror "$url" "$cache"' in fetch
+    assert "helper='store --file=/opt/ratemyderp/conf/git-credentials'\n" in fetch
     assert source.label == "https://git.example.com/org/app.git@main"
     assert token in s.secrets
 

@@ -1,6 +1,7 @@
 """The SSH layer of tasks/host.py: a dropped connection or a killed command, reported clearly."""
 
 import io
+import subprocess
 import threading
 import time
 from types import SimpleNamespace
@@ -242,13 +243,52 @@ def test_the_first_command_waits_for_the_host_lock_then_it_is_held_to_the_end(se
     ensure(h, Directory("/opt/a"))
     [holder] = holders
     assert holder.command == "/bin/sh -s"
-    assert "flock -w 10 9" in holder.stdin and ", task provision" in holder.stdin
     token = h._lock_token
-    assert conn.scripts[0].startswith(f"i=0; until grep -qsF {token} /run/fabstack.lock; do")
+    assert holder.stdin.startswith(f"lock=/run/fabstack.lock\nwait=10\ntoken={token}\n")
+    assert ", task provision" in holder.stdin
+    assert conn.scripts[0].startswith(f"lock=/run/fabstack.lock\ntoken={token}\n")
     assert all(token not in script for script in conn.scripts[1:])
     assert not holder.closed
     h.release_lock()
     assert holder.closed
+
+
+def test_the_lock_scripts_hold_the_lock_and_refuse_a_second_run(settings, tmp_path):
+    """The holder and the gate, run by sh on a lock file here (flock, as on the host)."""
+    lock = tmp_path / "fabstack.lock"
+
+    def scripts(task):
+        h = Host(FakeConnection(), settings, lock=task)
+        here = f"lock={lock}\n"
+        return (h._lock_script().replace("lock=/run/fabstack.lock\n", here)
+                .replace("wait=10\n", "wait=0\n"),
+                h._lock_gate().replace("lock=/run/fabstack.lock\n", here) + "echo through\n")
+
+    def sh(text):
+        return subprocess.run(["sh", "-s"], input=text, capture_output=True, text=True,
+                              timeout=20)
+
+    holder, gate = scripts("deploy")
+    first = subprocess.Popen(["sh", "-s"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        first.stdin.write(holder)
+        first.stdin.flush()
+        assert first.stdout.readline() == "locked\n"
+        assert sh(gate).stdout == "through\n"  # the first command of the run goes ahead
+        holder2, gate2 = scripts("provision")
+        res = sh(holder2)
+        assert res.returncode == 3 and res.stdout.startswith("busy ")
+        assert res.stdout.rstrip().endswith(", task deploy")
+        started = time.monotonic()
+        res = sh(gate2)  # the refused run's first command stops at once
+        assert res.returncode == host_mod.LOCK_GATE_EXIT and res.stdout == ""
+        assert time.monotonic() - started < 5
+    finally:
+        first.stdin.close()  # the channel closes: the lock goes with it
+        first.wait(timeout=10)
+    holder3, _ = scripts("backup-db")
+    assert sh(holder3).stdout == "locked\n"
 
 
 def test_a_run_refused_by_the_host_lock_says_who_holds_it(settings):

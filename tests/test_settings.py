@@ -79,9 +79,9 @@ def test_app_name_of_31_characters_is_accepted(tmp_path):
 def test_defaults_and_derived_paths(tmp_path):
     s = settings_mod.load(write(tmp_path, GOOD))
     assert s.app == "ratemyderp"
-    assert s.conf_dir == "/opt/ratemyderp/conf" and s.media_dir == "/var/opt/ratemyderp/media"
+    assert s.layout.conf == "/opt/ratemyderp/conf" and s.layout.media == "/var/opt/ratemyderp/media"
     s = settings_mod.load(write(tmp_path, "APP_NAME=shop\n" + GOOD))
-    assert s.venv_dir == "/opt/shop/venv" and s.log_dir == "/var/log/shop"
+    assert s.layout.venv == "/opt/shop/venv" and s.layout.logs == "/var/log/shop"
 
 
 def test_values_are_taken_literally(tmp_path):

@@ -33,6 +33,7 @@ PROGRAMS = {
     "pebble-challtestsrv": "pebble",
     "rsync": "rsync",
     "sh": "dash",
+    "shellcheck": "shellcheck",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
     "systemd-nspawn": "systemd-container",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import jinja2
@@ -44,13 +45,17 @@ _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(str(FILES_DIR)),
                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                             autoescape=False)
 # Quoting for the file formats the templates write: {{ value | env_quote }}
-_jinja.filters.update(env_quote=env_quote, toml_quote=toml_quote, conninfo_quote=conninfo_quote)
+# and {{ value | q }}: one shell word, quoted
+_jinja.filters.update(env_quote=env_quote, toml_quote=toml_quote, conninfo_quote=conninfo_quote,
+                      q=shlex.quote)
 
 
 def render(name: str, settings, **extra) -> str:
-    """Render ``files/<name>`` with the settings as ``s`` and ``env`` (and ``extra``)."""
+    """Render ``files/<name>`` with the settings as ``s`` and ``env``, their ``layout`` (and
+    ``extra``)."""
     try:
-        return _jinja.get_template(name).render(s=settings, env=settings.values, **extra)
+        return _jinja.get_template(name).render(s=settings, env=settings.values,
+                                                layout=settings.layout, **extra)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"files/{exc.name or name}:{exc.lineno}: {exc.message}") from None
     except jinja2.TemplateError as exc:

@@ -1,0 +1,77 @@
+"""Where the app lives on a host: every path fabstack makes for it, spelled once.
+
+``Layout.of(app)`` (``settings.layout``) is what the tasks use and what every template in
+files/ gets as ``layout``::
+
+    /opt/APP/                 code: root-owned
+        app -> releases/ID    current: the release serving
+        releases/ID/          releases
+        repo.git/             repo: the host's mirror of a remote DEPLOY_REPO
+        venv/                 venv
+        conf/                 conf: root:APP 0750; conf/APP.conf is env_file, conf/pgpass
+                              pgpass (root's, for the app's database role), conf/deploy_key
+                              deploy_key and conf/git-credentials git_credentials (DEPLOY_REPO's)
+        backup/               backup: the dumps; backup/media/ media_snapshots
+    /var/opt/APP/             home: the app user's home; static/ and media/ below it
+    /var/log/APP/             logs
+    /usr/local/sbin/APP-backup  backup_script
+    /var/www/fabstack-maintenance/APP/  maintenance: the maintenance page while it is on
+    /var/lib/backups                    backups_home (the backups account's, its .pgpass)
+    /run/celery, /var/log/celery, /var/lib/celery  celery_run, celery_logs, celery_home
+                                        (Celery's, whatever the app)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CELERY_RUN = "/run/celery"  # Celery's, whatever the app
+CELERY_LOGS = "/var/log/celery"
+CELERY_HOME = "/var/lib/celery"
+BACKUPS_HOME = "/var/lib/backups"  # the backups account's, whatever the app
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The paths of app ``app`` on a host (see the module's docstring)."""
+
+    app: str
+    code: str
+    current: str
+    releases: str
+    repo: str
+    venv: str
+    conf: str
+    env_file: str
+    pgpass: str
+    deploy_key: str
+    git_credentials: str
+    backup: str
+    media_snapshots: str
+    home: str
+    static: str
+    media: str
+    logs: str
+    backup_script: str
+    maintenance: str
+    celery_run: str = CELERY_RUN
+    celery_logs: str = CELERY_LOGS
+    celery_home: str = CELERY_HOME
+    backups_home: str = BACKUPS_HOME
+
+    @classmethod
+    def of(cls, app: str) -> Layout:
+        code, home = f"/opt/{app}", f"/var/opt/{app}"
+        conf, backup = f"{code}/conf", f"{code}/backup"
+        return cls(app=app, code=code, current=f"{code}/app", releases=f"{code}/releases",
+                   repo=f"{code}/repo.git", venv=f"{code}/venv", conf=conf,
+                   env_file=f"{conf}/{app}.conf", pgpass=f"{conf}/pgpass",
+                   deploy_key=f"{conf}/deploy_key", git_credentials=f"{conf}/git-credentials",
+                   backup=backup, media_snapshots=f"{backup}/media", home=home,
+                   static=f"{home}/static", media=f"{home}/media", logs=f"/var/log/{app}",
+                   backup_script=f"/usr/local/sbin/{app}-backup",
+                   maintenance=f"/var/www/fabstack-maintenance/{app}")
+
+    def release(self, release_id: str) -> str:
+        """The folder of release ``release_id``."""
+        return f"{self.releases}/{release_id}"
