@@ -12,7 +12,7 @@ How each manifest type maps (bench/peers/README.md, "## Ansible", says it plainl
 
     apt_update      ansible.builtin.apt update_cache + cache_valid_time (merged into the
                     next task when that is dist_upgrade or packages, as one usually writes it)
-    dist_upgrade    ansible.builtin.apt upgrade: dist
+    dist_upgrade    ansible.builtin.apt upgrade: dist (the manifest must say UPGRADE=all)
     packages        ansible.builtin.apt name: [...] (+ python3-psycopg2 on the packages
                     task before the first PostgreSQL resource: community.postgresql needs it)
     group / user    ansible.builtin.group / ansible.builtin.user (create_home: false,
@@ -212,6 +212,9 @@ class Builder:
         if cache is not None:
             args.update(update_cache=True, cache_valid_time=cache)
         if r["type"] == "dist_upgrade":
+            if r["mode"] != "all":  # the apt module upgrades all or nothing
+                raise SystemExit(f"ansible playbook: the bench's hosts set UPGRADE=all, the "
+                                 f"manifest says {r['mode']}")
             args["upgrade"] = "dist"
         if r["type"] == "packages":
             names = list(r["names"])
@@ -357,6 +360,13 @@ class Builder:
         return [{"name": "the state fab provision declares (bench/manifest.py)",
                  "hosts": "all", "gather_facts": False, "vars_files": ["secrets.yml"],
                  "tasks": self.tasks, "handlers": handlers}]
+
+
+def tasks(manifest: Path) -> list[str]:
+    """The names of the play's tasks (handlers not included) for ``manifest``."""
+    b = Builder(manifest)
+    b.build()
+    return [task["name"] for task in b.tasks]
 
 
 def write(manifest: Path, out: Path) -> Path:
