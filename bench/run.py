@@ -110,19 +110,20 @@ def fab_summary(output: str) -> tuple[int, int, int, int]:
 
 def fab_check(output: str, manifest: Path) -> int:
     """changed of a fab provision run; ValueError unless its report has a line for every
-    resource of ``manifest`` (and its notes) and no other, and nothing failed."""
+    resource of ``manifest`` (and its notes) and no other, its summary counts as many (changed
+    + ok), and nothing failed."""
     changed, ok, failed, _ = fab_summary(output)
     data = json.loads(manifest.read_text())
     lines = [text for _, text in REPORT.findall(output)]
-    missing = []
-    for what in [r["what"] for r in data["resources"]] + data["notes"]:
+    missing, wanted = [], [r["what"] for r in data["resources"]] + data["notes"]
+    for what in wanted:
         hit = next((n for n, text in enumerate(lines) if text.startswith(f"{what}: ")), None)
         if hit is None:
             missing.append(what)
         else:
             del lines[hit]
     declared = f"{len(data['resources'])} resources and {len(data['notes'])} notes"
-    if failed or missing or lines:
+    if failed or missing or lines or changed + ok != len(wanted):
         raise ValueError(f"{changed} changed, {ok} ok, {failed} failed for the manifest's "
                          f"{declared}; not reported: {', '.join(missing) or 'none'}; "
                          f"reported, not in the manifest: {', '.join(lines) or 'none'}")

@@ -57,6 +57,12 @@ def test_fab_check_names_a_resource_missing_from_the_report(manifest):
         run.fab_check(short, manifest)
 
 
+def test_fab_check_fails_a_summary_that_counts_otherwise(manifest):
+    with pytest.raises(ValueError, match="1 changed, 3 ok, 0 failed for the manifest's 2 "
+                                         "resources and 1 notes"):
+        run.fab_check(FAB.replace("2 ok", "3 ok"), manifest)
+
+
 def test_fab_check_names_a_line_the_manifest_lacks(manifest):
     extra = FAB.replace("[h] provision:", "[h] ok           user ratemyderp: exists\n"
                         "[h] provision:")
