@@ -346,7 +346,7 @@ def deploy(target: Target) -> dict:
 
 def fresh() -> dict:
     box = sandbox()
-    provisions, installs = [], []
+    provisions, installs, upgrades = [], [], []
     print(f"\nfresh provision vs one apt-get install, {FRESH_RUNS} new sandboxes each:")
     try:
         for n in range(FRESH_RUNS):
@@ -358,6 +358,7 @@ def fresh() -> dict:
             changed = covered("fabstack (fresh provision)",
                               functools.partial(fab_check, manifest=manifest), out)
             upgrade = re.search(r"^\[[^\]\n]+\] \S+\s+system upgrade: (.*)$", out, re.M)
+            upgrades.append(upgrade[1].split(":")[0] if upgrade else "no report line")
             packages = sorted({name for r in json.loads(manifest.read_text())["resources"]
                                if r["type"] == "packages" for name in r["names"]})
             target = Target(box.up(fresh=True))
@@ -368,14 +369,14 @@ def fresh() -> dict:
                 f"apt-get -q -y install {' '.join(packages)} >/dev/null"))
             installs.append(wall_apt)
             print(f"  run {n + 1}: fab provision {wall:6.1f} s ({changed} changed; system "
-                  f"upgrade: {upgrade[1] if upgrade else 'no report line'}), apt-get install "
+                  f"upgrade: {upgrades[-1]}), apt-get install "
                   f"of its {len(packages)} packages {wall_apt:6.1f} s, ratio "
                   f"{wall / wall_apt:.2f}", flush=True)
     finally:
         box.down()
     result = {"provision": stats(provisions), "apt_get": stats(installs),
               "ratio": statistics.median(provisions) / statistics.median(installs),
-              "packages": packages}
+              "packages": packages, "upgrades": upgrades}
     print(line("fab provision of a fresh host", result["provision"]))
     print(line(f"one apt-get install of its {len(packages)} packages", result["apt_get"]))
     print(f"  fresh provision / apt-get install, medians of this run: {result['ratio']:.2f}x "
@@ -455,7 +456,9 @@ def table(results: dict) -> str:
         notes.append(f"deploy: {len(d['runs'])} deploys, {d['date']}")
     if "fresh" in results:
         f = results["fresh"]
-        row("`fab provision` of a fresh host", f["provision"], "1")
+        row("`fab provision` of a fresh host", f["provision"], "1",
+            "with the settings a user starts with; its system upgrade (the floor has none): "
+            + "; ".join(sorted(set(f["upgrades"]))))
         row(f"floor: one `apt-get install` of its {len(f['packages'])} packages", f["apt_get"],
             f"x{1 / f['ratio']:.2f}")
         notes.append(f"fresh: {f['provision']['runs']} hosts each, {f['date']}")
