@@ -6,6 +6,7 @@ name what a short run left out.
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -104,10 +105,10 @@ def test_pyinfra_check_fails_a_run_with_an_error(manifest):
 ANSIBLE = """\
 PLAY [the state fab provision declares (bench/manifest.py)] ********************
 
-TASK [group ratemyderp] ********************************************************
+TASK [group ratemyderp (#1)] ********************************************************
 ok: [h]
 
-TASK [directory /opt/ratemyderp] ***********************************************
+TASK [directory /opt/ratemyderp (#2)] ***********************************************
 changed: [h]
 
 PLAY RECAP *********************************************************************
@@ -120,10 +121,21 @@ def test_ansible_check_counts_a_run_with_every_task_ok(manifest):
 
 
 def test_ansible_check_names_a_task_that_did_not_run(manifest):
-    short = ANSIBLE.replace("TASK [group ratemyderp] *****************************************"
-                            "***************\nok: [h]\n\n", "").replace("ok=2", "ok=1")
+    short = re.sub(r"TASK \[group ratemyderp \(#1\)\] \*+\nok: \[h\]\n\n", "",
+                   ANSIBLE).replace("ok=2", "ok=1")
     with pytest.raises(ValueError, match="ok=1 for a play of 2 tasks .* neither ok nor "
-                                         "changed: group ratemyderp"):
+                                         "changed: group ratemyderp \\(#1\\)"):
+        ansible_peer.check(short, manifest)
+
+
+def test_ansible_check_names_a_resource_no_task_serves(manifest, monkeypatch):
+    playbook = ansible_peer._playbook()
+    monkeypatch.setattr(playbook.Builder, "group", lambda self, r: None)  # groups lost
+    monkeypatch.setattr(ansible_peer, "_playbook", lambda: playbook)
+    short = re.sub(r"TASK \[group ratemyderp \(#1\)\] \*+\nok: \[h\]\n\n", "",
+                   ANSIBLE).replace("ok=2", "ok=1")
+    with pytest.raises(ValueError, match="no task or handler of the play for 1 of the "
+                                         "manifest's 2 resources: #1 group ratemyderp"):
         ansible_peer.check(short, manifest)
 
 

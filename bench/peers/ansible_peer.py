@@ -29,6 +29,8 @@ RECAP = re.compile(r"^\S+\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+f
 # "TASK [name] ****" / "RUNNING HANDLER [name] ****", then a line per host: "ok: [host]"...
 HEADING = re.compile(r"^(TASK|RUNNING HANDLER) \[(.*)\] \*+$", re.M)
 DONE = re.compile(r"^(ok|changed): \[", re.M)
+# playbook.py ends each task's name with the manifest resources it serves: "(#5 #6)"
+TAG = re.compile(r"\((#\d+(?: #\d+)*)\)$")
 
 
 def version() -> str:
@@ -83,8 +85,9 @@ def check(output: str, manifest: Path) -> int:
     """changed= of the PLAY RECAP in ``output`` (summed over its hosts).
 
     ValueError unless the run covered the playbook generated from ``manifest``: no failed or
-    unreachable host, every task of the play reported ok or changed, and the recap's ok= is
-    the play's task count (plus the handlers that ran).
+    unreachable host, every task of the play reported ok or changed, the recap's ok= is the
+    play's task count (plus the handlers that ran), and every resource of ``manifest`` is
+    served by one of those tasks or by a handler of the play.
     """
     _, recap = output.rsplit("PLAY RECAP", 1) if "PLAY RECAP" in output else ("", "")
     rows = RECAP.findall(recap)
@@ -98,11 +101,18 @@ def check(output: str, manifest: Path) -> int:
         body = output[h.end():headings[n + 1].start() if n + 1 < len(headings) else None]
         if DONE.search(body):
             done[h[1]].append(h[2])
-    tasks = _playbook().tasks(Path(manifest))
+    play = _playbook().plan(Path(manifest))
+    tasks = [task["name"] for task in play.tasks]
     missing = [name for name in tasks if name not in done["TASK"]]
     ok = sum(int(ok) for ok, _, _, _ in rows)
     if missing or ok != len(tasks) + len(done["RUNNING HANDLER"]):
         raise ValueError(f"ok={ok} for a play of {len(tasks)} tasks (and "
                          f"{len(done['RUNNING HANDLER'])} handlers run); tasks that reported "
                          f"neither ok nor changed: {', '.join(missing) or 'none'}")
+    served = set(play.by_handler) | {int(n) for name in done["TASK"]
+                                     if (m := TAG.search(name)) for n in re.findall(r"\d+", m[1])}
+    unserved = [f"#{n} {r['what']}" for n, r in enumerate(play.resources, 1) if n not in served]
+    if unserved:
+        raise ValueError(f"no task or handler of the play for {len(unserved)} of the manifest's "
+                         f"{len(play.resources)} resources: {', '.join(unserved)}")
     return sum(int(ch) for _, ch, _, _ in rows)
