@@ -46,5 +46,10 @@ lint: setup
 sandbox-down: setup
 	$(FAB) sandbox.down
 
-bench: setup
+# The bench's peers (pyinfra, Ansible) come from the `bench` extra of pyproject.toml.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: setup $(VENV)/.bench-installed
 	$(VENV)/bin/python bench/run.py

@@ -7,13 +7,17 @@ module runs provision's own steps against the host with `ensure` recording inste
 converging (the host is read for the few facts the steps ask; nothing is changed) and
 writes what they declared:
 
-    OUT/manifest.json   {"resources": [{"type": ..., ...}, ...]} in provision's order
+    OUT/manifest.json   {"resources": [{"type": ..., "what": ..., ...}, ...], "notes": [...]}
+                        in provision's order
     OUT/files/NNN       the content of each rendered file (mode 0600: some hold secrets)
 
-Resource types and their fields:
+Every resource has "what", the name fab's report gives it (the bench checks that each run
+covered every resource by it); "notes" are the whats of provision's report lines that
+declare nothing (Note: a part deliberately skipped, with the reason). Resource types and
+their other fields:
 
     apt_update      max_age (seconds)
-    dist_upgrade    -
+    dist_upgrade    mode (all, security, off, first: see tasks.primitives.DistUpgrade)
     packages        names
     group           name, system
     user            name, group, home, shell, system, groups
@@ -69,6 +73,10 @@ def _file(r: P.File, out: Path, n: int) -> dict:
 
 def describe(r: P.Resource, out: Path, n: int) -> dict:
     """One declared resource as manifest data (rendered file content written under ``out``)."""
+    return {"what": r.what, **_fields(r, out, n)}
+
+
+def _fields(r: P.Resource, out: Path, n: int) -> dict:
     if isinstance(r, nginx.Site):
         return _file(r.tls if r.wanted else r.http, out, n)
     if isinstance(r, P.File):
@@ -76,7 +84,7 @@ def describe(r: P.Resource, out: Path, n: int) -> dict:
     if isinstance(r, P.AptUpdate):
         return {"type": "apt_update", "max_age": r.max_age}
     if isinstance(r, P.DistUpgrade):
-        return {"type": "dist_upgrade"}
+        return {"type": "dist_upgrade", "mode": r.mode}
     if isinstance(r, P.Packages):
         return {"type": "packages", "names": list(r.names)}
     if isinstance(r, P.Group):
@@ -146,7 +154,8 @@ def export(env_file: Path, ssh_config: Path, host: str, out: Path) -> Path:
     manifest = out / "manifest.json"
     manifest.write_text(json.dumps(
         {"resources": [describe(r, out, n) for n, r in enumerate(declared)
-                       if not isinstance(r, P.Note)]}, indent=1))  # notes declare nothing
+                       if not isinstance(r, P.Note)],
+         "notes": [r.what for r in declared if isinstance(r, P.Note)]}, indent=1))
     manifest.chmod(0o600)
     return manifest
 

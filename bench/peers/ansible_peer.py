@@ -1,79 +1,59 @@
-"""Ansible beside fabstack in the bench: install it, build one converge run, read its recap.
+"""Ansible beside fabstack in the bench: one converge run, one empty run, what a run covered.
 
 The playbook is generated from bench/manifest.py's manifest by bench/peers/ansible/playbook.py
 (one task per declared resource, Ansible's own modules), run with bench/peers/ansible/
 ansible.cfg (pipelining, Ansible's default ControlPersist, no interpreter discovery, no
-facts: no task reads one). What it covers and what it does differently: bench/peers/README.md.
+facts: no task reads one). ansible-core and the community package whose collections it uses
+come from the `bench` extra of pyproject.toml (`make bench` installs them beside fab). What
+it covers and what it does differently: bench/peers/README.md.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
 import re
 import shlex
-import subprocess
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent / "ansible"
 NAME = "Ansible"
-# ansible-core 2.19 and the community package that bundles the collections we use
-# (community.general for ufw, community.postgresql for roles, databases and settings).
-PINS = {"ansible-core": "2.19.14", "ansible": "12.3.0"}
+BIN = Path(sys.executable).parent
+# the collections we use, bundled by the community package `ansible`
 COLLECTIONS = ("community.general", "community.postgresql")
 RECAP = re.compile(r"^\S+\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
                    re.M)
+# "TASK [name] ****" / "RUNNING HANDLER [name] ****", then a line per host: "ok: [host]"...
+HEADING = re.compile(r"^(TASK|RUNNING HANDLER) \[(.*)\] \*+$", re.M)
+DONE = re.compile(r"^(ok|changed): \[", re.M)
+# playbook.py ends each task's name with the manifest resources it serves: "(#5 #6)"
+TAG = re.compile(r"\((#\d+(?: #\d+)*)\)$")
 
 
-def _venv(work: Path) -> Path:
-    return work / "ansible-venv"
+def version() -> str:
+    import ansible_collections
+
+    collections = []
+    for name in COLLECTIONS:
+        manifest = Path(ansible_collections.__path__[0], *name.split("."), "MANIFEST.json")
+        collections.append(f"{name} "
+                           + json.loads(manifest.read_text())["collection_info"]["version"])
+    return (f"ansible-core {importlib.metadata.version('ansible-core')} "
+            f"(ansible {importlib.metadata.version('ansible')}: {', '.join(collections)})")
 
 
-def _installed(venv: Path) -> dict[str, str]:
-    """Versions of the pinned distributions and the collections in ``venv`` ({} if none)."""
-    python = venv / "bin" / "python"
-    if not python.exists():
-        return {}
-    script = (
-        "import json, importlib.metadata as m, pathlib, ansible_collections as c\n"
-        f"out = {{}}\nfor d in {list(PINS)!r}:\n"
-        "    try: out[d] = m.version(d)\n    except m.PackageNotFoundError: pass\n"
-        f"for name in {list(COLLECTIONS)!r}:\n"
-        "    p = pathlib.Path(c.__path__[0], *name.split('.'), 'MANIFEST.json')\n"
-        "    if p.exists(): out[name] = json.loads(p.read_text())['collection_info']['version']\n"
-        "print(json.dumps(out))")
-    res = subprocess.run([str(python), "-c", script], capture_output=True, text=True)
-    return json.loads(res.stdout) if res.returncode == 0 else {}
-
-
-def install(work: Path) -> str:
-    """pip-install the pinned Ansible into ``work``/ansible-venv (once); return the versions."""
-    venv = _venv(work)
-    have = _installed(venv)
-    if any(have.get(d) != v for d, v in PINS.items()):
-        if not (venv / "bin" / "python").exists():
-            work.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                        "--disable-pip-version-check",
-                        *(f"{d}=={v}" for d, v in PINS.items())], check=True)
-        have = _installed(venv)
-    missing = [d for d in (*PINS, *COLLECTIONS) if d not in have]
-    if missing:
-        raise RuntimeError(f"ansible venv {venv}: {', '.join(missing)} missing after install")
-    return (f"ansible-core {have['ansible-core']} (ansible {have['ansible']}: "
-            + ", ".join(f"{c} {have[c]}" for c in COLLECTIONS) + ")")
-
-
-def command(work: Path, manifest: Path, ssh_config: Path,
-            host: str) -> tuple[list[str], dict[str, str]]:
-    """argv and environment of one ansible-playbook converge of ``host`` (an ssh_config alias)."""
+def _playbook():
     spec = importlib.util.spec_from_file_location("ansible_bench_playbook",
                                                   HERE / "playbook.py")
     playbook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(playbook)
-    site = playbook.write(Path(manifest), work / "ansible-run")
+    return playbook
+
+
+def _env(work: Path, ssh_config: Path) -> dict[str, str]:
     env = dict(os.environ,
                ANSIBLE_CONFIG=str(HERE / "ansible.cfg"),
                # Ansible's own state (tmp, ControlPersist sockets) under the bench's work dir.
@@ -84,19 +64,55 @@ def command(work: Path, manifest: Path, ssh_config: Path,
                LC_ALL="C.UTF-8")
     for name in ("ANSIBLE_NOCOLOR", "ANSIBLE_FORCE_COLOR"):
         env.pop(name, None)
-    return [str(_venv(work) / "bin" / "ansible-playbook"), "-i", f"{host},", str(site)], env
+    return env
 
 
-def changed(output: str) -> int:
+def command(work: Path, manifest: Path, ssh_config: Path,
+            host: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of one ansible-playbook converge of ``host`` (an ssh_config alias)."""
+    site = _playbook().write(Path(manifest), work / "ansible-run")
+    return [str(BIN / "ansible-playbook"), "-i", f"{host},", str(site)], _env(work, ssh_config)
+
+
+def empty(work: Path, ssh_config: Path, host: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of an empty run: ansible-playbook's start-up, one connection and
+    one `raw: true` (a play with no task would not connect)."""
+    return ([str(BIN / "ansible-playbook"), "-i", f"{host},", str(HERE / "empty.yml")],
+            _env(work, ssh_config))
+
+
+def check(output: str, manifest: Path) -> int:
     """changed= of the PLAY RECAP in ``output`` (summed over its hosts).
 
-    ValueError when there is no recap, or when it counts a failed or unreachable host (a run
-    that failed half-way has not compared everything, so its count means nothing).
+    ValueError unless the run covered the playbook generated from ``manifest``: no failed or
+    unreachable host, every task of the play reported ok or changed, the recap's ok= is the
+    play's task count (plus the handlers that ran), and every resource of ``manifest`` is
+    served by one of those tasks or by a handler of the play.
     """
     _, recap = output.rsplit("PLAY RECAP", 1) if "PLAY RECAP" in output else ("", "")
     rows = RECAP.findall(recap)
     if not rows:
         raise ValueError("no PLAY RECAP in ansible-playbook's output:\n" + output[-2000:])
     if any(int(unreachable) or int(failed) for _, _, unreachable, failed in rows):
-        raise ValueError("ansible-playbook failed: " + json.dumps(rows))
+        raise ValueError("a host failed or was unreachable: " + json.dumps(rows))
+    headings = list(HEADING.finditer(output))
+    done = {"TASK": [], "RUNNING HANDLER": []}
+    for n, h in enumerate(headings):
+        body = output[h.end():headings[n + 1].start() if n + 1 < len(headings) else None]
+        if DONE.search(body):
+            done[h[1]].append(h[2])
+    play = _playbook().plan(Path(manifest))
+    tasks = [task["name"] for task in play.tasks]
+    missing = [name for name in tasks if name not in done["TASK"]]
+    ok = sum(int(ok) for ok, _, _, _ in rows)
+    if missing or ok != len(tasks) + len(done["RUNNING HANDLER"]):
+        raise ValueError(f"ok={ok} for a play of {len(tasks)} tasks (and "
+                         f"{len(done['RUNNING HANDLER'])} handlers run); tasks that reported "
+                         f"neither ok nor changed: {', '.join(missing) or 'none'}")
+    served = set(play.by_handler) | {int(n) for name in done["TASK"]
+                                     if (m := TAG.search(name)) for n in re.findall(r"\d+", m[1])}
+    unserved = [f"#{n} {r['what']}" for n, r in enumerate(play.resources, 1) if n not in served]
+    if unserved:
+        raise ValueError(f"no task or handler of the play for {len(unserved)} of the manifest's "
+                         f"{len(play.resources)} resources: {', '.join(unserved)}")
     return sum(int(ch) for _, ch, _, _ in rows)

@@ -6,7 +6,7 @@ FABSTACK_MANIFEST; the rendered files sit beside it under files/) and declares e
 resource in provision's order with the operation a pyinfra user would pick:
 
     apt_update     apt.update(cache_time=max_age)
-    dist_upgrade   apt.dist_upgrade()
+    dist_upgrade   apt.dist_upgrade() (the manifest must say UPGRADE=all)
     packages       apt.packages(names)
     group, user    server.group, server.user
     directory      files.directory(user, group, mode)
@@ -19,13 +19,17 @@ resource in provision's order with the operation a pyinfra user would pick:
     command        server.shell, _if a fact says the `creates`/`unless` guard fails, or _if
                    the files it acts on changed (commands behind fabstack's pending markers)
     tmpfiles       server.shell("systemd-tmpfiles --create PATH", _if=put.did_change)
-    firewall       server.shell("ufw ...") per rule/policy/enable, _if a ufw fact lacks it
+    firewall       ufw(allow), an operation of our own: reads ufw's state once and runs
+                   only the commands for what it lacks (pyinfra has no ufw operation)
     pg_setting     postgres.sql("ALTER SYSTEM ...") _if a psql fact differs, then
                    systemd.service(restarted=True) _if that changed
     pg_role        postgres.role(login) + postgres.role(password) _if the stored SCRAM
                    verifier does not match the password
     pg_database    postgres.database(owner, encoding)
     pg_membership  postgres.sql("GRANT ...") _if a psql fact says it is missing
+
+Each operation's name ends with "(#N)", N the manifest resource it serves, so that
+bench/peers/pyinfra_peer.py can check from pyinfra's results that every resource was covered.
 
 Run: FABSTACK_MANIFEST=.../manifest.json pyinfra -y --data ssh_config_file=... HOST this.py
 (bench/peers/pyinfra_peer.py builds that command line).
@@ -41,7 +45,7 @@ import os
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FactBase, QuoteString, StringCommand
+from pyinfra.api import FactBase, QuoteString, StringCommand, operation
 from pyinfra.operations import apt, files, postgres, server, systemd
 from pyinfra.operations.util import any_changed
 
@@ -114,6 +118,15 @@ def scram_matches(password: str, verifier: str) -> bool:
 
 # -- the resources -----------------------------------------------------------------------
 
+RESOURCE = 0  # the manifest resource (from 1) whose operations are being declared
+
+
+def tag(name: str) -> str:
+    """An operation's name, ending with the resource it serves: bench/run.py checks that the
+    run covered every resource of the manifest by these."""
+    return f"{name} (#{RESOURCE})"
+
+
 def unit_of(target: str) -> str:
     return target if "." in target else f"{target}.service"
 
@@ -134,32 +147,32 @@ def service_handlers(unit: str) -> None:
     restart = [op for m in markers["restart"] for op in take(m)]
     reload_ = [op for m in markers["reload"] for op in take(m)]
     if restart:
-        systemd.service(name=f"Restart {unit} (its files changed)", service=unit,
+        systemd.service(name=tag(f"Restart {unit} (its files changed)"), service=unit,
                         restarted=True, _if=any_changed(*restart))
     if reload_:
         restarted = any_changed(*restart) if restart else (lambda: False)
         changed = any_changed(*reload_)
-        systemd.service(name=f"Reload {unit} (its files changed)", service=unit, reloaded=True,
+        systemd.service(name=tag(f"Reload {unit} (its files changed)"), service=unit, reloaded=True,
                         _if=lambda: changed() and not restarted())
 
 
 def daemon_reload(name: str) -> None:
     if unit_files:
-        systemd.daemon_reload(name=name, _if=any_changed(*unit_files))
+        systemd.daemon_reload(name=tag(name), _if=any_changed(*unit_files))
         unit_files.clear()
 
 
 def do_file(r: dict) -> None:
     path = r["path"]
     if r["present"]:
-        op = files.put(name=f"File {path}", src=str(BASE / r["src"]), dest=path,
+        op = files.put(name=tag(f"File {path}"), src=str(BASE / r["src"]), dest=path,
                        user=r["owner"], group=r["group"], mode=r["mode"])
         if r["validate"]:
-            server.shell(name=f"Check {path}", commands=[r["validate"].replace("%s", path)],
+            server.shell(name=tag(f"Check {path}"), commands=[r["validate"].replace("%s", path)],
                          _if=op.did_change)
     else:
         # force without backup: the path may be a symlink (nginx's sites-enabled/default)
-        op = files.file(name=f"No file {path}", path=path, present=False, force=True,
+        op = files.file(name=tag(f"No file {path}"), path=path, present=False, force=True,
                         force_backup=False)
     file_ops[path] = op
     for marker in r["notify"]:
@@ -179,7 +192,7 @@ def do_command(r: dict) -> None:
                if unless and f"/pending/{m.replace(':', '@')}" in unless]
     body = "\n".join(line for line in script.splitlines() if "/var/lib/fabstack/" not in line)
     if handled:
-        server.shell(name=r["what"], commands=[f"set -e\n{body}"],
+        server.shell(name=tag(r["what"]), commands=[f"set -e\n{body}"],
                      _if=any_changed(*[op for m in handled for op in take(m)]))
         return
     guards = []
@@ -187,36 +200,43 @@ def do_command(r: dict) -> None:
         guards.append(lambda: not host.get_fact(ShellTest, test=f"test -e {creates}"))
     if unless:
         guards.append(lambda: not host.get_fact(ShellTest, test=unless))
-    server.shell(name=r["what"], commands=[f"set -e\n{body}"], _if=guards)
+    server.shell(name=tag(r["what"]), commands=[f"set -e\n{body}"], _if=guards)
 
 
-def do_firewall(r: dict) -> None:
-    for spec in r["allow"]:
-        server.shell(name=f"ufw allow {spec}", commands=[f"ufw allow {spec}"],
-                     _if=lambda spec=spec: f"ufw allow {spec}" not in host.get_fact(UfwState))
-    server.shell(name="ufw default deny incoming", commands=["ufw default deny incoming"],
-                 _if=lambda: not any(line.startswith("Default: deny (incoming)")
-                                     for line in host.get_fact(UfwState)))
-    server.shell(name="ufw enabled", commands=["ufw --force enable"],
-                 _if=lambda: "Status: active" not in host.get_fact(UfwState))
+@operation()
+def ufw(allow: list[str], default_incoming: str = "deny"):
+    """ufw allows ``allow`` (rule specs), sets the incoming policy and is enabled.
+
+    pyinfra has no ufw operation; this is the one a user writes (pyinfra's "Writing
+    operations"): the state is read once, when the operation runs, and only the commands
+    for what it lacks are yielded.
+    """
+    state = host.get_fact(UfwState)
+    for spec in allow:
+        if f"ufw allow {spec}" not in state:
+            yield f"ufw allow {spec}"
+    if not any(line.startswith(f"Default: {default_incoming} (incoming)") for line in state):
+        yield f"ufw default {default_incoming} incoming"
+    if "Status: active" not in state:
+        yield "ufw --force enable"
 
 
 def do_pg_setting(r: dict) -> None:
     name, value = r["name"], r["value"]
     alter = postgres.sql(
-        name=f"PostgreSQL {name} = {value}",
+        name=tag(f"PostgreSQL {name} = {value}"),
         sql=f"ALTER SYSTEM SET {name} = {sql_literal(value)}", **AS_POSTGRES,
         _if=lambda: psql(f"SELECT setting FROM pg_settings WHERE name = {sql_literal(name)}")
         != value)
-    systemd.service(name=f"Restart postgresql.service ({name} changed)",
+    systemd.service(name=tag(f"Restart postgresql.service ({name} changed)"),
                     service="postgresql.service", restarted=True, _if=alter.did_change)
 
 
 def do_pg_role(r: dict) -> None:
     name, password = r["name"], r["password"]
-    postgres.role(name=f"PostgreSQL role {name}", role=name, login=r["login"], **AS_POSTGRES)
+    postgres.role(name=tag(f"PostgreSQL role {name}"), role=name, login=r["login"], **AS_POSTGRES)
     postgres.role(
-        name=f"PostgreSQL role {name}: password", role=name, login=r["login"],
+        name=tag(f"PostgreSQL role {name}: password"), role=name, login=r["login"],
         password=password, **AS_POSTGRES,
         _if=lambda: not scram_matches(password, psql(
             f"SELECT coalesce(rolpassword, '') FROM pg_authid WHERE rolname = "
@@ -226,7 +246,7 @@ def do_pg_role(r: dict) -> None:
 def do_pg_membership(r: dict) -> None:
     member, role = r["member"], r["role"]
     postgres.sql(
-        name=f"PostgreSQL role {member} in {role}", sql=f'GRANT "{role}" TO "{member}"',
+        name=tag(f"PostgreSQL role {member} in {role}"), sql=f'GRANT "{role}" TO "{member}"',
         **AS_POSTGRES,
         _if=lambda: psql(
             "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid "
@@ -234,27 +254,29 @@ def do_pg_membership(r: dict) -> None:
             f"AND u.rolname = {sql_literal(member)}") != "1")
 
 
-for r in RESOURCES:
+for RESOURCE, r in enumerate(RESOURCES, 1):  # noqa: B007 (tag() reads it)
     kind = r["type"]
     if kind == "apt_update":
-        apt.update(name="apt lists", cache_time=r["max_age"])
+        apt.update(name=tag("apt lists"), cache_time=r["max_age"])
     elif kind == "dist_upgrade":
-        apt.dist_upgrade(name="System upgrade")
+        if r["mode"] != "all":  # pyinfra can upgrade all or nothing
+            raise ValueError(f"the bench's hosts set UPGRADE=all, the manifest says {r['mode']}")
+        apt.dist_upgrade(name=tag("System upgrade"))
     elif kind == "packages":
-        apt.packages(name=f"Packages {' '.join(r['names'])}", packages=r["names"])
+        apt.packages(name=tag(f"Packages {' '.join(r['names'])}"), packages=r["names"])
     elif kind == "group":
-        server.group(name=f"Group {r['name']}", group=r["name"], system=r["system"])
+        server.group(name=tag(f"Group {r['name']}"), group=r["name"], system=r["system"])
     elif kind == "user":
-        server.user(name=f"User {r['name']}", user=r["name"], group=r["group"],
+        server.user(name=tag(f"User {r['name']}"), user=r["name"], group=r["group"],
                     groups=r["groups"], home=r["home"], shell=r["shell"], system=r["system"])
     elif kind == "directory":
-        files.directory(name=f"Directory {r['path']}", path=r["path"], user=r["owner"],
+        files.directory(name=tag(f"Directory {r['path']}"), path=r["path"], user=r["owner"],
                         group=r["group"], mode=r["mode"])
     elif kind == "file":
         do_file(r)
     elif kind == "service":
         daemon_reload(f"Reload systemd units (before {r['name']})")
-        systemd.service(name=f"Service {r['name']}", service=r["name"], running=r["running"],
+        systemd.service(name=tag(f"Service {r['name']}"), service=r["name"], running=r["running"],
                         enabled=r["enabled"])
         service_handlers(r["name"])
     elif kind == "command":
@@ -264,16 +286,17 @@ for r in RESOURCES:
         for marker in [m for m, ops in notified.items()
                        if op in ops and m.rpartition(":")[2] not in SERVICE_ACTIONS]:
             take(marker)
-        server.shell(name=f"systemd-tmpfiles --create {r['path']}",
+        server.shell(name=tag(f"systemd-tmpfiles --create {r['path']}"),
                      commands=[f"systemd-tmpfiles --create {r['path']}"], _if=op.did_change)
     elif kind == "firewall":
-        do_firewall(r)
+        ufw(name=tag(f"Firewall allows {', '.join(r['allow'])}, denies other incoming"),
+            allow=r["allow"])
     elif kind == "pg_setting":
         do_pg_setting(r)
     elif kind == "pg_role":
         do_pg_role(r)
     elif kind == "pg_database":
-        postgres.database(name=f"PostgreSQL database {r['name']}", database=r["name"],
+        postgres.database(name=tag(f"PostgreSQL database {r['name']}"), database=r["name"],
                           owner=r["owner"], encoding=r["encoding"], **AS_POSTGRES)
     elif kind == "pg_membership":
         do_pg_membership(r)

@@ -7,12 +7,14 @@ with handlers for restarts and reloads) and OUT_DIR/secrets.yml (the PostgreSQL 
 passwords, mode 0600, read with vars_files). The playbook is what one would write by hand
 for these resources with Ansible's own modules; it is generated only so it never drifts
 from what `fab provision` declares. Rendered files are copied from the manifest's files/.
+Each task's name ends with the manifest resources it serves, "(#5 #6)", so that
+bench/peers/ansible_peer.py can check a run's coverage.
 
 How each manifest type maps (bench/peers/README.md, "## Ansible", says it plainly):
 
     apt_update      ansible.builtin.apt update_cache + cache_valid_time (merged into the
                     next task when that is dist_upgrade or packages, as one usually writes it)
-    dist_upgrade    ansible.builtin.apt upgrade: dist
+    dist_upgrade    ansible.builtin.apt upgrade: dist (the manifest must say UPGRADE=all)
     packages        ansible.builtin.apt name: [...] (+ python3-psycopg2 on the packages
                     task before the first PostgreSQL resource: community.postgresql needs it)
     group / user    ansible.builtin.group / ansible.builtin.user (create_home: false,
@@ -136,6 +138,8 @@ class Builder:
         self.unit_handlers: dict[str, dict] = {}
         self.passwords: dict[str, str] = {}
         self.daemon_reload = False
+        self.serving: list[int] = []  # the resources (from 1) the next task serves
+        self.by_handler: list[int] = []  # resources served by a handler only
         first_pg = next((i for i, r in enumerate(self.resources)
                          if r["type"].startswith("pg_")), None)
         self.psycopg_at = None
@@ -179,6 +183,8 @@ class Builder:
         return names
 
     def add(self, task: dict) -> None:
+        """Add ``task``, its name ending with the resources it serves: "(#5 #6)"."""
+        task["name"] += " (" + " ".join(f"#{n}" for n in self.serving) + ")"
         self.tasks.append(task)
 
     def pg_prereq(self) -> None:
@@ -194,9 +200,11 @@ class Builder:
             r = rs[i]
             nxt = rs[i + 1] if i + 1 < len(rs) else {}
             if r["type"] == "apt_update" and nxt.get("type") in ("dist_upgrade", "packages"):
+                self.serving = [i + 1, i + 2]
                 self.apt(nxt, i + 1, cache=r["max_age"])
                 i += 2
                 continue
+            self.serving = [i + 1]
             if r["type"] in ("apt_update", "dist_upgrade", "packages"):
                 self.apt(r, i)
             else:
@@ -212,6 +220,9 @@ class Builder:
         if cache is not None:
             args.update(update_cache=True, cache_valid_time=cache)
         if r["type"] == "dist_upgrade":
+            if r["mode"] != "all":  # the apt module upgrades all or nothing
+                raise SystemExit(f"ansible playbook: the bench's hosts set UPGRADE=all, the "
+                                 f"manifest says {r['mode']}")
             args["upgrade"] = "dist"
         if r["type"] == "packages":
             names = list(r["names"])
@@ -268,7 +279,8 @@ class Builder:
 
     def command(self, r: dict) -> None:
         if marker_of_guard(r["unless"]):
-            return  # a handler (see _consumers): Ansible runs it when the file changed
+            self.by_handler += self.serving  # see _consumers: run when the file changed
+            return
         name = f"command {r['what']}"
         if r["unless"]:
             script = (f"if ( {r['unless']} ) >/dev/null 2>&1; then exit 0; fi\nset -e\n"
@@ -288,6 +300,7 @@ class Builder:
 
     def tmpfiles(self, r: dict) -> None:
         """A handler only (made in _consumers); nothing to do as a task."""
+        self.by_handler += self.serving
 
     def firewall(self, r: dict) -> None:
         rules = []
@@ -359,10 +372,16 @@ class Builder:
                  "tasks": self.tasks, "handlers": handlers}]
 
 
-def write(manifest: Path, out: Path) -> Path:
-    """Write ``out``/site.yml and ``out``/secrets.yml for ``manifest``; return site.yml."""
+def plan(manifest: Path) -> Builder:
+    """The play for ``manifest``: its tasks, and the resources only a handler serves."""
     b = Builder(manifest)
     b.build()
+    return b
+
+
+def write(manifest: Path, out: Path) -> Path:
+    """Write ``out``/site.yml and ``out``/secrets.yml for ``manifest``; return site.yml."""
+    b = plan(manifest)
     out.mkdir(parents=True, exist_ok=True)
     secrets = out / "secrets.yml"
     secrets.touch(mode=0o600)
