@@ -367,16 +367,16 @@ def test_restore_media_refuses_bad_input_before_changing_anything(target, stack)
 
 # -- provision's UPGRADE setting -----------------------------------------------------------
 
-# Upgrades are made pending by lowering the versions dpkg records: SECURITY's candidate is in
-# the suite's security archive (net-tools in bookworm-security, libsmartcols1 in
-# trixie-security), build-essential's in the suite only; none has maintainer scripts (which
-# would run for an upgrade from the made-up version).
-SECURITY = {"bookworm": "net-tools", "trixie": "libsmartcols1"}[TEST_SUITE]
+# Upgrades are made pending by lowering the versions dpkg records a notch (VERSION~ sorts just
+# before VERSION, so every dependency on them still holds and apt can plan: a made-up 0.1-1 broke
+# util-linux's exact dependency on libsmartcols1, and apt refused). SECURITY's candidate is in the
+# suite's security archive, build-essential's in the suite only; neither has maintainer scripts.
+SECURITY = {"bookworm": "net-tools", "trixie": "libbrotli1"}[TEST_SUITE]
 OTHER = "build-essential"
 
 
-def versions(target) -> dict[str, str]:
-    out = target.sh(f"dpkg-query -W -f '${{Package}} ${{Version}}\\n' {SECURITY} {OTHER}").stdout
+def versions(target, *packages) -> dict[str, str]:
+    out = target.sh(f"dpkg-query -W -f '${{Package}} ${{Version}}\\n' {' '.join(packages)}").stdout
     return dict(line.split() for line in out.splitlines())
 
 
@@ -385,32 +385,54 @@ def set_version(target, package: str, value: str) -> None:
               "/var/lib/dpkg/status")
 
 
+def lowered(real: dict[str, str]) -> dict[str, str]:
+    return {package: f"{version}~" for package, version in real.items()}
+
+
 def test_provision_installs_pending_upgrades_only_when_the_settings_say_so(target, stack):
-    real = versions(target)
-    low = {SECURITY: "0.1-1", OTHER: "0.1-1"}
+    real = versions(target, SECURITY, OTHER)
+    low = lowered(real)
     for package, value in low.items():
         set_version(target, package, value)
     try:
-        assert versions(target) == low
+        assert versions(target, SECURITY, OTHER) == low
         for setting in ({}, {"UPGRADE": "off"}):  # empty: off on a provisioned host
             target.write_env(**stack, **setting)
             res = target.fab("provision.base")
-            assert versions(target) == low, res.stdout
+            assert versions(target, SECURITY, OTHER) == low, res.stdout
             assert re.search(r"ok +system upgrade: 2 upgrades pending, not installed \(UPGRADE="
                              r"(empty|off)\)", res.stdout), res.stdout
             assert changed_count(res.stdout) == 0
         target.write_env(**stack, UPGRADE="security")
         res = target.fab("provision.base")
         assert f"upgraded 1 security packages: {SECURITY} (1 other upgrades left" in res.stdout
-        assert versions(target) == {SECURITY: real[SECURITY], OTHER: "0.1-1"}, res.stdout
+        assert versions(target, SECURITY, OTHER) == {SECURITY: real[SECURITY],
+                                                     OTHER: low[OTHER]}, res.stdout
         target.write_env(**stack, UPGRADE="all")
         res = target.fab("provision.base")
         assert f"changed      system upgrade: upgraded 1 packages: {OTHER}" in res.stdout
-        assert versions(target) == real
+        assert versions(target, SECURITY, OTHER) == real
     finally:
         target.write_env(**stack)
         for package, value in real.items():
             set_version(target, package, value)
+
+
+def test_provision_says_when_apt_cannot_plan_the_upgrade(target, stack):
+    """A dependency broken in dpkg's record: apt refuses, and that is no "nothing pending"."""
+    real = versions(target, "libsmartcols1")
+    set_version(target, "libsmartcols1", "0.1-1")  # util-linux needs its exact version
+    try:
+        target.write_env(**stack, UPGRADE="off")
+        res = target.fab("provision.base", check=False)
+        assert res.returncode == 1, res.stdout
+        assert re.search(r"failed +system upgrade: .*apt-get dist-upgrade refuses: E: Unmet "
+                         "dependencies", res.stdout), res.stdout
+        assert "no upgrades pending" not in res.stdout
+    finally:
+        target.write_env(**stack)
+        set_version(target, "libsmartcols1", real["libsmartcols1"])
+    assert "system upgrade: no upgrades pending" in target.fab("provision.base").stdout
 
 
 def test_unattended_upgrades_on_by_default_and_off_when_asked(target, stack):
