@@ -28,6 +28,7 @@ from . import (
     python,
     sandbox,
     status,
+    upgrade,
 )
 from .host import COMMAND_TIMEOUT, PROBE_TIMEOUT
 
@@ -45,6 +46,7 @@ def build_namespace() -> Collection:
     ns.add_task(logs.logs)
     ns.add_task(maintenance.maintenance)
     ns.add_task(media.restore_media)
+    ns.add_task(upgrade.upgrade)
     ns.configure({"fabstack": {"env_file": ".env", "check": False,
                                "command_timeout": COMMAND_TIMEOUT,
                                "probe_timeout": PROBE_TIMEOUT}})

@@ -277,14 +277,20 @@ def _switch(h, release: str) -> None:
     """
     s = h.settings
     paths = _layout(s)
-    unit = f"{s.app}.service"
     h.run(f"set -e\nln -sfn releases/{q(release)} {q(paths['code'])}/.app.new\n"
-          f"mv -T {q(paths['code'])}/.app.new {q(paths['current'])}\n"
-          f"systemctl start {q(s.app)}.socket\n"
-          f"systemctl restart {q(unit)}\n"
-          # the restart also does any restart a configuration change left pending
-          f"rm -f {PENDING_DIR}/{q(unit)}@* {PENDING_DIR}/{q(s.app)}@*",
+          f"mv -T {q(paths['code'])}/.app.new {q(paths['current'])}\n" + restart_app(s),
           what=f"switch to {release}")
+
+
+def restart_app(s) -> str:
+    """Shell lines that restart the app's gunicorn behind its socket (requests wait in the
+    socket's backlog; the old workers finish theirs): a deploy's switch, fab upgrade's last
+    restart."""
+    unit = f"{s.app}.service"
+    return (f"systemctl start {q(s.app)}.socket\n"
+            f"systemctl restart {q(unit)}\n"
+            # the restart also does any restart a configuration change left pending
+            f"rm -f {PENDING_DIR}/{q(unit)}@* {PENDING_DIR}/{q(s.app)}@*")
 
 
 def health_check(h, release: str, timeout: int = 60) -> tuple[bool, str]:
