@@ -27,6 +27,7 @@ from . import (
     provision,
     python,
     status,
+    upgrade,
 )
 from .host import COMMAND_TIMEOUT, PROBE_TIMEOUT
 
@@ -44,6 +45,7 @@ def build_namespace() -> Collection:
     ns.add_task(logs.logs)
     ns.add_task(maintenance.maintenance)
     ns.add_task(media.restore_media)
+    ns.add_task(upgrade.upgrade)
     ns.configure({"fabstack": {"env_file": ".env", "check": False,
                                "command_timeout": COMMAND_TIMEOUT,
                                "probe_timeout": PROBE_TIMEOUT}})

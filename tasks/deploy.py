@@ -222,6 +222,12 @@ def _switch(h, release: str) -> None:
           what=f"switch to {release}")
 
 
+def restart_app(s) -> str:
+    """The shell program that restarts the app's gunicorn behind its socket (files/
+    app-restart.sh.j2): fab upgrade's last restart (a deploy's switch includes it)."""
+    return script("app-restart.sh.j2", s, pending=PENDING_DIR)
+
+
 def health_check(h, release: str, timeout: int = 60) -> tuple[bool, str]:
     """Ask HEALTH_PATH through NGINX (following redirects) until it answers from ``release``."""
     res = h.run(script("health-check.sh.j2", h.settings, want=release, timeout=timeout),

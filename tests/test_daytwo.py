@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks import logs, maintenance, manage, media, nginx, status
+from tasks import logs, maintenance, manage, media, nginx, status, upgrade
 from tasks.host import Result, StepFailed
 from tasks.primitives import Change, File, Ok, render
 
@@ -318,3 +318,110 @@ def test_restore_brings_back_a_deleted_folder(snapshot_and_media):
     out = restore(tmp, meta=False)  # an old snapshot: the media folder's owner, 0644
     assert out["restored"] == ["up/", "up/a.bin", "up/b.bin"] and not out["meta"]
     assert (tmp / "media/up/a.bin").stat().st_mode & 0o7777 == 0o644
+
+
+# -- fab upgrade ---------------------------------------------------------------------------
+
+SIMULATION = """Reading package lists...
+Calculating upgrade...
+Inst libssl3 [3.0.15-1~deb12u1] (3.0.17-1~deb12u2 Debian-Security:12/stable-security [amd64])
+Inst linux-image-6.1.0-40-amd64 (6.1.153-1 Debian:12.12/stable [amd64])
+Inst build-essential [12.9] (12.10 Debian:12.12/stable [amd64])
+Remv oldthing [1.0-1]
+Conf libssl3 (3.0.17-1~deb12u2 Debian-Security:12/stable-security [amd64])
+"""
+
+
+def test_pending_names_each_package_with_old_and_new_version():
+    found = upgrade.pending(SIMULATION)
+    assert [(u.package, u.describe()) for u in found] == [
+        ("libssl3", "3.0.15-1~deb12u1 -> 3.0.17-1~deb12u2 (security)"),
+        ("linux-image-6.1.0-40-amd64", "not installed -> 6.1.153-1"),
+        ("build-essential", "12.9 -> 12.10"),
+        ("oldthing", "1.0-1 -> removed"),
+    ]
+    with pytest.raises(StepFailed, match="apt cannot plan the upgrade: Unmet dependencies"):
+        upgrade.pending("Reading package lists...\nE: Unmet dependencies. Try 'apt "
+                        "--fix-broken install'\n")
+
+
+def test_needrestart_batch_report():
+    found = upgrade.needs("NEEDRESTART-VER: 3.6\nNEEDRESTART-KCUR: 6.1.0-28-amd64\n"
+                          "NEEDRESTART-KEXP: 6.1.0-40-amd64\nNEEDRESTART-KSTA: 3\n"
+                          "NEEDRESTART-SVC: nginx.service\nNEEDRESTART-SVC: systemd-manager\n"
+                          "NEEDRESTART-SESS: root @ session #3\n")
+    assert found.services == ["nginx.service", "systemd-manager"]
+    assert found.sessions == ["root @ session #3"]
+    assert found.reboot and (found.running, found.expected) == ("6.1.0-28-amd64",
+                                                                "6.1.0-40-amd64")
+    assert not upgrade.needs("NEEDRESTART-VER: 3.6\nNEEDRESTART-KSTA: 1\n").reboot
+    assert not upgrade.needs("NEEDRESTART-MISSING\n").installed
+
+
+def test_restarts_systemd_first_nginx_then_the_app_last(settings):
+    app = f"{settings.app}.service"
+    plan, left = upgrade.restart_plan(settings, [
+        app, "nginx.service", "ssh.service", "postgresql@15-main.service", "systemd-manager",
+        "redis-server.service", "dbus.service", "celery.service", "user@0.service",
+        "bad unit;id"], stopped=["cron.service"])
+    assert plan == [("script", "systemd-manager"), ("restart", "celery.service"),
+                    ("start", "cron.service"), ("restart", "ssh.service"),
+                    ("nginx", "nginx.service"), ("app", app)]
+    assert sorted(left) == ["bad unit;id", "dbus.service", "postgresql@15-main.service",
+                            "redis-server.service", "user@0.service"]
+    assert "fails the app's requests" in left["postgresql@15-main.service"]
+    assert "reboot" in left["dbus.service"]
+
+
+def upgrade_answers(settings, simulation: str, needrestart: str) -> list[tuple[str, str]]:
+    """The host's answers to fab upgrade's probes: needrestart installed and set up."""
+    conf = File(upgrade.NEEDRESTART_CONF, render("needrestart.conf.j2", settings))
+    return [(r"apt-lists-updated", "1796000000 1796000100 \n"),
+            (r"fabstack\.conf", f"regular file|root|root|644\n{conf.digest}\n"),
+            (r"conf\.d 2>", "directory|root|root|755\n"),
+            (r"apt-get -s", simulation),
+            (r"needrestart -b", needrestart),
+            (r"dpkg-query", "needrestart ii\n"),
+            (r"policy-rc\.d", ""),  # no policy-rc.d on the host
+            (r"readlink", "releases/20261130-abc\n")]
+
+
+def test_upgrade_with_nothing_pending_changes_nothing(make_host, settings, capsys):
+    h, conn = make_host(upgrade_answers(settings, "0 upgraded, 0 newly installed\n",
+                                        "NEEDRESTART-VER: 3.6\nNEEDRESTART-KSTA: 1\n"
+                                        "NEEDRESTART-KCUR: 6.1.0-40-amd64\n"))
+    upgrade.upgrade_host(h, reboot=True)
+    out = capsys.readouterr().out
+    assert "system upgrade: no upgrades pending" in out
+    assert "needrestart: no service runs old libraries" in out
+    assert "kernel: running 6.1.0-40-amd64, the newest installed" in out
+    assert "reboot: not needed" in out
+    assert h.report.count("changed") == 0 and conn.applied == [] and h.round_trips == 2
+
+
+def test_upgrade_security_only_under_policy_rc_d(make_host, settings, capsys):
+    h, conn = make_host(upgrade_answers(settings, SIMULATION, "NEEDRESTART-VER: 3.6\n"))
+
+    def execute(command, stdin, wait):  # the upgrade's output: nothing stopped, nothing old
+        res = conn.exec_script(command, stdin)
+        return Result(f"{upgrade.MARK}\nNEEDRESTART-VER: 3.6\n", "", 0) \
+            if "NEEDRESTART_SUSPEND=1" in stdin else res
+
+    h._exec = execute
+    upgrade.upgrade_host(h, security=True)
+    out = capsys.readouterr().out
+    assert "pending      package libssl3: 3.0.15-1~deb12u1 -> 3.0.17-1~deb12u2 (security)" in out
+    assert "left         package build-essential: 12.9 -> 12.10: not from a security " \
+        "archive (--security)" in out
+    assert out.index("pending      package libssl3") < out.index("changed      system upgrade")
+    (script,) = [s for s in conn.applied if "policy-rc.d" in s]
+    assert "install --only-upgrade -- libssl3'" in script and "build-essential" not in script
+    assert f"mark={upgrade.q(upgrade.POLICY_MARK)}" in script
+    assert "NEEDRESTART_SUSPEND=1" in script
+
+
+@pytest.mark.parametrize("name", ["upgrade.sh.j2", "upgrade-restart.sh.j2"])
+def test_the_upgrade_scripts_are_valid_shell(settings, tmp_path, name):
+    path = tmp_path / "script.sh"
+    path.write_text(render(name, settings))
+    assert subprocess.run(["sh", "-n", str(path)]).returncode == 0

@@ -80,6 +80,8 @@ ACTIONS = {
     "maintenance": "takes on or off; each is run twice, the second changing nothing, in "
                    "tests/test_realhost_daytwo.py",
     "db.redis-cli": "an interactive session",
+    "upgrade": "upgrades packages and restarts services on purpose; run twice, the second "
+               "changing nothing, in tests/test_realhost_daytwo.py",
     "certbot.renew-dry-run": "rehearses a renewal with the CA (tests/test_realhost_web.py)",
     "sandbox.demo": "runs on this machine, not the target",
     "sandbox.down": "runs on this machine, not the target",

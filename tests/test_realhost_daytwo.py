@@ -1,5 +1,6 @@
 """Day-two tasks on the real sandbox host, on the converged stack (issue 14): ``fab manage``,
-``fab logs``, ``fab maintenance``, ``fab restore-media``, and provision's UPGRADE setting."""
+``fab logs``, ``fab maintenance``, ``fab restore-media``, provision's UPGRADE setting and
+``fab upgrade``."""
 
 import fcntl
 import os
@@ -11,7 +12,9 @@ import subprocess
 import termios
 import time
 
+from sandbox.container import Sandbox
 from tests.conftest import FAB, REPO, TEST_SUITE, ProcessSampler, changed_count
+from tests.load import Load
 
 APP = "ratemyderp"
 DOMAIN = "ratemyderp.test"
@@ -370,16 +373,16 @@ def test_restore_media_refuses_bad_input_before_changing_anything(target, stack)
 
 # -- provision's UPGRADE setting -----------------------------------------------------------
 
-# Upgrades are made pending by lowering the versions dpkg records: SECURITY's candidate is in
-# the suite's security archive (net-tools in bookworm-security, libsmartcols1 in
-# trixie-security), build-essential's in the suite only; none has maintainer scripts (which
-# would run for an upgrade from the made-up version).
-SECURITY = {"bookworm": "net-tools", "trixie": "libsmartcols1"}[TEST_SUITE]
+# Upgrades are made pending by lowering the versions dpkg records a notch (VERSION~ sorts just
+# before VERSION, so every dependency on them still holds and apt can plan: a made-up 0.1-1 broke
+# util-linux's exact dependency on libsmartcols1, and apt refused). SECURITY's candidate is in the
+# suite's security archive, build-essential's in the suite only; neither has maintainer scripts.
+SECURITY = {"bookworm": "net-tools", "trixie": "libbrotli1"}[TEST_SUITE]
 OTHER = "build-essential"
 
 
-def versions(target) -> dict[str, str]:
-    out = target.sh(f"dpkg-query -W -f '${{Package}} ${{Version}}\\n' {SECURITY} {OTHER}").stdout
+def versions(target, *packages) -> dict[str, str]:
+    out = target.sh(f"dpkg-query -W -f '${{Package}} ${{Version}}\\n' {' '.join(packages)}").stdout
     return dict(line.split() for line in out.splitlines())
 
 
@@ -388,32 +391,188 @@ def set_version(target, package: str, value: str) -> None:
               "/var/lib/dpkg/status")
 
 
+def lowered(real: dict[str, str]) -> dict[str, str]:
+    return {package: f"{version}~" for package, version in real.items()}
+
+
 def test_provision_installs_pending_upgrades_only_when_the_settings_say_so(target, stack):
-    real = versions(target)
-    low = {SECURITY: "0.1-1", OTHER: "0.1-1"}
+    real = versions(target, SECURITY, OTHER)
+    low = lowered(real)
     for package, value in low.items():
         set_version(target, package, value)
     try:
-        assert versions(target) == low
+        assert versions(target, SECURITY, OTHER) == low
         for setting in ({}, {"UPGRADE": "off"}):  # empty: off on a provisioned host
             target.write_env(**stack, **setting)
             res = target.fab("provision.base")
-            assert versions(target) == low, res.stdout
+            assert versions(target, SECURITY, OTHER) == low, res.stdout
             assert re.search(r"ok +system upgrade: 2 upgrades pending, not installed \(UPGRADE="
                              r"(empty|off)\)", res.stdout), res.stdout
             assert changed_count(res.stdout) == 0
         target.write_env(**stack, UPGRADE="security")
         res = target.fab("provision.base")
         assert f"upgraded 1 security packages: {SECURITY} (1 other upgrades left" in res.stdout
-        assert versions(target) == {SECURITY: real[SECURITY], OTHER: "0.1-1"}, res.stdout
+        assert versions(target, SECURITY, OTHER) == {SECURITY: real[SECURITY],
+                                                     OTHER: low[OTHER]}, res.stdout
         target.write_env(**stack, UPGRADE="all")
         res = target.fab("provision.base")
         assert f"changed      system upgrade: upgraded 1 packages: {OTHER}" in res.stdout
-        assert versions(target) == real
+        assert versions(target, SECURITY, OTHER) == real
     finally:
         target.write_env(**stack)
         for package, value in real.items():
             set_version(target, package, value)
+
+
+def test_provision_says_when_apt_cannot_plan_the_upgrade(target, stack):
+    """A dependency broken in dpkg's record: apt refuses, and that is no "nothing pending"."""
+    real = versions(target, "libsmartcols1")
+    set_version(target, "libsmartcols1", "0.1-1")  # util-linux needs its exact version
+    try:
+        target.write_env(**stack, UPGRADE="off")
+        res = target.fab("provision.base", check=False)
+        assert res.returncode == 1, res.stdout
+        assert re.search(r"failed +system upgrade: .*apt-get dist-upgrade refuses: E: Unmet "
+                         "dependencies", res.stdout), res.stdout
+        assert "no upgrades pending" not in res.stdout
+    finally:
+        target.write_env(**stack)
+        set_version(target, "libsmartcols1", real["libsmartcols1"])
+    assert "system upgrade: no upgrades pending" in target.fab("provision.base").stdout
+
+
+# -- fab upgrade ---------------------------------------------------------------------------
+
+# libssl's and NGINX's packages made pending as above, each source's packages together (their
+# versions depend on each other exactly): the reinstall replaces the library that the services
+# map and NGINX's binary, so needrestart names them; NGINX's maintainer scripts would restart it.
+LIBSSL = {"bookworm": "libssl3", "trixie": "libssl3t64"}[TEST_SUITE]
+
+
+def lower_exactly(target, real: dict[str, str], back: bool = False) -> None:
+    """Lower ``real``'s versions a notch, and every dependency on them that names that very
+    version (``= V``, ``>= V``: binNMU-safe ones pair it with ``<< V.1~``) (``back``: undo)."""
+    def bre(text):  # sed's basic regular expression for ``text``
+        return re.sub(r"([.\[\]*^$\\/])", r"\\\1", text)
+
+    pairs = [(v, f"{v}~") if not back else (f"{v}~", v) for v in set(real.values())]
+    script = "".join(f"s/^Version: {bre(old)}$/Version: {new}/;s/(= {bre(old)})/(= {new})/g;"
+                     f"s/(>= {bre(old)})/(>= {new})/g;" for old, new in pairs)
+    target.sh(f"sed -i '{script}' /var/lib/dpkg/status")
+
+
+def source_packages(target, *packages: str) -> dict[str, str]:
+    """Every installed package built from the same source as one of ``packages``: version."""
+    out = target.sh(
+        f"src=$(dpkg-query -W -f '${{source:Package}}\\n' {' '.join(packages)} | sort -u)\n"
+        "dpkg-query -W -f '${source:Package} ${Package} ${Version} ${db:Status-Abbrev}\\n' | "
+        "while read -r s p v st; do [ \"$st\" = ii ] && printf '%s\\n' \"$src\" | grep -qxF \"$s\" "
+        "&& echo \"$p $v\"; done; true").stdout
+    return dict(line.split() for line in out.splitlines())
+
+
+def test_upgrade_reports_then_restarts_one_at_a_time_under_load(target, stack):
+    real = source_packages(target, LIBSSL, "nginx")
+    assert LIBSSL in real and "nginx" in real, real
+    lower_exactly(target, real)
+    started = target.sh("date +%s").stdout.strip()
+    try:
+        check = fab(target, "upgrade", "--check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        for package, version in real.items():
+            assert re.search(rf"pending +package {re.escape(package)}: {re.escape(version)}~ -> ",
+                             check.stdout), check.stdout
+        assert versions(target, *real) == lowered(real)
+        with Load(target.info.ip) as load:
+            res = fab(target, "upgrade")
+            time.sleep(1)
+        print(f"\nfab upgrade under load: {load.summary()}\n{res.stdout}")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert load.sent > 20 and load.failed == [], (load.failed[:5], res.stdout)
+        assert versions(target, *real) == real
+        out = res.stdout
+        assert out.index("pending      package ") < out.index("changed      system upgrade: "
+                                                          "upgraded ")
+        restarted = re.findall(r"changed +service (\S+): restarted \(", out)
+        assert "nginx.service" in restarted, out
+        assert "service nginx.service: restarted (ran old libraries; new master on the same " \
+            "sockets)" in out
+        assert restarted[-1] == f"{APP}.service", restarted
+        assert "ok           health check: HTTP 200 from release " in out
+        # PostgreSQL's and Redis's restarts fail requests: named and left to the operator
+        for unit in ("postgresql@", "redis-server.service"):
+            assert re.search(rf"warning +service {unit}\S*: still runs old libraries: its "
+                             "restart fails the app's requests", out), out
+        # no maintainer script restarted a service: policy-rc.d said no, and went afterwards
+        assert target.sh("test -e /usr/sbin/policy-rc.d", check=False).returncode == 1
+        journal = target.sh(f"journalctl -q -o cat --since @{started} -u nginx.service").stdout
+        assert "Stopping" not in journal and "Stopped" not in journal, journal
+        again = fab(target, "upgrade")
+        assert again.returncode == 0 and changed_count(again.stdout) == 0, again.stdout
+        assert "ok           system upgrade: no upgrades pending" in again.stdout
+    finally:
+        lower_exactly(target, real, back=True)
+
+
+def test_upgrade_reboot_when_services_still_run_old_libraries(target, stack, sandbox):
+    """After the test above PostgreSQL and Redis run old libraries: --reboot reboots, waits until
+    the host is back and fab status is clean; then nothing is left and it does not reboot."""
+    left = target.sh("needrestart -b -r l | sed -n 's/^NEEDRESTART-SVC: //p'").stdout.split()
+    assert "redis-server.service" in left, left
+    box = Sandbox(name=sandbox.name, suite=sandbox.suite,
+                  subnet=sandbox.host_ip.rsplit(".", 1)[0])
+    environ = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(target.env_file))
+    proc = subprocess.Popen([FAB, "-S", str(target.info.ssh_config), "-H", target.info.alias,
+                             "upgrade", "--reboot"], cwd=REPO, env=environ, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    try:
+        # A reboot inside the sandbox ends its systemd-nspawn (tasks/sandbox.py): boot it
+        # again, as a server's firmware would.
+        deadline = time.monotonic() + 120
+        while box.running():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        box.boot()
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert re.search(r"changed +reboot: rebooting \(.*redis-server\.service runs old libraries",
+                     out), out
+    assert re.search(r"ok +reboot: back and fab status clean after \d+ s", out), out
+    assert "needrestart: no service runs old libraries" in out
+    again = fab(target, "upgrade", "--reboot")
+    assert again.returncode == 0 and changed_count(again.stdout) == 0, again.stdout
+    assert "ok           reboot: not needed: nothing runs old code" in again.stdout
+
+
+def test_upgrade_refuses_a_foreign_policy_rc_d_and_removes_its_own_leftover(target, stack):
+    from tasks.upgrade import POLICY_MARK
+
+    real = versions(target, SECURITY)
+    lower_exactly(target, real)
+    try:
+        target.sh("printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d")
+        res = fab(target, "upgrade")
+        assert res.returncode == 1, res.stdout
+        assert "failed       policy-rc.d: /usr/sbin/policy-rc.d exists and is not fabstack's" \
+            in res.stdout, res.stdout
+        assert versions(target, SECURITY) == lowered(real)
+        assert target.sh("cat /usr/sbin/policy-rc.d").stdout == "#!/bin/sh\nexit 101\n"
+        # one that a fab upgrade killed with SIGKILL left
+        target.sh(f"printf '#!/bin/sh\\n%s\\nexit 101\\n' '{POLICY_MARK}' > /usr/sbin/policy-rc.d")
+        res = fab(target, "upgrade", "--security")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "changed      policy-rc.d: removed: a fab upgrade that was killed left it" \
+            in res.stdout
+        assert f"system upgrade: upgraded 1 security packages: {SECURITY}" in res.stdout
+        assert versions(target, SECURITY) == real
+        assert target.sh("test -e /usr/sbin/policy-rc.d", check=False).returncode == 1
+    finally:
+        target.sh("rm -f /usr/sbin/policy-rc.d")
+        lower_exactly(target, real, back=True)
 
 
 def test_unattended_upgrades_on_by_default_and_off_when_asked(target, stack):

@@ -135,13 +135,25 @@ class DistUpgrade(Resource):
                  if self.mode == "first" else "")
         return ("key=$(stat -c %Y /var/lib/dpkg/status /var/lib/apt/lists | tr '\\n' ' ')\n"
                 f"if [ \"$key\" != \"$(cat {UPGRADE_STAMP} 2>/dev/null)\" ]; then\n"
-                "  p=$(apt-get -s -o Debug::NoLocking=1 dist-upgrade 2>/dev/null"
+                # apt's refusal (broken dependencies) is no "nothing pending", nor recorded
+                "  if out=$(apt-get -s -o Debug::NoLocking=1 dist-upgrade 2>&1); then\n"
+                "    p=$(printf '%s\\n' \"$out\""
                 " | awk '/^Inst /{print $2 ($0 ~ /-security/ ? \" security\" : \"\")}')\n"
-                f"  if [ -z \"$p\" ]; then {save}; else echo \"$p\"; fi\nfi\n{first}{DPKG_PROBE}")
+                f"    if [ -z \"$p\" ]; then {save}; else echo \"$p\"; fi\n"
+                "  else echo \"apt-error $(printf '%s\\n' \"$out\" | grep '^E: ' "
+                "| tr '\\n' ' ')\"; fi\n"
+                f"fi\n{first}{DPKG_PROBE}")
 
     def plan(self, state, host):
         lines = [line.split() for line in state.splitlines() if line.strip()]
         flags = {line[0] for line in lines if line[0] in ("dpkg=interrupted", "first-provision")}
+        errors = [" ".join(line[1:]) or "no reason given" for line in lines
+                  if line[0] == "apt-error"]
+        if errors and "dpkg=interrupted" not in flags:  # (apt waits for dpkg's recovery)
+            why = errors[0]
+            return Change(f"apt cannot plan the upgrade: {why}",
+                          f"echo {q('apt-get dist-upgrade refuses: ' + why)} >&2; exit 1")
+        lines = [line for line in lines if line[0] != "apt-error"]
         pending = [line[0] for line in lines if line[0] not in flags]
         security = [line[0] for line in lines if line[1:] == ["security"]]
         if not pending:
