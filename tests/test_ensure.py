@@ -80,6 +80,17 @@ def test_check_mode_probes_only_and_reports_would_change(make_host, capsys):
     assert "would change service nginx.service: reloaded" in out
 
 
+@pytest.mark.parametrize("file, state", [
+    (File("/etc/x", "new\n", notify=["nginx:reload"]),  # only its mode differs
+     "regular file|root|root|600\n" + File("/etc/x", "new\n").digest + "\n\n"),
+    (File("/etc/x", "", present=False, notify=["nginx:reload"]), "present\n"),
+])
+def test_check_mode_plans_the_reload_of_a_mode_fix_or_a_removal(make_host, capsys, file, state):
+    host, conn = make_host([(r"/etc/x", state)] + CONVERGED, check=True)
+    assert ensure(host, file, Service("nginx")) == 2
+    assert "would change service nginx.service: reloaded" in capsys.readouterr().out
+
+
 def test_failed_change_raises_with_step_name(make_host):
     host, _conn = make_host([(r"-- /opt/a ", "missing\n")], failing=[r"mkdir"])
     with pytest.raises(StepFailed) as err:

@@ -89,7 +89,8 @@ class File(Resource):
     def plan(self, state, host):
         if not self.present:
             if state.strip() == "present":
-                return Change("removed", f"rm -f -- {q(self.path)}\n" + self._touch_markers())
+                return Change("removed", f"rm -f -- {q(self.path)}\n" + self._touch_markers(),
+                              notify=tuple(self.markers))
             return Ok("absent")
         lines = state.splitlines() + ["", "", ""]
         if lines[0] == "missing":
@@ -104,7 +105,8 @@ class File(Resource):
         fixes, cmds = _fix_meta(self.path, meta, self.owner, self.group, self.mode)
         if not fixes:
             return Ok(f"up to date ({self.owner}:{self.group} {self.mode:04o})")
-        return Change("; ".join(fixes), "\n".join(cmds + [self._touch_markers()]))
+        return Change("; ".join(fixes), "\n".join(cmds + [self._touch_markers()]),
+                      notify=tuple(self.markers))
 
     def _touch_markers(self) -> str:
         if not self.markers:
