@@ -1,19 +1,22 @@
 """Releases of the app: ``fab deploy`` ships a git ref, ``fab rollback`` and ``fab releases``.
 
 Each release is unpacked into /opt/APP/releases/<id> (id: UTC time and commit);
-/opt/APP/app is a link to the current one, switched atomically. A deploy
-installs the requirements into the virtualenv (only when they changed), checks
-that the release's WSGI app loads (as the app's user, with its environment),
-dumps the database, migrates, collects static files, switches the link, restarts
-gunicorn and asks the health endpoint through NGINX until it
-answers from the new release (an app that sends an ``X-Release`` header with
-the contents of its REVISION file is waited for until it names the new
-release). Any failure before the switch leaves the current release serving;
-a failed health check puts the previous release back. The host lock (tasks/host.py)
-refuses a second deploy, or a provision, while one runs.
+/opt/APP/app is a link to the current one, switched atomically. A deploy gives the
+release its virtualenv, built beside the serving one (/opt/APP/venvs/KEY, KEY from
+requirements.txt and the interpreter; reused when neither changed; the serving one is
+never written), checks that the release's WSGI app loads (as the app's user, with its
+environment), dumps the database, migrates, collects static files, switches the app's
+and the virtualenv's links (/opt/APP/venv), restarts gunicorn and asks the health
+endpoint through NGINX until it answers from the new release (an app that sends an
+``X-Release`` header with the contents of its REVISION file is waited for until it
+names the new release). Any failure before the switch leaves the current release
+serving; a failed health check puts the previous release back. The host lock
+(tasks/host.py) refuses a second deploy, or a provision, while one runs.
 
 gunicorn runs behind systemd socket activation (APP.socket), so even a
-restart queues requests instead of refusing them.
+restart queues requests instead of refusing them. What comes next (blue/green gunicorn
+instances, the health check before traffic, an NGINX upstream file as the switch): the
+README's "Releases built beside the serving one".
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fabric import task
 from .executor import every_host
 from .host import StepFailed, converging_task, session
 from .primitives import PENDING_DIR, File, ReleaseService, ensure, q, render
+from .python import interpreter
 from .scripts import script
 from .settings import is_remote
 
@@ -107,7 +111,7 @@ def _state(h) -> tuple[str, list[str], list[str]]:
             [f"{needed[path]} ({path})" for path in missing.split()])
 
 
-def _prepare(h, source: Source, release: str, current: str) -> None:
+def _prepare(h, source: Source, release: str) -> None:
     s = h.settings
     if source.archive is not None:
         archive, tree = h.upload(source.archive, "release.tar.gz", "upload the release"), ""
@@ -118,18 +122,21 @@ def _prepare(h, source: Source, release: str, current: str) -> None:
           what=f"release {release}")
     h.changed(f"release {release}", f"unpacked {source.label} ({source.commit[:12]})")
     wsgi = s["WSGI_APP"]
-    # One round trip: the requirements, then whether the release can boot at all (before
-    # anything else: a release that cannot boot is never migrated nor switched to).
+    # One round trip: the release's virtualenv, then whether the release can boot at all
+    # (before anything else: a release that cannot boot is never migrated nor switched to).
     res = h.run(script("deploy-release.sh.j2", s, release=release, action="boot",
-                       current=current, mark=BOOT_MARK),
+                       python=interpreter(s["PYTHON_VERSION"]), mark=BOOT_MARK),
                 what="requirements", check=False)
     pip_err, checked, boot_err = res.stderr.partition(f"{BOOT_MARK}\n")
     if not checked:
         _abort(h, release, "requirements", f"pip install failed: {pip_err.strip()[-1500:]}")
-    if res.stdout.strip() == "same":
-        h.ok("requirements", "unchanged since the current release")
+    built, _, key = res.stdout.strip().rpartition("\n")[2].partition(" ")
+    venv = f"{s.layout.venvs}/{key}"
+    if built == "same":
+        h.ok("requirements", f"unchanged: the release runs from virtualenv {venv}")
     else:
-        h.changed("requirements", "installed into the virtualenv")
+        h.changed("requirements", f"installed into a new virtualenv {venv}, beside the "
+                  "serving one")
     if not res.ok:
         _abort(h, release, "app boot check", f"the new release's WSGI app ({wsgi}) does not "
                f"load as {s.app} with its environment:\n{boot_err.strip()[-1500:]}")
@@ -242,13 +249,18 @@ def _restart_workers(h) -> None:
 
 
 def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
+    """Remove the releases beyond ``keep`` (but those in ``protect``) and the virtualenvs
+    no remaining release runs from (files/deploy-prune.sh.j2), in one round trip."""
     old = [r for r in releases[:-keep] if r not in protect] if len(releases) > keep else []
-    if not old:
+    res = h.run(script("deploy-prune.sh.j2", h.settings, *old), what="old releases")
+    venvs = res.stdout.split()
+    gone = ([f"removed {', '.join(old)} (keeping {keep})"] if old else []) + (
+        [f"removed virtualenv{'s' * (len(venvs) > 1)} {', '.join(venvs)} (no kept release "
+         "runs from it)"] if venvs else [])
+    if gone:
+        h.changed("old releases", "; ".join(gone))
+    else:
         h.ok("old releases", f"{len(releases)} kept (at most {keep})")
-        return
-    layout = h.settings.layout
-    h.run("rm -rf " + " ".join(q(layout.release(r)) for r in old), what="old releases")
-    h.changed("old releases", f"removed {', '.join(old)} (keeping {keep})")
 
 
 def deploy_release(h, ref: str | None = None, force: bool = False,
@@ -280,7 +292,7 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
         h.changed(f"release {release}", f"would deploy {source.label} "
                   f"({source.commit[:12]}) over {current or 'nothing'}")
         return
-    _prepare(h, source, release, current)
+    _prepare(h, source, release)
     page_on = False  # fab deploy --maintenance turned the maintenance page on
     try:
         if maintenance:

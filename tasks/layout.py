@@ -7,7 +7,12 @@ files/ gets as ``layout``::
         app -> releases/ID    current: the release serving
         releases/ID/          releases
         repo.git/             repo: the host's mirror of a remote DEPLOY_REPO
-        venv/                 venv
+        venv -> venvs/KEY     venv: the current release's virtualenv (a link the switch
+                              moves with app; a directory, the seed, before the first deploy)
+        venvs/KEY/            venvs: one virtualenv per requirements.txt and interpreter;
+                              releases/ID/.fabstack-venv (release_venv) names the release's;
+                              venvs/legacy legacy_venv: the shared one of a host deployed
+                              before (releases without .fabstack-venv run from it)
         conf/                 conf: root:APP 0750; conf/APP.conf is env_file, conf/pgpass
                               pgpass (root's, for the app's database role), conf/deploy_key
                               deploy_key and conf/git-credentials git_credentials (DEPLOY_REPO's)
@@ -29,6 +34,7 @@ CELERY_RUN = "/run/celery"  # Celery's, whatever the app
 CELERY_LOGS = "/var/log/celery"
 CELERY_HOME = "/var/lib/celery"
 BACKUPS_HOME = "/var/lib/backups"  # the backups account's, whatever the app
+RELEASE_VENV = ".fabstack-venv"  # in a release: the link to its virtualenv in venvs/
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class Layout:
     releases: str
     repo: str
     venv: str
+    venvs: str
+    legacy_venv: str
     conf: str
     env_file: str
     pgpass: str
@@ -58,13 +66,15 @@ class Layout:
     celery_logs: str = CELERY_LOGS
     celery_home: str = CELERY_HOME
     backups_home: str = BACKUPS_HOME
+    release_venv: str = RELEASE_VENV
 
     @classmethod
     def of(cls, app: str) -> Layout:
         code, home = f"/opt/{app}", f"/var/opt/{app}"
         conf, backup = f"{code}/conf", f"{code}/backup"
         return cls(app=app, code=code, current=f"{code}/app", releases=f"{code}/releases",
-                   repo=f"{code}/repo.git", venv=f"{code}/venv", conf=conf,
+                   repo=f"{code}/repo.git", venv=f"{code}/venv",
+                   venvs=f"{code}/venvs", legacy_venv=f"{code}/venvs/legacy", conf=conf,
                    env_file=f"{conf}/{app}.conf", pgpass=f"{conf}/pgpass",
                    deploy_key=f"{conf}/deploy_key", git_credentials=f"{conf}/git-credentials",
                    backup=backup, media_snapshots=f"{backup}/media", home=home,

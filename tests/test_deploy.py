@@ -1,4 +1,5 @@
-"""The deploy's steps before the switch, over the fake connection: requirements, boot check."""
+"""The deploy's steps before the switch, over the fake connection: the release's virtualenv,
+boot check; and the pruning of releases and virtualenvs after it."""
 
 import pytest
 
@@ -26,25 +27,26 @@ def boot_script(conn) -> str:
 
 
 def test_the_release_must_load_before_anything_else(make_host, capsys):
-    host, conn = prepare(make_host, Result("same\n", f"{deploy.BOOT_MARK}\n", 0))
-    deploy._prepare(host, SOURCE, RELEASE, "20261126000000-0123456789ab")
+    host, conn = prepare(make_host, Result("same 0123456789abcdef\n", f"{deploy.BOOT_MARK}\n", 0))
+    deploy._prepare(host, SOURCE, RELEASE)
     script = boot_script(conn)
     # as the app's user, with the environment its file gives, from the new release
-    assert script.startswith(f"release={RELEASE}\naction=boot\n"
-                             "current=20261126000000-0123456789ab\n")
+    assert script.startswith(f"release={RELEASE}\naction=boot\npython=python3\n")
     assert "rel=/opt/ratemyderp/releases/$release\n" in script
+    assert "venv=$rel/.fabstack-venv\n" in script
     assert "set -a\n# shellcheck source=/dev/null" in script
     assert ("\n. /opt/ratemyderp/conf/ratemyderp.conf\nset +a\nexport PYTHONPATH=\"$rel\"\n"
             in script)
     assert 'runuser -u ratemyderp -- "$venv/bin/python" - config.wsgi <<' in script
     out = capsys.readouterr().out
-    assert "ok           requirements: unchanged since the current release" in out
+    assert ("ok           requirements: unchanged: the release runs from virtualenv "
+            "/opt/ratemyderp/venvs/0123456789abcdef") in out
     assert "ok           app boot check: config.wsgi.application loads as ratemyderp" in out
 
 
 def test_no_secret_reaches_a_command_line_or_a_script(make_host, settings):
     host, conn = prepare(make_host, Result("", f"{deploy.BOOT_MARK}\n", 0))
-    deploy._prepare(host, SOURCE, RELEASE, "")
+    deploy._prepare(host, SOURCE, RELEASE)
     for secret in settings.secrets:
         assert not any(secret in text for text in conn.commands + conn.scripts)
 
@@ -53,7 +55,7 @@ def test_failing_requirements_abandon_the_release(make_host):
     host, conn = prepare(make_host, Result("", "ERROR: No matching distribution found for "
                                                "nope==1\n", 1))
     with pytest.raises(StepFailed) as err:
-        deploy._prepare(host, SOURCE, RELEASE, "")
+        deploy._prepare(host, SOURCE, RELEASE)
     assert err.value.what == "requirements"
     assert "pip install failed: ERROR: No matching distribution found for nope==1" in \
         err.value.message
@@ -63,10 +65,10 @@ def test_failing_requirements_abandon_the_release(make_host):
 
 def test_a_release_that_cannot_boot_is_abandoned(make_host, capsys):
     host, conn = prepare(make_host, Result(
-        "", f"{deploy.BOOT_MARK}\nTraceback (most recent call last):\n"
-            "RuntimeError: cannot boot\n", 1))
+        "built fedcba9876543210\n", f"{deploy.BOOT_MARK}\nTraceback (most recent call last):\n"
+                                    "RuntimeError: cannot boot\n", 1))
     with pytest.raises(StepFailed) as err:
-        deploy._prepare(host, SOURCE, RELEASE, "20261126000000-0123456789ab")
+        deploy._prepare(host, SOURCE, RELEASE)
     assert err.value.what == "app boot check"
     assert err.value.message.startswith(
         "the new release's WSGI app (config.wsgi) does not load as ratemyderp with its "
@@ -74,7 +76,49 @@ def test_a_release_that_cannot_boot_is_abandoned(make_host, capsys):
     assert "RuntimeError: cannot boot\nrelease " in err.value.message
     assert conn.applied[-1] == f"rm -rf /opt/ratemyderp/releases/{RELEASE}"
     # the requirements themselves were fine, and reported so
-    assert "changed      requirements: installed into the virtualenv" in capsys.readouterr().out
+    assert ("changed      requirements: installed into a new virtualenv "
+            "/opt/ratemyderp/venvs/fedcba9876543210, beside the serving one"
+            in capsys.readouterr().out)
+
+
+def test_the_serving_virtualenv_is_never_written(make_host):
+    """The boot step builds the release's virtualenv in venvs/ and writes nothing through
+    /opt/APP/venv, the serving release's (the real-host proof hashes it:
+    tests/test_realhost_deploy.py)."""
+    host, conn = prepare(make_host, Result("built 0123456789abcdef\n", f"{deploy.BOOT_MARK}\n", 0))
+    deploy._prepare(host, SOURCE, RELEASE)
+    script = boot_script(conn)
+    assert "dir=/opt/ratemyderp/venvs/$key\n" in script
+    assert '"$python" -m venv "$dir"' in script and '"$dir/bin/pip" install' in script
+    assert "/opt/ratemyderp/venv/" not in script and "/opt/ratemyderp/venv\n" not in script
+    # a build that fails is removed, so the next deploy builds it again
+    assert 'rm -rf -- "$dir"\n            exit 1' in script
+
+
+@pytest.mark.parametrize("old, removed, outcome", [
+    ([], "", "ok           old releases: 4 kept (at most 5)"),
+    (["r1"], "", "changed      old releases: removed r1 (keeping 3)"),
+    (["r1", "r2"], "0123456789abcdef\nlegacy\n",
+     "changed      old releases: removed r1, r2 (keeping 2); removed virtualenvs "
+     "0123456789abcdef, legacy (no kept release runs from it)"),
+    ([], "0123456789abcdef\n", "changed      old releases: removed virtualenv "
+     "0123456789abcdef (no kept release runs from it)"),
+])
+def test_prune_removes_old_releases_and_the_virtualenvs_none_runs_from(
+        make_host, capsys, old, removed, outcome):
+    host, conn = make_host()
+
+    def execute(command, stdin, wait):
+        conn.exec_script(command, stdin)
+        return Result(removed, "", 0)
+
+    host._exec = execute
+    releases = old + ["r3", "r4", "r5", "r6"][:4 - len(old)]
+    keep = {0: 5, 1: 3, 2: 2}[len(old)]
+    deploy._prune(host, releases, keep, {releases[-1]})
+    script = conn.applied[-1]
+    assert script.startswith("set -- " + " ".join(old) + "\n" if old else "#!/bin/sh")
+    assert outcome in capsys.readouterr().out
 
 
 # -- a remote DEPLOY_REPO with a credential ----------------------------------------------------
@@ -120,3 +164,52 @@ def test_a_token_in_deploy_repo_never_reaches_a_command_line(make_host, capsys):
 ])
 def test_remote_credentials(repo, url, line):
     assert deploy.remote_credentials(repo) == (url, line)
+
+
+# -- provision's python step and the virtualenvs of releases ----------------------------------
+
+def seed_guard(make_host, root) -> str:
+    """The python step's guard on /opt/APP/venv (its ``unless``), with /opt/APP at ``root``."""
+    from tasks.primitives import Command
+    from tasks.python import python_resources
+
+    host, _ = make_host()
+    command = next(r for r in python_resources(host, {"ID": "debian"}, True)
+                   if isinstance(r, Command))
+    return command.unless.replace("/opt/ratemyderp", str(root))
+
+
+@pytest.mark.parametrize("state, left_alone", [
+    ("missing", False),
+    ("seed of another python", False),
+    ("seed of this python", True),
+    ("legacy of another python, a release serving from it", True),
+    ("link to a release's virtualenv of another python", True),
+    ("link to a removed virtualenv", False),
+])
+def test_provision_never_rebuilds_a_virtualenv_a_release_runs_from(
+        make_host, tmp_path, state, left_alone):
+    """The seed virtualenv is made (again) only while no release runs from it: changing
+    PYTHON_VERSION no longer empties the serving one (the next deploy builds the release's)."""
+    import subprocess
+    import sys
+
+    this = "%d.%d" % sys.version_info[:2]
+    venv, venvs = tmp_path / "venv", tmp_path / "venvs"
+
+    def virtualenv(path, version):
+        path.mkdir(parents=True)
+        (path / "pyvenv.cfg").write_text(f"home = /usr/bin\nversion = {version}.1\n")
+
+    if state.startswith("seed"):
+        virtualenv(venv, this if "this" in state else "2.9")
+    elif state.startswith("legacy"):
+        virtualenv(venv, "2.9")
+        (tmp_path / "releases/r1").mkdir(parents=True)
+        (tmp_path / "app").symlink_to("releases/r1")
+    elif state.startswith("link"):
+        if "removed" not in state:
+            virtualenv(venvs / "0123456789abcdef", "2.9")
+        venv.symlink_to(venvs / "0123456789abcdef")
+    res = subprocess.run(["sh", "-c", seed_guard(make_host, tmp_path)], capture_output=True)
+    assert (res.returncode == 0) == left_alone, res.stderr
