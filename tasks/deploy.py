@@ -92,6 +92,8 @@ def prerequisites(s) -> dict[str, str]:
     from .nginx import site_path
 
     return {f"{s.layout.venv}/bin/python": "the virtualenv",
+            f"/usr/bin/{interpreter(s['PYTHON_VERSION'])}":
+                "the interpreter of PYTHON_VERSION, which builds the release's virtualenv",
             s.layout.env_file: "the app's environment file",
             f"/etc/systemd/system/{s.app}.service": "gunicorn's unit",
             site_path(s): "the NGINX site",

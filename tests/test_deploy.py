@@ -213,3 +213,14 @@ def test_provision_never_rebuilds_a_virtualenv_a_release_runs_from(
         venv.symlink_to(venvs / "0123456789abcdef")
     res = subprocess.run(["sh", "-c", seed_guard(make_host, tmp_path)], capture_output=True)
     assert (res.returncode == 0) == left_alone, res.stderr
+
+
+def test_a_deploy_needs_the_interpreter_of_python_version(settings):
+    """The release's virtualenv is built with PYTHON_VERSION's interpreter: a host that
+    provision has not given it is named before anything changes."""
+    from tasks import settings as settings_mod
+    from tests.conftest import VALID
+
+    assert deploy.prerequisites(settings)["/usr/bin/python3"].startswith("the interpreter")
+    other = settings_mod.parse({**VALID, "PYTHON_VERSION": "3.12"})
+    assert "/usr/bin/python3.12" in deploy.prerequisites(other)

@@ -1,5 +1,7 @@
 """fab deploy on the real sandbox host: releases, zero-downtime reload, a failed health check,
-rollback (failed requirements, migrations and boot: test_realhost_faults.py)."""
+per-release virtualenvs (the serving one untouched by a failed deploy; a host with the old
+shared one migrated), rollback (failed requirements, migrations and boot:
+test_realhost_faults.py)."""
 
 import re
 import subprocess
@@ -57,6 +59,12 @@ def test_first_deploy_serves_the_app(target, deployed, app_repo):
     assert target.sh(f"readlink /opt/{APP}/app").stdout.strip() == f"releases/{release}"
     # static files collected, served by NGINX itself
     assert target.sh(f"test -f /var/opt/{APP}/static/demo/site.css").returncode == 0
+    # the release runs from a virtualenv of its own, which /opt/APP/venv names; the seed
+    # virtualenv provision made is gone (no release runs from it)
+    venv = target.sh(f"readlink /opt/{APP}/releases/{release}/.fabstack-venv").stdout.strip()
+    assert re.fullmatch(rf"/opt/{APP}/venvs/[0-9a-f]{{16}}", venv), venv
+    assert target.sh(f"readlink /opt/{APP}/venv").stdout.strip() == venv
+    assert target.sh(f"ls /opt/{APP}/venvs").stdout.split() == [venv.rsplit("/", 1)[1]]
 
 
 def heartbeats(target, release: str) -> int:
@@ -117,6 +125,84 @@ def test_failing_health_check_puts_the_previous_release_back(target, deployed, a
     assert "health check" in res.stdout and f"put release {before} back" in res.stdout
     assert release_served(target.info.ip) == before
     revert(app_repo)
+
+
+def venv_fingerprint(target, venv: str) -> str:
+    """A hash of virtualenv ``venv``: every entry's path, type, mode and link target, and
+    every file's content."""
+    return target.sh(f"cd {venv} && {{ find . -printf '%p %y %m %l\\n' | sort; "
+                     "find . -type f -print0 | sort -z | xargs -0 sha256sum; } | sha256sum"
+                     ).stdout.strip()
+
+
+def test_a_new_requirement_that_breaks_the_app_leaves_the_serving_virtualenv_as_it_was(
+        target, deployed, app_repo):
+    """A requirement that installs, and a release that cannot boot with it: the virtualenv the
+    serving release runs from is byte for byte what it was, and no request fails."""
+    ip = target.info.ip
+    before = release_served(ip)
+    serving = target.sh(f"readlink -e /opt/{APP}/venv").stdout.strip()
+    fingerprint = venv_fingerprint(target, serving)
+    requirements = app_repo / "example/requirements.txt"
+    wsgi = app_repo / "example/config/wsgi.py"
+    commit(app_repo, "a new requirement the app breaks on", {
+        str(requirements.relative_to(app_repo)): requirements.read_text() + "six==1.17.0\n",
+        str(wsgi.relative_to(app_repo)): wsgi.read_text() + (
+            "\nimport six  # noqa: E402\n"
+            "raise RuntimeError(f'six {six.__version__} breaks this app, on purpose')\n")})
+    try:
+        with Load(ip) as load:
+            res = target.fab("deploy", check=False)
+    finally:
+        revert(app_repo)
+    print(f"\nbroken requirement: {load.summary()}")
+    assert res.returncode == 1, res.stdout
+    assert "changed      requirements: installed into a new virtualenv " in res.stdout
+    assert "RuntimeError: six 1.17.0 breaks this app, on purpose" in res.stdout, res.stdout
+    assert "the current release keeps serving" in res.stdout
+    assert load.sent >= 5 and load.failed == [], (load.summary(), res.stdout)
+    assert set(load.releases) == {before}, load.summary()
+    assert target.sh(f"readlink -e /opt/{APP}/venv").stdout.strip() == serving
+    assert venv_fingerprint(target, serving) == fingerprint
+
+
+def make_it_a_host_of_the_shared_virtualenv(target) -> None:
+    """The host as fabstack left it before per-release virtualenvs: one virtualenv directory at
+    /opt/APP/venv with the current release's requirements, gunicorn running from it, and a
+    current release that names no virtualenv of its own."""
+    target.sh(f"set -e; cd /opt/{APP}; rm venv; python3 -m venv venv; "
+              "venv/bin/pip install -q --disable-pip-version-check -r app/requirements.txt; "
+              f"rm app/.fabstack-venv; systemctl restart {APP}.service")
+    assert target.sh(f"test -d /opt/{APP}/venv && test ! -L /opt/{APP}/venv").returncode == 0
+
+
+def test_a_host_of_the_shared_virtualenv_migrates_on_its_next_deploy(target, deployed,
+                                                                     app_repo):
+    """Its next deploy keeps the shared virtualenv as venvs/legacy for the releases before
+    it, under a request stream with no failed request; rollback to such a release runs from
+    it again."""
+    ip = target.info.ip
+    make_it_a_host_of_the_shared_virtualenv(target)
+    old = release_served(ip)
+    commit(app_repo, "a release after the shared virtualenv",
+           {"example/demo/static/demo/migrated.txt": "1"})
+    with Load(ip) as load:
+        res = target.fab("deploy")
+        time.sleep(1)
+    print(f"\nmigrating deploy: {load.summary()}")
+    new = release_served(ip)
+    assert new != old and load.sent > 20 and load.failed == [], (load.summary(), res.stdout)
+    venv = target.sh(f"readlink /opt/{APP}/releases/{new}/.fabstack-venv").stdout.strip()
+    assert target.sh(f"readlink /opt/{APP}/venv").stdout.strip() == venv
+    assert target.sh(f"test -d /opt/{APP}/venvs/legacy").returncode == 0, res.stdout
+    with Load(ip) as load:
+        res = target.fab("rollback")
+        time.sleep(1)
+    print(f"rollback to a release of the shared virtualenv: {load.summary()}")
+    assert release_served(ip) == old and load.failed == [], (load.summary(), res.stdout)
+    assert target.sh(f"readlink /opt/{APP}/venv").stdout.strip() == f"/opt/{APP}/venvs/legacy"
+    target.fab("deploy")  # forward again: the next tests start from the latest commit
+    assert release_served(ip) != old
 
 
 def test_rollback_releases_and_retention(target, deployed, app_repo):
