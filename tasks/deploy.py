@@ -100,17 +100,35 @@ def prerequisites(s) -> dict[str, str]:
             s.layout.backup_script: "the backup script"}
 
 
-def _state(h) -> tuple[str, list[str], list[str]]:
-    """The current release's id, every release (oldest first), and the missing prerequisites."""
-    layout = h.settings.layout
-    needed = prerequisites(h.settings)
-    current, listing, missing = h.probe([
+@dataclass
+class State:
+    """A host's releases as a deploy finds them."""
+
+    current: str  # the current release's id ("": none)
+    releases: list[str]  # every release, oldest first
+    missing: list[str]  # the prerequisites provision has not made
+    venv_stale: bool  # the current release's virtualenv is not the one a deploy would build
+
+
+def _state(h) -> State:
+    """Read the host's releases (one round trip)."""
+    s = h.settings
+    layout = s.layout
+    needed = prerequisites(s)
+    python = interpreter(s["PYTHON_VERSION"])
+    current, listing, missing, stale = h.probe([
         f"readlink {q(layout.current)} 2>/dev/null | xargs -r basename",
         f"ls -1 {q(layout.releases)} 2>/dev/null | grep -v '^[.]'",
         "".join(f"[ -e {q(path)} ] || echo {q(path)}\n" for path in needed) + "true",
+        # the key the current release's virtualenv would have now (an interpreter changed
+        # by PYTHON_VERSION changes it), against the one it runs from
+        f"(\n{script('venv-key.sh.j2', s, python=python, rel=layout.current)}"
+        f"[ \"$(readlink {q(layout.current + '/' + layout.release_venv)})\" = "
+        f"{q(layout.venvs)}/\"$key\" ] || echo stale\n) 2>/dev/null; true",
     ])
-    return (current.strip(), sorted(listing.split()),
-            [f"{needed[path]} ({path})" for path in missing.split()])
+    return State(current.strip(), sorted(listing.split()),
+                 [f"{needed[path]} ({path})" for path in missing.split()],
+                 stale.strip() == "stale")
 
 
 def _prepare(h, source: Source, release: str) -> None:
@@ -273,7 +291,8 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
     ref = ref or s["DEPLOY_REF"]
     remote = is_remote(s["DEPLOY_REPO"])
     source = None if remote else resolve_local(s["DEPLOY_REPO"], ref, s["DEPLOY_SUBDIR"])
-    current, releases, missing = _state(h)
+    state = _state(h)
+    current, releases, missing = state.current, state.releases, state.missing
     if missing:
         raise StepFailed("provisioned", f"the host is not fully provisioned, missing "
                          f"{', '.join(missing)}: run `fab provision` first (a provision "
@@ -282,7 +301,11 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
         source = _resolve_remote(h)
         if source is None:
             return
-    if current.endswith(f"-{source.commit[:12]}") and not force:
+    if current.endswith(f"-{source.commit[:12]}") and state.venv_stale and not force:
+        h.changed(f"release {current}", f"{source.commit[:12]} is current but does not run "
+                  "from the virtualenv its requirements and PYTHON_VERSION's interpreter "
+                  "give: deploying it again")
+    elif current.endswith(f"-{source.commit[:12]}") and not force:
         healthy, detail = health_check(h, current, timeout=10)
         if not healthy:
             raise StepFailed("health check", f"release {current} is current but not "
@@ -321,7 +344,8 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
 
 
 def rollback_release(h) -> None:
-    current, releases, _ = _state(h)
+    state = _state(h)
+    current, releases = state.current, state.releases
     if current not in releases or releases.index(current) == 0:
         raise StepFailed("rollback", f"no release before {current or 'the current one'} "
                          f"(releases: {', '.join(releases) or 'none'})")
@@ -358,8 +382,9 @@ def rollback(c):
 def releases(c):
     """List the releases on the host, marking the current one."""
     with session(c, "releases", lock=False) as h:
-        current, listing, _ = _state(h)
-        for release in listing:
+        state = _state(h)
+        current = state.current
+        for release in state.releases:
             h.ok(f"release {release}", "current" if release == current else "kept")
 
 

@@ -194,7 +194,7 @@ def test_provision_never_rebuilds_a_virtualenv_a_release_runs_from(
     import subprocess
     import sys
 
-    this = "%d.%d" % sys.version_info[:2]
+    this = "{}.{}".format(*sys.version_info[:2])
     venv, venvs = tmp_path / "venv", tmp_path / "venvs"
 
     def virtualenv(path, version):
@@ -224,3 +224,34 @@ def test_a_deploy_needs_the_interpreter_of_python_version(settings):
     assert deploy.prerequisites(settings)["/usr/bin/python3"].startswith("the interpreter")
     other = settings_mod.parse({**VALID, "PYTHON_VERSION": "3.12"})
     assert "/usr/bin/python3.12" in deploy.prerequisites(other)
+
+
+@pytest.mark.parametrize("link, stale", [("right", False), ("other", True), (None, True)])
+def test_a_current_release_on_another_virtualenv_is_deployed_again(
+        make_host, tmp_path, link, stale):
+    """The deploy's probe computes the key the current release's virtualenv would have now
+    (files/venv-key.sh.j2): one of another interpreter (PYTHON_VERSION changed), or none of
+    its own (a release from before per-release virtualenvs), makes it stale."""
+    import subprocess
+
+    from tasks.scripts import script
+
+    host, _ = make_host()
+    snippets = []
+    host.probe = lambda s: snippets.extend(s) or ["", "", "", ""]
+    deploy._state(host)
+    stale_probe = snippets[3].replace("/opt/ratemyderp", str(tmp_path))
+    release = tmp_path / "releases/r1"
+    release.mkdir(parents=True)
+    (release / "requirements.txt").write_text("Django==5.2.19\n")
+    (tmp_path / "app").symlink_to("releases/r1")
+    key = subprocess.run(["sh", "-c", script("venv-key.sh.j2", host.settings, rel=release,
+                                             python="python3") + 'echo "$key"'],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert len(key) == 16
+    if link:
+        venv = tmp_path / "venvs" / (key if link == "right" else "0123456789abcdef")
+        venv.mkdir(parents=True)
+        (release / ".fabstack-venv").symlink_to(venv)
+    res = subprocess.run(["sh", "-c", stale_probe], capture_output=True, text=True)
+    assert res.returncode == 0 and (res.stdout.strip() == "stale") == stale, res
