@@ -274,9 +274,10 @@ def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
     old = [r for r in releases[:-keep] if r not in protect] if len(releases) > keep else []
     res = h.run(script("deploy-prune.sh.j2", h.settings, *old), what="old releases")
     venvs = res.stdout.split()
+    many = len(venvs) > 1
     gone = ([f"removed {', '.join(old)} (keeping {keep})"] if old else []) + (
-        [f"removed virtualenv{'s' * (len(venvs) > 1)} {', '.join(venvs)} (no kept release "
-         "runs from it)"] if venvs else [])
+        [f"removed virtualenv{'s' * many} {', '.join(venvs)} (no kept release runs from "
+         f"{'them' if many else 'it'})"] if venvs else [])
     if gone:
         h.changed("old releases", "; ".join(gone))
     else:

@@ -100,7 +100,7 @@ def test_the_serving_virtualenv_is_never_written(make_host):
     (["r1"], "", "changed      old releases: removed r1 (keeping 3)"),
     (["r1", "r2"], "0123456789abcdef\nlegacy\n",
      "changed      old releases: removed r1, r2 (keeping 2); removed virtualenvs "
-     "0123456789abcdef, legacy (no kept release runs from it)"),
+     "0123456789abcdef, legacy (no kept release runs from them)"),
     ([], "0123456789abcdef\n", "changed      old releases: removed virtualenv "
      "0123456789abcdef (no kept release runs from it)"),
 ])
