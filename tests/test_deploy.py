@@ -255,3 +255,82 @@ def test_a_current_release_on_another_virtualenv_is_deployed_again(
         (release / ".fabstack-venv").symlink_to(venv)
     res = subprocess.run(["sh", "-c", stale_probe], capture_output=True, text=True)
     assert res.returncode == 0 and (res.stdout.strip() == "stale") == stale, res
+
+
+# -- the switch and the pruning, run here on a copy of /opt/APP ---------------------------------
+
+def run_here(program: str, root, *args: str):
+    """``program`` run by sh with /opt/ratemyderp at ``root`` and systemctl a stub that logs."""
+    import os
+    import subprocess
+
+    bin_dir = root / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {root}/systemctl.log\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    res = subprocess.run(["sh", "-c", program.replace("/opt/ratemyderp", str(root)), "sh", *args],
+                         capture_output=True, text=True,
+                         env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def release_with(root, name: str, venv: str | None):
+    """Release ``name`` in ``root``, its virtualenv link naming venvs/``venv`` (None: none)."""
+    release = root / "releases" / name
+    release.mkdir(parents=True)
+    if venv:
+        (root / "venvs" / venv).mkdir(parents=True, exist_ok=True)
+        (release / ".fabstack-venv").symlink_to(root / "venvs" / venv)
+
+
+def switch(settings, root, release: str) -> None:
+    from tasks.scripts import script
+
+    (root / "pending").mkdir(exist_ok=True)
+    run_here(script("deploy-switch.sh.j2", settings, link=f"releases/{release}",
+                    pending=str(root / "pending")), root)
+
+
+def test_the_switch_moves_both_links_and_keeps_a_shared_virtualenv_as_the_legacy_one(
+        settings, tmp_path):
+    import os
+
+    root = tmp_path
+    (root / "venv").mkdir()  # a host of the shared virtualenv
+    (root / "venv/pyvenv.cfg").write_text("version = 3.11.2\n")
+    release_with(root, "r1", None)
+    (root / "app").symlink_to("releases/r1")
+    release_with(root, "r2", "0123456789abcdef")
+    switch(settings, root, "r2")
+    assert os.readlink(root / "app") == "releases/r2"
+    assert os.readlink(root / "venv") == f"{root}/venvs/0123456789abcdef"
+    assert (root / "venvs/legacy/pyvenv.cfg").read_text() == "version = 3.11.2\n"
+    assert "restart ratemyderp.service" in (root / "systemctl.log").read_text()
+    switch(settings, root, "r1")  # rollback to a release of the shared virtualenv
+    assert os.readlink(root / "app") == "releases/r1"
+    assert os.readlink(root / "venv") == f"{root}/venvs/legacy"
+    switch(settings, root, "r2")
+    assert os.readlink(root / "venv") == f"{root}/venvs/0123456789abcdef"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+
+
+def test_pruning_keeps_every_virtualenv_a_kept_release_or_the_link_names(settings, tmp_path):
+    import os
+
+    from tasks.scripts import script
+
+    root = tmp_path
+    release_with(root, "r1", "1111111111111111")
+    release_with(root, "r2", None)  # runs from the legacy one
+    (root / "venvs/legacy").mkdir()
+    release_with(root, "r3", "3333333333333333")
+    release_with(root, "r4", "3333333333333333")
+    (root / "venvs/4444444444444444").mkdir()  # built for a release that then failed
+    os.symlink(root / "venvs/3333333333333333", root / "venv")
+    prune = script("deploy-prune.sh.j2", settings, "r1")
+    assert run_here(prune, root).split() == ["1111111111111111", "4444444444444444"]
+    assert sorted(p.name for p in (root / "venvs").iterdir()) == ["3333333333333333", "legacy"]
+    assert sorted(p.name for p in (root / "releases").iterdir()) == ["r2", "r3", "r4"]
+    prune = script("deploy-prune.sh.j2", settings, "r2")
+    assert run_here(prune, root).split() == ["legacy"]
