@@ -213,8 +213,10 @@ def download_dump(h, path: str, local_dir: str = ".") -> Path:
 # -- restore ---------------------------------------------------------------------------------
 
 def app_units(s) -> list[str]:
-    """The units that use the database, in the order they are stopped."""
-    return [f"{s.app}.socket", f"{s.app}.service", "celerybeat.service", "celery.service"]
+    """The units that use the database, in the order they are stopped (gunicorn's instances,
+    and its socket-activated unit on a host deployed before them)."""
+    return [*(f"{s.app}@{color}.service" for color in s.layout.colors), f"{s.app}.socket",
+            f"{s.app}.service", "celerybeat.service", "celery.service"]
 
 
 def restore_database(h, path: str) -> None:

@@ -7,6 +7,9 @@ files/ gets as ``layout``::
         app -> releases/ID    current: the release serving
         releases/ID/          releases
         repo.git/             repo: the host's mirror of a remote DEPLOY_REPO
+        instances/COLOR       instances: instances/blue, instances/green -> releases/ID,
+                              the releases gunicorn's two instances APP@blue and APP@green
+                              run (colors); each listens on app_socket(COLOR) in run
         venv -> venvs/KEY     venv: the current release's virtualenv (a link the switch
                               moves with app; a directory, the seed, before the first deploy)
         venvs/KEY/            venvs: one virtualenv per requirements.txt and interpreter;
@@ -20,6 +23,9 @@ files/ gets as ``layout``::
     /var/opt/APP/             home: the app user's home; static/ and media/ below it
     /var/log/APP/             logs
     /usr/local/sbin/APP-backup  backup_script
+    /run/APP/COLOR/gunicorn.sock        app_socket(COLOR): instance COLOR's socket (run: /run/APP)
+    /etc/nginx/conf.d/fabstack-APP-upstream.conf  upstream: NGINX's upstream APP_live, the
+                                        instance that serves
     /var/www/fabstack-maintenance/APP/  maintenance: the maintenance page while it is on
     /var/lib/backups                    backups_home (the backups account's, its .pgpass)
     /run/celery, /var/log/celery, /var/lib/celery  celery_run, celery_logs, celery_home
@@ -35,6 +41,7 @@ CELERY_LOGS = "/var/log/celery"
 CELERY_HOME = "/var/lib/celery"
 BACKUPS_HOME = "/var/lib/backups"  # the backups account's, whatever the app
 RELEASE_VENV = ".fabstack-venv"  # in a release: the link to its virtualenv in venvs/
+COLORS = ("blue", "green")  # gunicorn's two instances
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Layout:
     code: str
     current: str
     releases: str
+    instances: str
     repo: str
     venv: str
     venvs: str
@@ -62,26 +70,38 @@ class Layout:
     logs: str
     backup_script: str
     maintenance: str
+    run: str
+    upstream: str
     celery_run: str = CELERY_RUN
     celery_logs: str = CELERY_LOGS
     celery_home: str = CELERY_HOME
     backups_home: str = BACKUPS_HOME
     release_venv: str = RELEASE_VENV
+    colors: tuple[str, ...] = COLORS
 
     @classmethod
     def of(cls, app: str) -> Layout:
         code, home = f"/opt/{app}", f"/var/opt/{app}"
         conf, backup = f"{code}/conf", f"{code}/backup"
         return cls(app=app, code=code, current=f"{code}/app", releases=f"{code}/releases",
-                   repo=f"{code}/repo.git", venv=f"{code}/venv",
+                   instances=f"{code}/instances", repo=f"{code}/repo.git", venv=f"{code}/venv",
                    venvs=f"{code}/venvs", legacy_venv=f"{code}/venvs/legacy", conf=conf,
                    env_file=f"{conf}/{app}.conf", pgpass=f"{conf}/pgpass",
                    deploy_key=f"{conf}/deploy_key", git_credentials=f"{conf}/git-credentials",
                    backup=backup, media_snapshots=f"{backup}/media", home=home,
                    static=f"{home}/static", media=f"{home}/media", logs=f"/var/log/{app}",
                    backup_script=f"/usr/local/sbin/{app}-backup",
-                   maintenance=f"/var/www/fabstack-maintenance/{app}")
+                   maintenance=f"/var/www/fabstack-maintenance/{app}", run=f"/run/{app}",
+                   upstream=f"/etc/nginx/conf.d/fabstack-{app}-upstream.conf")
 
     def release(self, release_id: str) -> str:
         """The folder of release ``release_id``."""
         return f"{self.releases}/{release_id}"
+
+    def instance(self, color: str) -> str:
+        """The link naming the release gunicorn's instance ``color`` runs."""
+        return f"{self.instances}/{color}"
+
+    def app_socket(self, color: str) -> str:
+        """The socket gunicorn's instance ``color`` listens on."""
+        return f"{self.run}/{color}/gunicorn.sock"

@@ -2,7 +2,8 @@
 
 Each unit's sources::
 
-    app         journal of APP.service and APP.socket; /var/log/APP/*.log (gunicorn's)
+    app         journal of APP@blue and APP@green (gunicorn's instances);
+                /var/log/APP/*.log (gunicorn's)
     celery      journal of celery.service; /var/log/celery/w*.log (the worker's own log)
     beat        journal of celerybeat.service; /var/log/celery/beat.log
     nginx       journal of nginx.service; /var/log/nginx/*.log
@@ -69,7 +70,9 @@ def sources(s) -> dict[str, Source]:
     """The units ``--unit`` takes, in the order ``fab logs`` lists them."""
     app = s.app
     return {
-        "app": Source((f"{app}.service", f"{app}.socket"), (), (f"{s.layout.logs}/*.log",)),
+        # gunicorn's instances (and the unit of a host deployed before them)
+        "app": Source((f"{app}@*.service", f"{app}.service", f"{app}.socket"), (),
+                      (f"{s.layout.logs}/*.log",)),
         "celery": Source(("celery.service",), (), (f"{s.layout.celery_logs}/w*.log",)),
         "beat": Source(("celerybeat.service",), (), (f"{s.layout.celery_logs}/beat.log",)),
         "nginx": Source(("nginx.service",), (), ("/var/log/nginx/*.log",)),

@@ -107,8 +107,8 @@ def all(c, check=False):  # noqa: A001 - "provision.all" reads best
         # Everything is declared (and every setting checked) before anything changes, and
         # read in one probe round trip: the steps' later decisions (the site's switch to
         # HTTPS once certbot has the certificate) are made on the host by the re-probes.
-        rest = [*db.db_resources(h), *celery.celery_resources(h), *deploy.app_resources(h),
-                *nginx.nginx_resources(h), *backup.backup_resources(h),
+        rest = [*db.db_resources(h), *celery.celery_resources(h), *nginx.nginx_resources(h),
+                *deploy.app_resources(h), *backup.backup_resources(h),
                 *certbot.certbot_resources(h), *monitoring.monitoring_resources(h)]
         if candidate:
             first = [*base_resources(h), *python.python_resources(h, release, candidate)]

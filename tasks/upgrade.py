@@ -143,7 +143,8 @@ def restart_plan(s, services: list[str], stopped: list[str]
     own scripts: daemon-reexec), then every other unit by name, NGINX, and the app's gunicorn
     last; a unit the upgrade stopped is started whatever it is.
     """
-    app = f"{s.app}.service"
+    # the app's gunicorn: an instance, or the one behind APP.socket of a host deployed before
+    apps = {f"{s.app}@{color}.service" for color in s.layout.colors} | {f"{s.app}.service"}
     first, middle, last, left = [], [], [], {}
     for unit in sorted(set(services) | set(stopped)):
         if UNIT.fullmatch(unit) and "." not in unit:  # systemd-manager, systemd-user
@@ -152,7 +153,7 @@ def restart_plan(s, services: list[str], stopped: list[str]
             left[unit] = "not a unit name fabstack can restart"
         elif unit in stopped:
             middle.append(("start", unit))
-        elif unit == app:
+        elif unit in apps:
             last.append(("app", unit))
         elif unit == "nginx.service":
             middle.append(("nginx", unit))

@@ -259,17 +259,28 @@ def test_a_current_release_on_another_virtualenv_is_deployed_again(
 
 # -- the switch and the pruning, run here on a copy of /opt/APP ---------------------------------
 
-def run_here(program: str, root, *args: str):
-    """``program`` run by sh with /opt/ratemyderp at ``root`` and systemctl a stub that logs."""
+def run_here(program: str, root, *args: str, release: str = ""):
+    """``program`` run by sh with the host's folders in ``root`` (/opt/ratemyderp at ``root``,
+    /etc/nginx at root/nginx...), systemctl a stub that logs, fabstack-nginx-check one that
+    passes, and curl one that answers 200 from release ``release``."""
     import os
     import subprocess
 
     bin_dir = root / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {root}/systemctl.log\n')
-    (bin_dir / "systemctl").chmod(0o755)
-    res = subprocess.run(["sh", "-c", program.replace("/opt/ratemyderp", str(root)), "sh", *args],
-                         capture_output=True, text=True,
+    for name, body in (("systemctl", f'echo "$@" >> {root}/systemctl.log'), ("checker", ""),
+                       ("journalctl", ""),
+                       ("curl", f"printf 'HTTP/1.1 200 OK\\r\\nX-Release: {release}\\r\\n\\r\\n"
+                                "code=200'")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    for folder in ("nginx/conf.d", "run", "pending"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for path, here in (("/usr/local/sbin/fabstack-nginx-check", bin_dir / "checker"),
+                       ("/opt/ratemyderp", root), ("/etc/nginx", root / "nginx"),
+                       ("/run/ratemyderp", root / "run"), ("/etc/systemd/system", root)):
+        program = program.replace(path, str(here))
+    res = subprocess.run(["sh", "-c", program, "sh", *args], capture_output=True, text=True,
                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
     assert res.returncode == 0, res.stderr
     return res.stdout
@@ -284,12 +295,17 @@ def release_with(root, name: str, venv: str | None):
         (release / ".fabstack-venv").symlink_to(root / "venvs" / venv)
 
 
-def switch(settings, root, release: str) -> None:
-    from tasks.scripts import script
+def start_and_switch(settings, root, release: str) -> str:
+    """deploy-start.sh.j2, then deploy-switch.sh.j2 for ``release``; the instance's color."""
+    from tasks.deploy import _instance_script
 
-    (root / "pending").mkdir(exist_ok=True)
-    run_here(script("deploy-switch.sh.j2", settings, link=f"releases/{release}",
-                    pending=str(root / "pending")), root)
+    out = run_here(_instance_script("deploy-start.sh.j2", settings, release=release), root,
+                   release=release)
+    color = out.split()[0]
+    assert out.splitlines()[1] == f"HTTP 200 from release {release}"
+    run_here(_instance_script("deploy-switch.sh.j2", settings, release=release, color=color),
+             root, release=release)
+    return color
 
 
 def test_the_switch_moves_both_links_and_keeps_a_shared_virtualenv_as_the_legacy_one(
@@ -297,22 +313,33 @@ def test_the_switch_moves_both_links_and_keeps_a_shared_virtualenv_as_the_legacy
     import os
 
     root = tmp_path
-    (root / "venv").mkdir()  # a host of the shared virtualenv
+    (root / "venv").mkdir()  # a host of the shared virtualenv, served by APP.socket
     (root / "venv/pyvenv.cfg").write_text("version = 3.11.2\n")
     release_with(root, "r1", None)
     (root / "app").symlink_to("releases/r1")
+    upstream = root / "nginx/conf.d/fabstack-ratemyderp-upstream.conf"
     release_with(root, "r2", "0123456789abcdef")
-    switch(settings, root, "r2")
+    assert start_and_switch(settings, root, "r2") == "blue"
+    assert os.readlink(root / "instances/blue") == f"{root}/releases/r2"
+    assert f"server unix:{root}/run/blue/gunicorn.sock;" in upstream.read_text()
     assert os.readlink(root / "app") == "releases/r2"
     assert os.readlink(root / "venv") == f"{root}/venvs/0123456789abcdef"
     assert (root / "venvs/legacy/pyvenv.cfg").read_text() == "version = 3.11.2\n"
-    assert "restart ratemyderp.service" in (root / "systemctl.log").read_text()
-    switch(settings, root, "r1")  # rollback to a release of the shared virtualenv
+    log = (root / "systemctl.log").read_text()
+    assert "start -- ratemyderp@blue.service" in log
+    assert "disable --now --quiet -- ratemyderp.socket ratemyderp.service" in log
+    # rollback to a release of the shared virtualenv, in the other instance
+    assert start_and_switch(settings, root, "r1") == "green"
+    assert os.readlink(root / "releases/r1/.fabstack-venv") == f"{root}/venvs/legacy"
     assert os.readlink(root / "app") == "releases/r1"
     assert os.readlink(root / "venv") == f"{root}/venvs/legacy"
-    switch(settings, root, "r2")
+    assert f"server unix:{root}/run/green/gunicorn.sock;" in upstream.read_text()
+    assert "disable --now --no-block --quiet -- ratemyderp@blue.service" in (
+        root / "systemctl.log").read_text()
+    assert start_and_switch(settings, root, "r2") == "blue"
     assert os.readlink(root / "venv") == f"{root}/venvs/0123456789abcdef"
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in (root / "instances").iterdir()) == ["blue", "green"]
 
 
 def test_pruning_keeps_every_virtualenv_a_kept_release_or_the_link_names(settings, tmp_path):
