@@ -284,8 +284,8 @@ def _start_beside(h, release: str, rollback: bool = False) -> str:
     (files/deploy-start.sh.j2); returns the instance's color. A release that does not answer
     healthy never gets a request: a deploy abandons it, a rollback stays where it is."""
     s = h.settings
-    res = h.run(_instance_script("deploy-start.sh.j2", s, release=release),
-                what="new instance", check=False)
+    res = h.run(_instance_script("deploy-start.sh.j2", s, release=release,
+                                 **h.lock_values()), what="new instance", check=False)
     color, _, answer = res.stdout.strip().partition("\n")
     unit = f"{s.app}@{color}"
     if not res.ok:

@@ -168,6 +168,14 @@ def host_state(target) -> str:
     return target.sh(STATE).stdout
 
 
+def live_unit(target, app: str = "ratemyderp") -> str:
+    """The gunicorn instance that serves (the one NGINX's upstream file names), as a unit."""
+    color = target.sh(f"sed -n 's|.*unix:/run/{app}/\\([a-z]*\\)/.*|\\1|p' "
+                      f"/etc/nginx/conf.d/fabstack-{app}-upstream.conf").stdout.strip()
+    assert color in ("blue", "green"), color
+    return f"{app}@{color}.service"
+
+
 def state_changes(before: str, after: str) -> list[str]:
     """The lines of two :func:`host_state` texts that differ (- before, + after)."""
     old, new = set(before.splitlines()), set(after.splitlines())
