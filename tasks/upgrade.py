@@ -280,11 +280,12 @@ def restart(h, plan: list[tuple[str, str]], found: Needs, release: str) -> None:
         if word == "restarted":
             unit, ms = rest.split()
             kind = dict((u, k) for k, u in plan)[unit]
-            how = {"nginx": "new master on the same sockets", "app": "as a deploy does",
+            how = {"nginx": "new master on the same sockets",
+                   "app": "as a deploy switches: now in the other instance",
                    "script": f"{RESTART_SCRIPTS}/{unit}", "start": "the upgrade had stopped it"}
             h.changed(f"service {unit}", f"restarted ({why.get(unit, 'stopped')}; "
-                      f"{how.get(kind, 'systemctl restart')}), active after "
-                      f"{int(ms) / 1000:.1f} s")
+                      f"{how.get(kind, 'systemctl restart')}), "
+                      f"{'done' if kind == 'app' else 'active'} after {int(ms) / 1000:.1f} s")
     if not res.ok:
         failed = [line.split()[1] for line in res.stdout.splitlines()
                   if line.startswith("failed ")]
