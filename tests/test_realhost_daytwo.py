@@ -253,7 +253,8 @@ def test_maintenance_on_shows_the_page_but_not_to_the_host(target, stack, pebble
         assert target.sh(from_the_host("/health/")).stdout == "200"
         # a deploy runs behind the page: its health check reaches the app
         deploy = fab(target, "deploy", "--force")
-        assert deploy.returncode == 0 and "serving (HTTP 200" in deploy.stdout, deploy.stdout
+        assert deploy.returncode == 0 and re.search(r"serving from \S+ \(HTTP 200",
+                                                    deploy.stdout), deploy.stdout
         again = fab(target, "maintenance", "on", "--message", message)
         assert again.returncode == 0 and changed_count(again.stdout) == 0, again.stdout
         kept = fab(target, "nginx")  # provision's NGINX step keeps the page on
