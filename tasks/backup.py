@@ -185,7 +185,8 @@ def download_dump(h, path: str, local_dir: str = ".") -> Path:
 # -- restore ---------------------------------------------------------------------------------
 
 def app_units(s) -> list[str]:
-    """The units that use the database, in the order they are stopped."""
+    """The units that use the database: the app's socket and service, Celery's beat and worker
+    (stopped by one systemctl command: systemd orders the stops, not this list)."""
     return [f"{s.app}.socket", f"{s.app}.service", "celerybeat.service", "celery.service"]
 
 
