@@ -3,18 +3,19 @@
     python bench/run.py [noop] [deploy] [fresh]      (all three by default; as root: `make bench`)
 
 noop    A converged sandbox: RUNS rounds, each timing one whole no-op converge of every tool
-        in turn (fab provision, then the pyinfra deploy and the Ansible playbook of
-        bench/peers/, which declare the same resources: bench/manifest.py exports them), and
-        fab provision once more with its upgrade check forced (the peers simulate or run an
-        upgrade on every run; fab skips the simulation while dpkg's status and the apt lists
-        are as they were at the last one that found nothing); then RUNS rounds of each
-        tool's empty run (start-up, one connection, `true` on the host: its fixed cost).
-        Each run must prove it covered the same work, or the bench fails and says which tool
-        and what it missed: every resource of the manifest in fab's report, every resource
-        among pyinfra's operations, every task of the play ok in Ansible's recap. Then our SSH
-        command round trips per run, our redeploy of the release already current, the SSH
-        floor (`ssh host true`), Fabric's own start-up (`fab --list`, no connection) and
-        `systemd-analyze security` exposure of the app's and Celery's units.
+        in turn: fab provision, fab provision with its upgrade check forced (the peers
+        simulate or run an upgrade on every run; fab skips the simulation while dpkg's status
+        and the apt lists are as they were at the last one that found nothing), then the
+        pyinfra deploy and the Ansible playbook of bench/peers/, which declare the same
+        resources (bench/manifest.py exports them); then RUNS rounds of each tool's empty run
+        (start-up, one connection, `true` on the host: its fixed cost). Each run must prove
+        it covered the same work, or the bench fails and says which tool and what it missed:
+        every resource of the manifest in fab's report, every resource among pyinfra's
+        operations, every task of the play ok in Ansible's recap. Then fab provision RUNS
+        times back to back, our SSH command round trips per run, our redeploy of the release
+        already current, the SSH floor (`ssh host true`), Fabric's own start-up (`fab --list`,
+        no connection) and `systemd-analyze security` exposure of the app's and Celery's
+        units.
 deploy  On the same host, each under a steady request stream through NGINX (RATE per second,
         from a second process): DEPLOYS new commits of the example app with the same
         requirements, REQ_DEPLOYS new commits that each add one requirement (a new virtualenv:

@@ -58,7 +58,7 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,10}")  # "fsh-" + name must fit IFNAM
 
 
 class SandboxError(RuntimeError):
-    """A sandbox operation failed; the message says what and shows the command's stderr."""
+    """A sandbox operation failed; the message says what (with a failed command's output)."""
 
 
 def _run(*cmd: object, check: bool = True, timeout: float | None = None

@@ -1,39 +1,11 @@
-"""Backups that restore: ``fab backup`` sets them up, ``fab backup-db``, ``fab restore-db``.
+"""Backups that restore: the backup layout and script, ``fab backup-db``, ``fab restore-db``.
 
-Layout (``backup.setup``, part of ``fab provision``)::
-
-    /opt/APP/backup/            root:backups 0750
-        daily/ weekly/ monthly/ the scheduled dumps (weekly/monthly: hard links of a daily one)
-        previous-deploy/        the dump every deploy takes before it migrates
-        manual/                 `fab backup-db` and the safety dump `fab restore-db` takes first
-        uploads/                dumps uploaded by `fab restore-db --upload`
-        media/<time>/           media snapshots, unchanged files hard-linked to the one before
-
-Every folder below is ``backups:backups 0750``, every file 0640: the ``backups`` user writes,
-the ``backups`` group reads, nobody else. Every dump is made by one script,
-``/usr/local/sbin/APP-backup`` (from files/backup.py.j2), run as the ``backups`` user: ``pg_dump
--Fc`` as the app's database role over localhost, its password in ``/var/lib/backups/.pgpass``
-(0600; no superuser needed, and the dump restores as that role), written as ``.part``, checked
-with ``pg_restore --list`` and only then named ``DB-<UTC time>-<release>.dump``. The deploy
-calls the same script (``dump previous-deploy``) and does not migrate if it fails.
-
-The schedule is a systemd timer (``APP-backup.timer``, BACKUP_SCHEDULE) rather than cron:
-``Persistent=true`` catches up a run missed while the host was down, a oneshot service never
-runs twice at once, its exit status and output land in the journal (``systemctl status
-APP-backup``, ``journalctl -t APP-backup``) where monitoring can see a failure, and the unit is
-sandboxed (it can write only the backup folder). Each run: a daily dump; when it is the
-first of its ISO week / month it is also linked into weekly/ / monthly/; then, and only
-after the new dump was checked, each folder is pruned to BACKUP_KEEP_DAILY / _WEEKLY /
-_MONTHLY; then a media snapshot (``rsync --link-dest``), BACKUP_KEEP_MEDIA kept. A failed
-dump is logged, prunes nothing and makes the run exit 1.
-
-Off-site pull point: with OFFSITE_PUBKEY set, the ``offsite`` account accepts that key only,
-with ``restrict`` and the forced command ``rrsync -ro /opt/APP/backup`` (read-only, that
-folder only, no shell, no forwarding). The off-site host pulls with::
-
-    rsync -aH --delete --exclude '*.part' -e 'ssh -i KEY' offsite@HOST: /srv/APP-backups/
-
-(paths are relative to /opt/APP/backup; ``-H`` keeps weekly/monthly links as links).
+``fab backup`` (``backup.setup``, part of ``fab provision``) lays out /opt/APP/backup,
+installs the backup script ``/usr/local/sbin/APP-backup`` (files/backup.py.j2), its systemd
+timer and, with OFFSITE_PUBKEY, the read-only ``offsite`` pull account. Every dump (the
+timer's, ``fab backup-db``'s, a deploy's before it migrates, ``fab restore-db``'s safety dump)
+is made by that one script as the ``backups`` user and named only once ``pg_restore --list``
+has read it. The README's "Backups" section is the manual.
 """
 
 from __future__ import annotations
@@ -213,14 +185,15 @@ def download_dump(h, path: str, local_dir: str = ".") -> Path:
 # -- restore ---------------------------------------------------------------------------------
 
 def app_units(s) -> list[str]:
-    """The units that use the database, in the order they are stopped (gunicorn's instances,
-    and its socket-activated unit on a host deployed before them)."""
+    """The units that use the database: gunicorn's instances (and the socket and service of a
+    host deployed before them), Celery's beat and worker (stopped by one systemctl command:
+    systemd orders the stops, not this list)."""
     return [*(f"{s.app}@{color}.service" for color in s.layout.colors), f"{s.app}.socket",
             f"{s.app}.service", "celerybeat.service", "celery.service"]
 
 
 def restore_database(h, path: str) -> None:
-    """Safety dump, stop the app and Celery, pg_restore ``path``, start them again."""
+    """Stop the app and Celery, take a safety dump, pg_restore ``path``, start them again."""
     s = h.settings
     res = h.run(f"pg_restore --list {q(path)} >/dev/null", what="check dump", check=False)
     if not res.ok:

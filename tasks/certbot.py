@@ -1,16 +1,11 @@
 """certbot: the site's TLS certificate from an ACME CA (ACME_SERVER), renewed by certbot.timer.
 
-``fab certbot`` (``certbot.setup``) installs certbot and gets a certificate for DOMAIN (and
-www.DOMAIN with WWW_ALIAS) with ADMIN_EMAIL as the contact, non-interactively, from
-ACME_SERVER (Let's Encrypt by default; its staging or an internal ACME CA, whose HTTPS
-certificate the host trusts through EXTRA_CA_CERT). certbot only *obtains* the certificate,
-with the webroot authenticator (NGINX serves the challenges on port 80): it never edits
-NGINX's configuration. fabstack's own template owns the TLS server block and switches to it
-once the certificate exists, so certbot and the template never fight and a second run changes
-nothing. After a renewal certbot's deploy hook reloads NGINX. ``certbot.renew-dry-run``
-rehearses a renewal against the CA.
-
-With ACME_SERVER empty there is no certificate: the site stays on plain HTTP.
+``fab certbot`` (``certbot.setup``) gets a certificate for the site's names from ACME_SERVER
+with certbot's webroot authenticator only: certbot never edits NGINX's files, fabstack's own
+template switches the site to HTTPS once the certificate exists (so the two never fight and a
+second run changes nothing), and certbot's deploy hook reloads NGINX after a renewal.
+``certbot.renew-dry-run`` rehearses a renewal against the CA. With ACME_SERVER empty there is
+no certificate: the site stays on plain HTTP.
 """
 
 from __future__ import annotations

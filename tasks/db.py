@@ -1,16 +1,13 @@
 """Data tier: PostgreSQL, Redis and the app's environment files (/opt/APP/conf).
 
 ``fab db`` (``db.setup``) installs PostgreSQL (the distro's, or POSTGRES_VERSION from the
-PostgreSQL apt repository) listening on localhost only, with the app's UTF-8 database owned
-by a login role with a SCRAM password; Redis on loopback with protected mode and a memory
-limit; the app's environment file and Celery's. ``db.psql`` and ``db.redis-cli`` open a
-session for ad hoc work.
-
-No secret is ever on a command line: SQL reaches ``psql`` on its standard input, and the
-role's password is sent as a SCRAM verifier computed here, so even PostgreSQL never sees it
-in clear. Whether the role's password is current is decided by verifying the password from
-.env against the verifier stored in ``pg_authid`` (read by a probe), so a password changed
-in .env or by hand on the host is set again on the next run, and only then.
+PostgreSQL apt repository) on localhost only, with the app's UTF-8 database owned by its login
+role; Redis on loopback with protected mode and a memory limit; the ``celery`` account; the
+app's environment file and Celery's. No secret is on a command line: SQL reaches ``psql`` on
+its standard input, and the role's password goes as a SCRAM verifier computed here. The
+password of .env is checked against the verifier PostgreSQL stores, so a password changed in
+.env or on the host is set again on the next run, and only then. ``db.psql`` and
+``db.redis-cli`` open a session for ad hoc work.
 """
 
 from __future__ import annotations

@@ -1,23 +1,17 @@
 """A target host as the library sees it: one SSH connection, scripts over stdin, a report.
 
-Every command the library runs on a host is a shell script fed to ``/bin/sh -s``
-on its standard input, so nothing in it (secrets included) ever appears in a
-process's arguments. As a non-root user the script runs under ``sudo -S``;
-the sudo password, when one is needed, goes in on the same stdin.
-
-Every script runs under coreutils ``timeout`` (``fabstack.command_timeout`` seconds, 1800 by
-default; probes ``fabstack.probe_timeout``, 300): when it expires the script and everything
-it started (its process group: a hung psql or systemctl) are killed and the step fails,
-naming host, step and the timeout. The SSH channel waits a little longer, in case the host
-stops answering altogether.
-
-Runs that change a host hold its lock (:data:`LOCK_FILE`) from their first command to their
-end: a ``flock`` held by a shell on an SSH channel of their own, so it goes with the
-connection however the run ends (a killed fab included). The first command waits on the
-host until the lock is held, which saves a round trip of its own.
-
-:class:`Host` counts SSH round trips, masks secrets in everything it prints and
-collects a :class:`Report`. Tasks open one with :func:`session`.
+:class:`Host` runs each step's shell script (:meth:`~Host.run`, :meth:`~Host.probe`,
+:meth:`~Host.apply`) as root by feeding it to ``/bin/sh -s`` on its standard input (under
+sudo as another user, its password, when one is needed, on the same stdin), so nothing in
+it, secrets included, appears in a process's arguments; and under coreutils ``timeout``
+(``fabstack.command_timeout``, probes ``fabstack.probe_timeout``), which stops it with
+everything it started. A run that changes the host holds its lock (:data:`LOCK_FILE`: a
+``flock`` held by a shell on an SSH channel of its own, so it goes with the connection) from
+its first command, which waits on the host until the lock is held, to its end. The host
+counts SSH round trips, masks secrets in everything it prints and collects a
+:class:`Report`; tasks open one with :func:`session`. The interactive sessions (``db.psql``,
+``db.redis-cli``), ``manage``'s command and ``fab logs``'s stream do not go through
+:meth:`~Host.run`: they have no timeout, and their command lines hold no secret.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """``fab logs``: the stack's logs, from the journal and the log files, merged in time order.
 
-Each unit's sources::
-
-    app         journal of APP@blue and APP@green (gunicorn's instances);
-                /var/log/APP/*.log (gunicorn's)
-    celery      journal of celery.service; /var/log/celery/w*.log (the worker's own log)
-    beat        journal of celerybeat.service; /var/log/celery/beat.log
-    nginx       journal of nginx.service; /var/log/nginx/*.log
-    postgresql  journal of postgresql*.service; /var/log/postgresql/*.log
-    redis       journal of redis-server.service; /var/log/redis/*.log
-    backup      journal of APP-backup.service and of the backup script's syslog tag
-
-Every line gets one prefix, ``TIME UNIT |`` (``UNIT/FILE`` for a file's line), and every
-secret of the settings is masked. A file's line takes its time from the timestamp it starts
-with (gunicorn, Celery, Django, NGINX, PostgreSQL and Redis formats); a line without one (a
-traceback's) takes the time of the line before. Of each file, only its last FILE_LINES lines
-are read. ``--follow`` keeps printing new lines as they come, until Ctrl-C.
+One script on the host (files/logs.sh.j2) prints the journal of the chosen units
+(:func:`sources`) and the last FILE_LINES lines of their log files; :class:`LogLines` gives
+each line a time (for a file's line, the timestamp it starts with, or the time of the line
+before), a ``TIME UNIT |`` prefix and masked secrets, and prints them in time order, then,
+with ``--follow``, new lines as they come. The README's "Logs" section is the manual.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """``fab manage -- ARGS``: Django's manage.py in the current release, as the app's user.
 
-The command runs in /opt/APP/app with the app's environment file loaded (the values the
-units get) as the app's user. With a terminal on this side it gets one on the host
-(``fab manage -- shell``, ``fab manage -- createsuperuser``); without one its output streams
-back, line by line, with every secret masked. Its exit status is fab's.
-
-``DJANGO_SUPERUSER_*`` variables of fab's own environment are passed on (``fab manage --
-createsuperuser --noinput`` reads USERNAME, EMAIL and PASSWORD from them): they travel in the
-script fed on the SSH session's standard input into a root-only file that the command's shell
-reads and deletes first, so a password never shows in a process's arguments.
-
-Words after ``--`` are the command's: Fabric's own executor would also run them as a shell
-command on the host; the task is marked :func:`~tasks.executor.takes_remainder`, so fab's
-executor (tasks/executor.py) leaves them to it.
+The command runs in /opt/APP/app with the app's environment file loaded, with a terminal on
+the host when fab has one, its output streamed back line by line with secrets masked
+otherwise; fab exits with its status. The ``DJANGO_SUPERUSER_*`` variables of fab's own
+environment reach it through a root-only file written from the step's standard input and
+deleted before manage.py starts, never through a command line. The task is marked
+:func:`~tasks.executor.takes_remainder`, so the words after ``--`` are its own. The README's
+"Django commands" section is the manual.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """``fab restore-media``: put uploads back from a media snapshot of the backup script.
 
-The snapshots are ``/opt/APP/backup/media/<UTC time>/`` (``APP-backup media``, daily with the
-scheduled backup). Without ``--snapshot`` the task lists them. With one, it puts back the whole
-media tree, or the file or folder ``--path`` names (relative to the media folder), and gives
-each entry the mode and owner it had when the snapshot was taken (its ``.fabstack-media-meta``;
-a snapshot older than that record gets the media folder's owner, 0644 files and 0755
-folders) and its time. Uploads are never lost unless asked: a file newer on the host than in
-the snapshot is kept, and files the snapshot does not have stay, unless ``--delete`` makes the
-tree exactly the snapshot's. What would change is shown first and must be confirmed (``--yes``
-skips the question).
+Without ``--snapshot`` the task lists the snapshots (/opt/APP/backup/media/<UTC time>/). With
+one, :data:`RESTORE_PY` on the host plans what would change in the media tree (or the part
+``--path`` names), the task shows it and asks, and the same program applies it: each file it
+copies back gets its bytes and times, each entry the mode and owner its snapshot recorded (an
+older snapshot: the media folder's owner, 0644 files, 0755 folders); a file newer on the
+host, and anything the snapshot lacks, stays unless ``--delete``. The README's "Backups"
+section is the manual.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
 """Monitoring: Telegraf sends the host's and the app's metrics to InfluxDB v2.
 
 ``fab monitoring`` (``monitoring.setup``) installs Telegraf from InfluxData's apt repository
-(its key pinned with ``signed-by``) and writes /etc/telegraf/telegraf.conf: system metrics
-(cpu, mem, disk, diskio, kernel, net, processes, swap, system) to INFLUX_SYSTEM_BUCKET, the
-app's and Celery's systemd units and PostgreSQL's statistics to INFLUX_BUCKET. The file holds
-the InfluxDB token, so it is root:telegraf 0640; Telegraf is restarted once when it changed.
-
-PostgreSQL is read by the role MONITORING_DB_USER: a member of ``pg_monitor`` (statistics)
-with no rights on the app's tables. It is made whenever MONITORING_DB_PASSWORD is set, even
-with MONITORING=off (Telegraf's repository may be out of reach, the role is not).
+and writes /etc/telegraf/telegraf.conf (root:telegraf 0640: it holds the token): system
+metrics to INFLUX_SYSTEM_BUCKET, the app's and Celery's units and PostgreSQL to INFLUX_BUCKET.
+PostgreSQL is read by MONITORING_DB_USER, a ``pg_monitor`` member with no rights on the app's
+tables, made whenever MONITORING_DB_PASSWORD is set, even with MONITORING=off (Telegraf's
+repository may be out of reach, the role is not).
 """
 
 from __future__ import annotations

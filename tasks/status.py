@@ -1,13 +1,13 @@
 """``fab status``: one screen per host, read in one SSH round trip; non-zero exit when unhealthy.
 
-Reads, without changing anything: whether each service is active, the listening TCP ports,
-the current release and when it was deployed, the newest database dump anywhere below
-/opt/APP/backup and its age, the TLS certificate's expiry, the disk use of the app's data, the
-database and the backups, and whether the maintenance page is on. Something wrong (a service
-down, a certificate expiring within CERT_WARN_DAYS, no fresh backup, a nearly full disk) is
-named, and the exit status is 1, so the task can run from cron or CI. With several hosts
-(``-H a,b``) every host is reported, then fab exits 1 naming each unhealthy or unreachable one
-(tasks/executor.py).
+It reads, changing nothing: whether each service is active, the listening TCP ports, the
+current release and when it was deployed, the newest dump below /opt/APP/backup, the
+certificate's expiry, the disk use of the app's data, the database and the backups, and
+whether the maintenance page is on. A service down, a certificate within CERT_WARN_DAYS of its
+expiry, a newest dump older than BACKUP_MAX_AGE or a filesystem at DISK_MAX_USE % or more is
+named and makes the exit status 1 (no release, no dump at all, no certificate and the
+maintenance page are warnings), so the task can run from cron or CI; with several hosts every
+one is reported first (tasks/executor.py).
 """
 
 from __future__ import annotations

@@ -1,23 +1,12 @@
 """``fab upgrade``: the host's pending package upgrades, on purpose, with the site serving.
 
-It reports first what will change (each package, old -> new version, security ones marked),
-then upgrades (``apt-get dist-upgrade``; ``--security``: only what comes from a security
-archive, as provision's UPGRADE=security) while no maintainer script may start, stop or restart
-a service (``policy-rc.d``, written for that run only: files/upgrade.sh.j2). Then Debian's
-needrestart names the services that still run old libraries, and they are restarted one at a
-time, each active again before the next (files/upgrade-restart.sh.j2): NGINX by its binary
-upgrade (no connection refused), the app's gunicorn last and as ``fab deploy`` restarts it,
-then the site's health check. PostgreSQL and Redis are not restarted: the app's requests fail
-while they restart (on the Debian 13 sandbox, 20 requests/s: Redis's restart took 1 s and
-failed 3 of 40 requests, PostgreSQL's 6 s and 13 of 63), so they are named, with the reboot or
-the restart that is the operator's call. Services left on old libraries by an earlier apt run
-(unattended-upgrades') are restarted the same way when nothing is pending. needrestart also
-says whether a newer kernel waits for a reboot; ``--reboot`` reboots when something still runs
-old code and waits until ``fab status`` is clean.
-
-needrestart is installed by the task itself and only lists (``$nrconf{restart} = 'l'``): after
-other apt runs (unattended-upgrades, provision) services keep running as Debian leaves them
-without it, until ``fab upgrade`` restarts them.
+It lists what will change, then upgrades while no maintainer script may start, stop or
+restart a service (a ``policy-rc.d`` of its own for that run: files/upgrade.sh.j2), then
+restarts one at a time what Debian's needrestart (installed by the task, set to list only)
+names as running old libraries, the app's gunicorn last and then the site's health check
+(files/upgrade-restart.sh.j2). PostgreSQL and Redis, whose restart fails the app's requests,
+are named and left to the operator or to ``--reboot``. The README's "Upgrades" section is the
+manual.
 """
 
 from __future__ import annotations
@@ -300,7 +289,8 @@ def restart(h, plan: list[tuple[str, str]], found: Needs, release: str) -> None:
 
 
 def maybe_reboot(h, found: Needs, left: list[str], asked: bool) -> None:
-    """Reboot (``--reboot``) when a newer kernel waits or services still run old libraries."""
+    """Reboot (``--reboot``) when a newer kernel waits or services left alone (``left``:
+    PostgreSQL, Redis, what needrestart leaves to a reboot) still run old libraries."""
     why = ([f"kernel {found.expected} installed"] if found.reboot else []) + \
         [f"{unit} runs old libraries" for unit in found.services if unit in left]
     if not asked:

@@ -1,38 +1,12 @@
 """pyinfra deploy: the resources `fab provision` declares, with pyinfra's own operations.
 
-The bench's peer for pyinfra 3.10 (see bench/peers/README.md, section "pyinfra"). It reads
-the manifest that bench/manifest.py exported (path in the environment variable
-FABSTACK_MANIFEST; the rendered files sit beside it under files/) and declares every
-resource in provision's order with the operation a pyinfra user would pick:
-
-    apt_update     apt.update(cache_time=max_age)
-    dist_upgrade   apt.dist_upgrade() (the manifest must say UPGRADE=all)
-    packages       apt.packages(names)
-    group, user    server.group, server.user
-    directory      files.directory(user, group, mode)
-    file           files.put(user, group, mode) / files.file(present=False); a validate
-                   command runs after the upload, _if=put.did_change (pyinfra has no
-                   validate-before-install)
-    service        systemd.service(running, enabled), preceded by systemd.daemon_reload
-                   _if any unit file changed, followed by restarted/reloaded _if a file
-                   that notifies the unit changed
-    command        server.shell, _if a fact says the `creates`/`unless` guard fails, or _if
-                   the files it acts on changed (commands behind fabstack's pending markers)
-    tmpfiles       server.shell("systemd-tmpfiles --create PATH", _if=put.did_change)
-    firewall       ufw(allow), an operation of our own: reads ufw's state once and runs
-                   only the commands for what it lacks (pyinfra has no ufw operation)
-    pg_setting     postgres.sql("ALTER SYSTEM ...") _if a psql fact differs, then
-                   systemd.service(restarted=True) _if that changed
-    pg_role        postgres.role(login) + postgres.role(password) _if the stored SCRAM
-                   verifier does not match the password
-    pg_database    postgres.database(owner, encoding)
-    pg_membership  postgres.sql("GRANT ...") _if a psql fact says it is missing
-
-Each operation's name ends with "(#N)", N the manifest resource it serves, so that
-bench/peers/pyinfra_peer.py can check from pyinfra's results that every resource was covered.
-
-Run: FABSTACK_MANIFEST=.../manifest.json pyinfra -y --data ssh_config_file=... HOST this.py
-(bench/peers/pyinfra_peer.py builds that command line).
+The bench's peer for pyinfra 3.10. It reads the manifest that bench/manifest.py exported
+(path in the environment variable FABSTACK_MANIFEST; the rendered files sit beside it under
+files/) and declares every resource in provision's order with the operations a pyinfra user
+would pick, each operation's name ending with "(#N)", N the manifest resource it serves, so
+that bench/peers/pyinfra_peer.py (which builds the command line) can check from pyinfra's
+results that every resource was covered. bench/peers/README.md, section "pyinfra", gives the
+mapping and what it does differently.
 """
 
 from __future__ import annotations
@@ -122,8 +96,8 @@ RESOURCE = 0  # the manifest resource (from 1) whose operations are being declar
 
 
 def tag(name: str) -> str:
-    """An operation's name, ending with the resource it serves: bench/run.py checks that the
-    run covered every resource of the manifest by these."""
+    """An operation's name, ending with the resource it serves: pyinfra_peer.check() finds
+    by these that the run covered every resource of the manifest."""
     return f"{name} (#{RESOURCE})"
 
 

@@ -2,30 +2,16 @@
 
 Each resource is a small object with a read-only ``probe()`` shell snippet and a
 ``plan(state, host)`` that returns :class:`Ok` (already right, and why) or a
-:class:`Change` (a message and the shell script that makes it right).
-:func:`ensure` reads the state of *all* the resources it is given in one SSH
-round trip, then applies only what differs, in order; each change re-reads the
-state of the remaining resources in its own round trip, after the change
-succeeded. In check mode it plans and reports, and applies nothing.
-
-Restarts survive failures: a file that a service depends on leaves a marker in
-``/var/lib/fabstack/pending`` *before* it is moved into place, and the
-:class:`Service` resource restarts (or reloads) the unit and clears the
-marker. A run that dies in between leaves the marker, so the next run still
-restarts the unit.
-
-These are public: your own tasks can use them the same way the library's do::
-
-    ensure(host,
-           Packages(["nginx"]),
-           File("/etc/nginx/conf.d/x.conf", render("x.conf.j2", host.settings),
-                validate="nginx -t", notify=["nginx.service:reload"]),
-           Service("nginx"))
-
-One module per concern, as pyinfra splits its operations: :mod:`.engine` (resources,
-plans, :func:`ensure`, the batched probe, ownership), :mod:`.templates`, :mod:`.apt`,
-:mod:`.users`, :mod:`.files`, :mod:`.services`, :mod:`.commands` and :mod:`.firewall`.
-Every public name is importable from here.
+:class:`Change` (a message and the shell script that makes it right). :func:`ensure` reads
+the state of all its resources in one SSH round trip and applies only what differs, in
+order, each change in one round trip with the re-read of the resources after it; in check
+mode it plans and reports, and applies nothing. A file that a service depends on leaves a
+marker in ``/var/lib/fabstack/pending`` before it lands, and :class:`Service` restarts (or
+reloads) the unit and clears it, so a run that dies in between still gets its restart on the
+next run. One module per concern (:mod:`.engine`, :mod:`.templates`, :mod:`.apt`,
+:mod:`.users`, :mod:`.files`, :mod:`.services`, :mod:`.commands`, :mod:`.firewall`); every
+public name is importable from here, and the README's "Writing your own tasks" shows them
+in use.
 """
 
 from __future__ import annotations

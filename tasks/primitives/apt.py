@@ -109,15 +109,16 @@ class Packages(Resource):
 
 
 class DistUpgrade(Resource):
-    """Installed packages upgraded (``apt-get dist-upgrade``) when any are pending, as ``mode``
-    says: ``all``, ``security`` (only those from a security archive), ``off`` (report them,
-    install nothing) or ``first`` (security on a first provision, off after: the host counts
-    as provisioned once the ``provisioned`` shell test succeeds).
+    """Installed packages upgraded when any are pending, as ``mode`` says: ``all`` (``apt-get
+    dist-upgrade``), ``security`` (only those from a security archive, ``apt-get install
+    --only-upgrade``), ``off`` (report them, install nothing) or ``first`` (security on a first
+    provision, off after: the host counts as provisioned once the ``provisioned`` shell test
+    succeeds).
 
-    Simulating an upgrade costs the host most of a second, so the probe skips it
-    while neither the apt lists nor the installed packages changed since the
-    last simulation that found nothing to do (recorded in /var/lib/fabstack
-    unless ``record`` is false, as in check mode).
+    So that a no-op run does not pay for a simulation every time, the probe simulates the
+    upgrade only when the apt lists or the installed packages changed since the last
+    simulation that found nothing to do (recorded in /var/lib/fabstack unless ``record`` is
+    false, as in check mode).
     """
 
     what = "system upgrade"

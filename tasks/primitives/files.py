@@ -61,8 +61,8 @@ class File(Resource):
     owner, group and mode *before* the content lands (so a secret is never readable
     by others, whatever the umask), checked with ``validate`` (``%s`` is the
     temporary path) when given, then moved into place atomically. ``notify`` names
-    units to act on when the file changes, as ``"UNIT:restart"`` or
-    ``"UNIT:reload"``. ``secret=True`` keeps the content out of diffs.
+    units to act on when the file is written, removed or has its owner or mode put right, as
+    ``"UNIT:restart"`` or ``"UNIT:reload"``. ``secret=True`` keeps the content out of diffs.
     """
 
     def __init__(self, path: str, content: str | bytes = b"", owner: str = "root",

@@ -11,7 +11,8 @@ FILES_DIR = Path(__file__).resolve().parent.parent.parent / "files"
 
 
 class TemplateError(Exception):
-    """A template in files/ cannot be rendered; the message names file and line."""
+    """A template in files/ cannot be rendered; the message names the file (and the line, for
+    a syntax error)."""
 
 
 def toml_quote(value: str) -> str:

@@ -8,34 +8,8 @@ passwords, mode 0600, read with vars_files). The playbook is what one would writ
 for these resources with Ansible's own modules; it is generated only so it never drifts
 from what `fab provision` declares. Rendered files are copied from the manifest's files/.
 Each task's name ends with the manifest resources it serves, "(#5 #6)", so that
-bench/peers/ansible_peer.py can check a run's coverage.
-
-How each manifest type maps (bench/peers/README.md, "## Ansible", says it plainly):
-
-    apt_update      ansible.builtin.apt update_cache + cache_valid_time (merged into the
-                    next task when that is dist_upgrade or packages, as one usually writes it)
-    dist_upgrade    ansible.builtin.apt upgrade: dist (the manifest must say UPGRADE=all)
-    packages        ansible.builtin.apt name: [...] (+ python3-psycopg2 on the packages
-                    task before the first PostgreSQL resource: community.postgresql needs it)
-    group / user    ansible.builtin.group / ansible.builtin.user (create_home: false,
-                    password_lock: true, groups + append)
-    directory       ansible.builtin.file state: directory
-    file            ansible.builtin.copy (src: files/NNN, owner, group, mode, validate;
-                    no_log for secrets), or ansible.builtin.file state: absent; notify the
-                    handlers named by the manifest, and "reload systemd units" for unit files
-    service         ansible.builtin.systemd_service enabled + state started/stopped
-    command         creates: ansible.builtin.shell creates:; unless: one ansible.builtin.shell
-                    task whose script skips itself when the test succeeds, with changed_when
-                    on what it printed; a command whose test is a fabstack pending marker
-                    (the CA bundle rebuild) is what Ansible writes as a handler, so it is one
-    tmpfiles        a handler (systemd-tmpfiles --create PATH) notified by its file
-    firewall        community.general.ufw: a loop over the allow rules, then default deny
-                    incoming + state enabled
-    pg_setting      community.postgresql.postgresql_alter_system (notify restart
-                    postgresql.service)
-    pg_role         community.postgresql.postgresql_user (role_attr_flags LOGIN, no_log)
-    pg_database     community.postgresql.postgresql_db (owner, encoding UTF8, template0)
-    pg_membership   community.postgresql.postgresql_membership
+bench/peers/ansible_peer.py can check a run's coverage. bench/peers/README.md, section
+"Ansible", gives the mapping of each manifest type and what it does differently.
 """
 
 from __future__ import annotations
