@@ -303,9 +303,9 @@ def _start_beside(h, release: str, rollback: bool = False) -> str:
 
 def _switch(h, release: str, color: str, current: str) -> str:
     """Give the site's requests to instance ``color`` (files/deploy-switch.sh.j2): NGINX's
-    upstream file rewritten, tested, reloaded; the instance that served is stopped once the
-    workers of the configuration before have finished; the app's and the virtualenv's links
-    name ``release``. Returns the site's answer from the new release."""
+    upstream file rewritten, tested, reloaded; once the workers of the configuration before
+    have finished and the site answers from ``release``, the instance that served is told to
+    stop and the app's and the virtualenv's links name ``release``. Returns that answer."""
     s = h.settings
     res = h.run(_instance_script("deploy-switch.sh.j2", s, release=release, color=color),
                 what=f"switch to {release}", check=False)
