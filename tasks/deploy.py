@@ -227,7 +227,16 @@ def _backup_and_migrate(h, release: str) -> None:
                 what="static files", check=False)
     if not res.ok:
         _abort(h, release, "static files", res.stderr.strip()[-1500:])
-    h.ok("static files", res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "done")
+    # collectstatic's lines, and files/deploy-release.sh.j2's own ("static folder: ...",
+    # "manifest: ...")
+    ours = ("static folder: ", "manifest: ")
+    lines = res.stdout.strip().splitlines()
+    notes = dict(line.split(": ", 1) for line in lines if line.startswith(ours))
+    if "static folder" in notes:
+        h.changed("static folder", notes["static folder"])
+    counts = [line for line in lines if not line.startswith(ours)]
+    h.ok("static files", f"{counts[-1] if counts else 'done'} (as {s.app})"
+         + ("; its manifest kept in the release" if "manifest" in notes else ""))
 
 
 def _abort(h, release: str, what: str, why: str):
