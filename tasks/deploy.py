@@ -278,19 +278,28 @@ def _restart_workers(h) -> None:
 
 
 def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
-    """Remove the releases beyond ``keep`` (but those in ``protect``) and the virtualenvs
-    no remaining release runs from (files/deploy-prune.sh.j2), in one round trip."""
+    """Remove the releases beyond ``keep`` (but those in ``protect``), the virtualenvs no
+    remaining release runs from and the static files no remaining release's manifest names
+    (files/deploy-prune.sh.j2), in one round trip."""
     old = [r for r in releases[:-keep] if r not in protect] if len(releases) > keep else []
     res = h.run(script("deploy-prune.sh.j2", h.settings, *old), what="old releases")
-    venvs = res.stdout.split()
+    said = [line.partition(" ")[::2] for line in res.stdout.splitlines()]
+    venvs = [name for kind, name in said if kind == "venv"]
+    static = [int(n) for kind, n in said if kind == "static"]
+    unnamed = [release for kind, release in said if kind == "static-kept"]
     many = len(venvs) > 1
     gone = ([f"removed {', '.join(old)} (keeping {keep})"] if old else []) + (
         [f"removed virtualenv{'s' * many} {', '.join(venvs)} (no kept release runs from "
-         f"{'them' if many else 'it'})"] if venvs else [])
+         f"{'them' if many else 'it'})"] if venvs else []) + (
+        [f"removed {static[0]} static file{'s' * (static[0] > 1)} no kept release's manifest "
+         "names"] if static else [])
+    # an app without ManifestStaticFilesStorage, or a release collected before
+    kept = (f"; static files all kept: release {unnamed[0]} kept no manifest of them"
+            if unnamed and old else "")
     if gone:
-        h.changed("old releases", "; ".join(gone))
+        h.changed("old releases", "; ".join(gone) + kept)
     else:
-        h.ok("old releases", f"{len(releases)} kept (at most {keep})")
+        h.ok("old releases", f"{len(releases)} kept (at most {keep})" + kept)
 
 
 def deploy_release(h, ref: str | None = None, force: bool = False,
