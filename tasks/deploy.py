@@ -293,13 +293,12 @@ def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
          f"{'them' if many else 'it'})"] if venvs else []) + (
         [f"removed {static[0]} static file{'s' * (static[0] > 1)} no kept release's manifest "
          "names"] if static else [])
-    # an app without ManifestStaticFilesStorage, or a release collected before
-    kept = (f"; static files all kept: release {unnamed[0]} kept no manifest of them"
-            if unnamed and old else "")
+    if old and unnamed:  # an app without ManifestStaticFilesStorage, or collected before
+        gone.append(f"static files all kept: release {unnamed[0]} kept no manifest of them")
     if gone:
-        h.changed("old releases", "; ".join(gone) + kept)
+        h.changed("old releases", "; ".join(gone))
     else:
-        h.ok("old releases", f"{len(releases)} kept (at most {keep})" + kept)
+        h.ok("old releases", f"{len(releases)} kept (at most {keep})")
 
 
 def deploy_release(h, ref: str | None = None, force: bool = False,
