@@ -262,7 +262,16 @@ def _backup_and_migrate(h, release: str) -> None:
                 what="static files", check=False)
     if not res.ok:
         _abort(h, release, "static files", res.stderr.strip()[-1500:])
-    h.ok("static files", res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "done")
+    # collectstatic's lines, and files/deploy-release.sh.j2's own ("static folder: ...",
+    # "manifest: ...")
+    ours = ("static folder: ", "manifest: ")
+    lines = res.stdout.strip().splitlines()
+    notes = dict(line.split(": ", 1) for line in lines if line.startswith(ours))
+    if "static folder" in notes:
+        h.changed("static folder", notes["static folder"])
+    counts = [line for line in lines if not line.startswith(ours)]
+    h.ok("static files", f"{counts[-1] if counts else 'done'} (as {s.app})"
+         + ("; its manifest kept in the release" if "manifest" in notes else ""))
 
 
 def _abort(h, release: str, what: str, why: str):
@@ -336,15 +345,23 @@ def _restart_workers(h) -> None:
 
 
 def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
-    """Remove the releases beyond ``keep`` (but those in ``protect``) and the virtualenvs
-    no remaining release runs from (files/deploy-prune.sh.j2), in one round trip."""
+    """Remove the releases beyond ``keep`` (but those in ``protect``), the virtualenvs no
+    remaining release runs from and the static files no remaining release's manifest names
+    (files/deploy-prune.sh.j2), in one round trip."""
     old = [r for r in releases[:-keep] if r not in protect] if len(releases) > keep else []
     res = h.run(script("deploy-prune.sh.j2", h.settings, *old), what="old releases")
-    venvs = res.stdout.split()
+    said = [line.partition(" ")[::2] for line in res.stdout.splitlines()]
+    venvs = [name for kind, name in said if kind == "venv"]
+    static = [int(n) for kind, n in said if kind == "static"]
+    unnamed = [release for kind, release in said if kind == "static-kept"]
     many = len(venvs) > 1
     gone = ([f"removed {', '.join(old)} (keeping {keep})"] if old else []) + (
         [f"removed virtualenv{'s' * many} {', '.join(venvs)} (no kept release runs from "
-         f"{'them' if many else 'it'})"] if venvs else [])
+         f"{'them' if many else 'it'})"] if venvs else []) + (
+        [f"removed {static[0]} static file{'s' * (static[0] > 1)} no kept release's manifest "
+         "names"] if static else [])
+    if old and unnamed:  # an app without ManifestStaticFilesStorage, or collected before
+        gone.append(f"static files all kept: release {unnamed[0]} kept no manifest of them")
     if gone:
         h.changed("old releases", "; ".join(gone))
     else:

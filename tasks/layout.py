@@ -15,12 +15,15 @@ files/ gets as ``layout``::
         venvs/KEY/            venvs: one virtualenv per requirements.txt and interpreter;
                               releases/ID/.fabstack-venv (release_venv) names the release's;
                               venvs/legacy legacy_venv: the shared one of a host deployed
-                              before (releases without .fabstack-venv run from it)
+                              before (releases without .fabstack-venv run from it);
+                              releases/ID/.fabstack-staticfiles.json (release_manifest):
+                              the release's copy of its static files' manifest
         conf/                 conf: root:APP 0750; conf/APP.conf is env_file, conf/pgpass
                               pgpass (root's, for the app's database role), conf/deploy_key
                               deploy_key and conf/git-credentials git_credentials (DEPLOY_REPO's)
         backup/               backup: the dumps; backup/media/ media_snapshots
     /var/opt/APP/             home: the app user's home; static/ and media/ below it
+                              (static/: the app's, collectstatic runs as its user)
     /var/log/APP/             logs
     /usr/local/sbin/APP-backup  backup_script
     /run/APP/COLOR/gunicorn.sock        app_socket(COLOR): instance COLOR's socket (run: /run/APP)
@@ -42,6 +45,8 @@ CELERY_HOME = "/var/lib/celery"
 BACKUPS_HOME = "/var/lib/backups"  # the backups account's, whatever the app
 RELEASE_VENV = ".fabstack-venv"  # in a release: the link to its virtualenv in venvs/
 COLORS = ("blue", "green")  # gunicorn's two instances
+# in a release: the manifest (staticfiles.json) its collectstatic wrote in the static folder
+RELEASE_MANIFEST = ".fabstack-staticfiles.json"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Layout:
     backups_home: str = BACKUPS_HOME
     release_venv: str = RELEASE_VENV
     colors: tuple[str, ...] = COLORS
+    release_manifest: str = RELEASE_MANIFEST
 
     @classmethod
     def of(cls, app: str) -> Layout:

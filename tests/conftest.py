@@ -21,8 +21,8 @@ VALID = {"DOMAIN": "example.com", "ADMIN_EMAIL": "ops@example.com",
 # The real-host modules share one sandbox, so they run in the order a server lives: provision
 # needs it fresh, Celery's module wants no release yet, web wants no certificate yet, then the
 # modules that deploy; the audits read the whole stack, and the faults break it last.
-REALHOST_ORDER = ("provision", "db", "celery", "web", "deploy", "backup", "status", "daytwo",
-                  "badinput", "audit", "faults")
+REALHOST_ORDER = ("provision", "db", "celery", "web", "deploy", "static", "backup", "status",
+                  "daytwo", "badinput", "audit", "faults")
 
 
 def pytest_collection_modifyitems(items):

@@ -98,11 +98,15 @@ def test_the_serving_virtualenv_is_never_written(make_host):
 @pytest.mark.parametrize("old, removed, outcome", [
     ([], "", "ok           old releases: 4 kept (at most 5)"),
     (["r1"], "", "changed      old releases: removed r1 (keeping 3)"),
-    (["r1", "r2"], "0123456789abcdef\nlegacy\n",
+    (["r1", "r2"], "venv 0123456789abcdef\nvenv legacy\nstatic 3\n",
      "changed      old releases: removed r1, r2 (keeping 2); removed virtualenvs "
-     "0123456789abcdef, legacy (no kept release runs from them)"),
-    ([], "0123456789abcdef\n", "changed      old releases: removed virtualenv "
+     "0123456789abcdef, legacy (no kept release runs from them); removed 3 static files no "
+     "kept release's manifest names"),
+    ([], "venv 0123456789abcdef\n", "changed      old releases: removed virtualenv "
      "0123456789abcdef (no kept release runs from it)"),
+    (["r1"], "static-kept r3\n", "changed      old releases: removed r1 (keeping 3); static "
+     "files all kept: release r3 kept no manifest of them"),
+    ([], "static-kept r3\n", "ok           old releases: 4 kept (at most 5)\n"),
 ])
 def test_prune_removes_old_releases_and_the_virtualenvs_none_runs_from(
         make_host, capsys, old, removed, outcome):
@@ -356,8 +360,58 @@ def test_pruning_keeps_every_virtualenv_a_kept_release_or_the_link_names(setting
     (root / "venvs/4444444444444444").mkdir()  # built for a release that then failed
     os.symlink(root / "venvs/3333333333333333", root / "venv")
     prune = script("deploy-prune.sh.j2", settings, "r1")
-    assert run_here(prune, root).split() == ["1111111111111111", "4444444444444444"]
+    assert run_here(prune, root).splitlines() == [
+        "venv 1111111111111111", "venv 4444444444444444", "static-kept r2"]
     assert sorted(p.name for p in (root / "venvs").iterdir()) == ["3333333333333333", "legacy"]
     assert sorted(p.name for p in (root / "releases").iterdir()) == ["r2", "r3", "r4"]
     prune = script("deploy-prune.sh.j2", settings, "r2")
-    assert run_here(prune, root).split() == ["legacy"]
+    assert run_here(prune, root).splitlines() == ["venv legacy", "static-kept r3"]
+
+
+def static_release(root, name: str, paths: dict[str, str] | None) -> None:
+    """Release ``name`` with its copy of the manifest naming ``paths`` (None: no copy), and
+    the files it names in ``root``/static."""
+    import json
+
+    release_with(root, name, None)
+    if paths is not None:
+        (root / "releases" / name / ".fabstack-staticfiles.json").write_text(
+            json.dumps({"paths": paths, "version": "1.1", "hash": "0"}))
+    for path in [*(paths or {}), *(paths or {}).values()]:
+        (root / "static" / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / "static" / path).write_text(name)
+
+
+def test_pruning_removes_the_static_files_no_kept_release_names(settings, tmp_path):
+    import os
+
+    from tasks.scripts import script
+
+    root = tmp_path
+    (root / "bin").mkdir()
+    (root / "bin/runuser").write_text('#!/bin/sh\nshift 3\nexec "$@"\n')  # -u APP --
+    (root / "bin/runuser").chmod(0o755)
+    static_release(root, "r1", {"demo/site.css": "demo/site.111111111111.css",
+                                "old/gone.js": "old/gone.111111111111.js"})
+    static_release(root, "r2", {"demo/site.css": "demo/site.222222222222.css"})
+    static_release(root, "r3", {"demo/site.css": "demo/site.333333333333.css",
+                                "demo/new.js": "demo/new.333333333333.js"})
+    (root / "static/staticfiles.json").write_text("{}")  # the last collectstatic's
+    os.symlink("site.css", root / "static/demo/linked.css")  # named by no manifest
+
+    def prune(*old: str) -> list[str]:
+        program = script("deploy-prune.sh.j2", settings, *old)
+        return run_here(program.replace(settings.layout.static, str(root / "static")),
+                        root).splitlines()
+
+    def files() -> list[str]:
+        return sorted(str(p.relative_to(root / "static")) for p in (root / "static").rglob("*")
+                      if not p.is_dir() or p.is_symlink())
+
+    assert prune("r1") == ["static 4"]  # old/gone.js, its hashed name, site.111..., the link
+    assert files() == ["demo/new.333333333333.js", "demo/new.js", "demo/site.222222222222.css",
+                       "demo/site.333333333333.css", "demo/site.css", "staticfiles.json"]
+    assert not (root / "static/old").exists()  # emptied, so removed
+    static_release(root, "r4", None)  # an app without ManifestStaticFilesStorage
+    assert prune("r2") == ["static-kept r4"]
+    assert "demo/site.222222222222.css" in files()
