@@ -16,9 +16,13 @@ noop    A converged sandbox: RUNS rounds, each timing one whole no-op converge o
         already current, the SSH floor (`ssh host true`), Fabric's own start-up (`fab --list`,
         no connection) and `systemd-analyze security` exposure of the app's and Celery's
         units.
-deploy  DEPLOYS new releases of the example app on the same host, each under a steady request
-        stream through NGINX (RATE per second, from a second process): requests sent, failed,
-        worst latency, and how long each deploy took.
+deploy  On the same host, each under a steady request stream through NGINX (RATE per second,
+        from a second process): DEPLOYS new commits of the example app with the same
+        requirements, REQ_DEPLOYS new commits that each add one requirement (a new virtualenv:
+        six, then idna, then pyparsing...), and ROLLBACKS rollbacks; for each kind how long fab
+        took and its SSH round trips, and over all of them the requests sent, failed and the
+        worst latency, beside the median latency of QUIET seconds of the same stream with no
+        deploy.
 fresh   FRESH_RUNS times: a new sandbox, `fab provision` timed (the settings a user starts
         with); another new sandbox, the same packages installed by one `apt-get update &&
         apt-get install` (the floor: downloads and dpkg, nothing else); their ratio (target:
@@ -27,7 +31,8 @@ fresh   FRESH_RUNS times: a new sandbox, `fab provision` timed (the settings a u
 The peers come from the `bench` extra of pyproject.toml (`make bench` installs it). Figures
 go to bench/results.json (each section with its date and machine) and the README's block
 between its bench markers is written anew from it. Environment: RUNS (default 7), DEPLOYS
-(5), RATE (20), FRESH_RUNS (5), FABSTACK_BENCH_SANDBOX=NAME:SUBNET (the one sandbox the bench
+(5), REQ_DEPLOYS (2), ROLLBACKS (2), RATE (50), QUIET (10), FRESH_RUNS (5),
+FABSTACK_BENCH_SANDBOX=NAME:SUBNET (the one sandbox the bench
 boots, default bench:10.213.48; the fresh section recreates it for each new host).
 """
 
@@ -68,7 +73,14 @@ SUMMARY = re.compile(r"\] [\w.-]+: (\d+) changed, (\d+) ok, (\d+) failed in .* "
 REPORT = re.compile(r"^\[[^\]\n]+\] (changed|ok)\s+(.*)$", re.M)
 RUNS = int(os.environ.get("RUNS", "7"))
 DEPLOYS = int(os.environ.get("DEPLOYS", "5"))
-RATE = float(os.environ.get("RATE", "20"))
+REQ_DEPLOYS = int(os.environ.get("REQ_DEPLOYS", "2"))
+ROLLBACKS = int(os.environ.get("ROLLBACKS", "2"))
+RATE = float(os.environ.get("RATE", "50"))
+QUIET = float(os.environ.get("QUIET", "10"))
+KINDS = {"deploy": "`fab deploy` of a new commit, same requirements",
+         "requirement": "`fab deploy` of a new commit adding a requirement",
+         "rollback": "`fab rollback`"}
+ADDED_REQUIREMENTS = ("six==1.17.0", "idna==3.10", "pyparsing==3.2.3", "packaging==25.0")
 FRESH_RUNS = int(os.environ.get("FRESH_RUNS", "5"))
 SANDBOX_NAME, SANDBOX_SUBNET = os.environ.get("FABSTACK_BENCH_SANDBOX",
                                               "bench:10.213.48").split(":")
@@ -77,16 +89,18 @@ WORK = Path("/var/tmp/fabstack-bench") / SANDBOX_NAME
 # the peers have no "security only" or "list only"), and no apt-daily-upgrade taking dpkg's
 # lock in the middle of a round.
 BENCH_SETTINGS = {"UPGRADE": "all", "UNATTENDED_UPGRADES": "False"}
-APP_UNITS = ("ratemyderp.service", "celery.service", "celerybeat.service")
+APP_UNITS = ("ratemyderp@blue.service", "celery.service", "celerybeat.service")
 # The commit the bench host runs: pinned, so that a commit made during a run changes nothing.
 REDEPLOY = ("deploy", "--ref", subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
                                               capture_output=True, text=True).stdout.strip())
-# Targets: issue 6 (no-op converge, peers, redeploy, requests during deploys) and issue 11
-# (a fresh provision beside one apt-get install of its packages).
+# Targets: issue 6 (no-op converge, peers, redeploy, requests during deploys), issue 11
+# (a fresh provision beside one apt-get install of its packages) and issue 12 (deploys and
+# rollbacks under at least 50 requests/s).
 NOOP_TARGET, PYINFRA_TARGET, ANSIBLE_TARGET, REDEPLOY_TARGET = 1.0, 3, 10, 5.0
 FRESH_TARGET = 1.15
+DEPLOY_TARGET, REQ_DEPLOY_TARGET, ROLLBACK_TARGET, LATENCY_TARGET = 5.0, 15.0, 2.0, 3
 # Of each section of bench/results.json: one of another format is dropped, not merged.
-FORMAT = 2
+FORMATS = {"noop": 2, "deploy": 3, "fresh": 2}
 
 
 # -- running things ----------------------------------------------------------------------
@@ -312,7 +326,24 @@ def load_stream(ip: str, rate: float, stop, out) -> None:
     with Load(ip, interval=1 / rate) as load:
         stop.wait()
     out.put({"sent": load.sent, "failed": len(load.failed), "worst": load.worst,
+             "median": statistics.median(load.latencies) if load.latencies else 0.0,
              "errors": [str(e) for e in load.failed[:5]]})
+
+
+def under_stream(ip: str, action: Callable[[], tuple[float, str]] | None,
+                 seconds: float = 0.0) -> dict:
+    """``action`` (or ``seconds`` of nothing) under the request stream: its figures."""
+    stop, out = multiprocessing.Event(), multiprocessing.Queue()
+    stream = multiprocessing.Process(target=load_stream, args=(ip, RATE, stop, out))
+    stream.start()
+    time.sleep(1)
+    wall, output = action() if action else (time.sleep(seconds), "")
+    time.sleep(1)
+    stop.set()
+    figures = {**out.get(timeout=60), "wall": wall or 0.0,
+               "round_trips": fab_summary(output)[3] if output else 0}
+    stream.join()
+    return figures
 
 
 def deploy(target: Target) -> dict:
@@ -321,27 +352,40 @@ def deploy(target: Target) -> dict:
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(repo)], check=True)
     git = ["git", "-C", str(repo), "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     target = Target(target.info, **BENCH_SETTINGS, DEPLOY_REPO=str(repo))
-    runs = []
-    print(f"\n{DEPLOYS} deploys of a new release, each under {RATE:g} requests/s through NGINX:")
-    for n in range(DEPLOYS):
+    ip = target.info.ip
+    requirements = repo / "example" / "requirements.txt"
+
+    def release(n: int, added: int = 0) -> tuple[float, str]:
         (repo / "example" / "bench-release.txt").write_text(f"{n} {time.time()}\n")
+        if added:
+            with requirements.open("a") as f:
+                f.write(ADDED_REQUIREMENTS[(added - 1) % len(ADDED_REQUIREMENTS)] + "\n")
         subprocess.run([*git, "add", "-A"], check=True)
         subprocess.run([*git, "commit", "-qm", f"bench release {n}"], check=True)
-        stop, out = multiprocessing.Event(), multiprocessing.Queue()
-        stream = multiprocessing.Process(target=load_stream,
-                                         args=(target.info.ip, RATE, stop, out))
-        stream.start()
-        time.sleep(1)
-        wall, output = run(target.fab("deploy"), target.env)
-        time.sleep(1)
-        stop.set()
-        figures = {**out.get(timeout=60), "deploy": wall}
-        stream.join()
-        runs.append(figures)
-        print(f"  deploy {n + 1}: {wall:6.2f} s, {figures['sent']} requests, "
-              f"{figures['failed']} failed, worst {figures['worst'] * 1000:.0f} ms"
+        return run(target.fab("deploy"), target.env)
+
+    print(f"\nDeploys and rollbacks, each under {RATE:g} requests/s through NGINX:")
+    quiet = under_stream(ip, None, QUIET)
+    print(f"  no deploy, {QUIET:g} s: {quiet['sent']} requests, {quiet['failed']} failed, "
+          f"median {quiet['median'] * 1000:.1f} ms, worst {quiet['worst'] * 1000:.0f} ms",
+          flush=True)
+    kinds = {"deploy": [], "requirement": [], "rollback": []}
+    plan = ([("deploy", lambda n=n: release(n)) for n in range(DEPLOYS)]
+            + [("requirement", lambda n=n: release(DEPLOYS + n, added=n + 1))
+               for n in range(REQ_DEPLOYS)]
+            + [("rollback", lambda: run(target.fab("rollback"), target.env))] * ROLLBACKS)
+    for kind, action in plan:
+        figures = under_stream(ip, action)
+        kinds[kind].append(figures)
+        print(f"  {kind}: {figures['wall']:6.2f} s, {figures['round_trips']} SSH round trips, "
+              f"{figures['sent']} requests, {figures['failed']} failed, worst "
+              f"{figures['worst'] * 1000:.0f} ms"
               + (f" {figures['errors']}" if figures["errors"] else ""), flush=True)
-    return {"rate": RATE, "runs": runs, "deploy": stats([r["deploy"] for r in runs]),
+    runs = [r for rs in kinds.values() for r in rs]
+    return {"rate": RATE, "quiet": quiet,
+            **{kind: {**stats([r["wall"] for r in rs]),
+                      "round_trips": sorted({r["round_trips"] for r in rs}), "runs": len(rs)}
+               for kind, rs in kinds.items() if rs},
             "sent": sum(r["sent"] for r in runs), "failed": sum(r["failed"] for r in runs),
             "worst": max(r["worst"] for r in runs)}
 
@@ -413,8 +457,19 @@ def targets(results: dict) -> list[str]:
                    f"{verdict(r['redeploy']['median'] <= REDEPLOY_TARGET)}")
     if "deploy" in results:
         d = results["deploy"]
-        out.append(f"0 failed requests during deploys: {d['failed']} of {d['sent']}: "
-                   f"{verdict(d['failed'] == 0)}")
+        out.append(f"0 failed requests during deploys and rollbacks (at {d['rate']:g} "
+                   f"requests/s): {d['failed']} of {d['sent']}: {verdict(d['failed'] == 0)}")
+        quiet = d["quiet"]["median"]
+        out.append(f"worst request during them <= {LATENCY_TARGET}x the median with no deploy: "
+                   f"{d['worst'] * 1000:.0f} ms vs {quiet * 1000:.1f} ms = "
+                   f"x{d['worst'] / quiet:.1f}: {verdict(d['worst'] <= LATENCY_TARGET * quiet)}")
+        for kind, goal in (("deploy", DEPLOY_TARGET), ("requirement", REQ_DEPLOY_TARGET),
+                           ("rollback", ROLLBACK_TARGET)):
+            if kind in d:
+                what = KINDS[kind]
+                out.append(f"{what} <= {goal:g} s: median {d[kind]['median']:.2f} s "
+                           f"({', '.join(map(str, d[kind]['round_trips']))} SSH round trips): "
+                           f"{verdict(d[kind]['median'] <= goal)}")
     if "fresh" in results:
         f = results["fresh"]
         out.append(f"fresh `fab provision` <= {FRESH_TARGET}x one `apt-get install` of its "
@@ -453,9 +508,15 @@ def table(results: dict) -> str:
         exposure = ", ".join(f"{u} {e}" for u, e in r["exposure"].items())
     if "deploy" in results:
         d = results["deploy"]
-        row(f"`fab deploy` of a new release under {d['rate']:g} requests/s", d["deploy"], "",
-            f"{d['sent']} requests, {d['failed']} failed, worst {d['worst'] * 1000:.0f} ms")
-        notes.append(f"deploy: {len(d['runs'])} deploys, {d['date']}")
+        for kind, what in KINDS.items():
+            if kind in d:
+                row(f"{what}, under {d['rate']:g} requests/s", d[kind], "",
+                    f"{', '.join(map(str, d[kind]['round_trips']))} SSH round trips")
+        rows.append(f"| requests during them | | | | | | {d['sent']} sent, {d['failed']} failed, "
+                    f"worst {d['worst'] * 1000:.0f} ms (median with no deploy: "
+                    f"{d['quiet']['median'] * 1000:.1f} ms) |")
+        counts = ", ".join(f"{d[kind]['runs']} {kind}" for kind in KINDS if kind in d)
+        notes.append(f"deploy: {counts}, {d['date']}")
     if "fresh" in results:
         f = results["fresh"]
         row("`fab provision` of a fresh host", f["provision"], "1",
@@ -479,7 +540,7 @@ def table(results: dict) -> str:
         text += f"`systemd-analyze security` exposure (lower is safer): {exposure}.\n\n"
     lines = targets(results)
     if lines:
-        text += "Targets (issues 6 and 11):\n\n" + "".join(f"- {t}\n" for t in lines) + "\n"
+        text += "Targets (issues 6, 11 and 12):\n\n" + "".join(f"- {t}\n" for t in lines) + "\n"
     text += (f"Measured on {'; '.join(machines)}; {'; '.join(notes)}. Regenerate with "
              "`make bench` (`python bench/run.py noop|deploy|fresh` for one section).\n")
     return text
@@ -499,14 +560,13 @@ def main(sections: list[str]) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     kept = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     # sections measured by a bench that counted otherwise are not shown beside this run's
-    results = {name: r for name, r in kept.items() if r.get("format") == FORMAT}
-    stamp = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-             "machine": machine(), "format": FORMAT}
+    results = {name: r for name, r in kept.items() if r.get("format") == FORMATS.get(name)}
+    stamp = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
     target = bench_host() if {"noop", "deploy"} & set(sections) else None
     for name in sections:
         result = {"noop": lambda: noop(target), "deploy": lambda: deploy(target),
                   "fresh": fresh}[name]()
-        results[name] = {**result, **stamp}
+        results[name] = {**result, **stamp, "format": FORMATS[name]}
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     write_readme(results)
     measured = {name: results[name] for name in sections}

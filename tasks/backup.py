@@ -185,9 +185,11 @@ def download_dump(h, path: str, local_dir: str = ".") -> Path:
 # -- restore ---------------------------------------------------------------------------------
 
 def app_units(s) -> list[str]:
-    """The units that use the database: the app's socket and service, Celery's beat and worker
-    (stopped by one systemctl command: systemd orders the stops, not this list)."""
-    return [f"{s.app}.socket", f"{s.app}.service", "celerybeat.service", "celery.service"]
+    """The units that use the database: gunicorn's instances (and the socket and service of a
+    host deployed before them), Celery's beat and worker (stopped by one systemctl command:
+    systemd orders the stops, not this list)."""
+    return [*(f"{s.app}@{color}.service" for color in s.layout.colors), f"{s.app}.socket",
+            f"{s.app}.service", "celerybeat.service", "celery.service"]
 
 
 def restore_database(h, path: str) -> None:

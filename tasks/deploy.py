@@ -1,25 +1,24 @@
 """Releases of the app: ``fab deploy`` ships a git ref, ``fab rollback`` and ``fab releases``.
 
-Each release is unpacked into /opt/APP/releases/<id> (id: UTC time and commit);
-/opt/APP/app is a link to the current one, switched atomically. A deploy
-installs the requirements into the virtualenv (only when they changed), checks
-that the release's WSGI app loads (as the app's user, with its environment),
-dumps the database, migrates, collects static files, switches the link, restarts
-gunicorn and asks the health endpoint through NGINX until it
-answers from the new release (an app that sends an ``X-Release`` header with
-the contents of its REVISION file is waited for until it names the new
-release). Any failure before the switch leaves the current release serving;
-a failed health check puts the previous release back. The host lock (tasks/host.py)
-refuses a second deploy, or a provision, while one runs.
-
-gunicorn runs behind systemd socket activation (APP.socket), so even a
-restart queues requests instead of refusing them.
+Each release is unpacked into /opt/APP/releases/<id> (id: UTC time and commit) and runs
+from a virtualenv of its own, built beside the serving one (/opt/APP/venvs/KEY, KEY from
+requirements.txt and the interpreter; reused when neither changed; one a release runs from
+is never written). A deploy checks that the release's WSGI app loads (as the app's user,
+with its environment), dumps the database, migrates and collects static files; then it
+starts the release in the gunicorn instance that does not serve (``APP@blue``,
+``APP@green``), asks HEALTH_PATH of that instance directly until it answers 2xx from the
+release (an app that sends an ``X-Release`` header with the contents of its REVISION file
+is waited for until it names the release), and only then rewrites NGINX's upstream file to
+name it and reloads NGINX. The instance that served is stopped once NGINX's old workers
+have finished their requests; its release and virtualenv stay, for ``fab rollback``. Any
+failure before the switch leaves the current release serving; no user request reaches a
+release that has not answered healthy. The host lock (tasks/host.py) refuses a second
+deploy, or a provision, while one runs.
 """
 
 from __future__ import annotations
 
 import gzip
-import posixpath
 import subprocess
 import time
 from dataclasses import dataclass
@@ -30,7 +29,10 @@ from fabric import task
 
 from .executor import every_host
 from .host import StepFailed, converging_task, session
-from .primitives import PENDING_DIR, File, ReleaseService, ensure, q, render
+from .nginx import CHECKER
+from .primitives import PENDING_DIR, Change, File, Ok, Resource, ensure, q, render
+from .primitives.engine import host_notified
+from .python import interpreter
 from .scripts import script
 from .settings import is_remote
 
@@ -65,19 +67,55 @@ def resolve_local(repo: str, ref: str, subdir: str) -> Source:
 
 # -- provisioning: gunicorn's units ------------------------------------------------------
 
+class LiveInstance(Resource):
+    """The gunicorn instance that serves (the one the upstream file names), enabled and
+    running once a release is deployed. A change of gunicorn's unit restarts it the way a
+    deploy switches (files/app-restart.sh.j2): the release started in the other instance,
+    checked there, then given the requests.
+    """
+
+    def __init__(self, s):
+        self.s, self.what = s, "gunicorn instance"
+        self.marker = f"{s.app}@restart"
+
+    def probe(self) -> str:
+        layout, app = self.s.layout, q(self.s.app)
+        return (f"test -d {q(layout.current)} && echo release=yes\n"
+                f"for c in {' '.join(layout.colors)}; do\n"
+                f"    grep -qsF -- {q(layout.run)}/\"$c\"/ {q(layout.upstream)} || continue\n"
+                f"    echo \"color=$c\"\n"
+                f"    systemctl show -p UnitFileState -p ActiveState -p NeedDaemonReload "
+                f"-- {app}@\"$c\".service\n"
+                f"done\n[ -e {PENDING_DIR}/{q(self.marker)} ] && echo pending=yes; true")
+
+    def plan(self, state, host):
+        props = dict(line.split("=", 1) for line in state.splitlines() if "=" in line)
+        if "release" not in props:
+            return Ok(f"no release deployed yet ({self.s.layout.current} missing)")
+        if "color" not in props:
+            return Ok(f"served by {self.s.app}.socket's gunicorn, as deployed before the two "
+                      "instances: the next deploy moves the app to them")
+        unit = q(f"{self.s.app}@{props['color']}.service")
+        reload = "systemctl daemon-reload\n" if props.get("NeedDaemonReload") == "yes" else ""
+        if "pending" in props or host_notified(host, self.marker):
+            return Change(f"{props['color']}: restarted as a deploy switches (its unit "
+                          "changed): the release started in the other instance, checked, "
+                          "then given the requests", restart_app(self.s))
+        if props.get("ActiveState") != "active":
+            return Change(f"{props['color']}: started", f"{reload}systemctl enable --now -- "
+                          f"{unit}")
+        if props.get("UnitFileState") != "enabled":
+            return Change(f"{props['color']}: enabled", f"systemctl enable -- {unit}")
+        return Ok(f"{props['color']} serves: enabled, running")
+
+
 def app_resources(h) -> list:
-    """gunicorn's socket and service units; the service runs once a release exists."""
+    """gunicorn's unit (two instances, blue and green) and the one that serves."""
     s = h.settings
-    unit = f"{s.app}.service"
     return [
-        File(f"/etc/systemd/system/{s.app}.socket", render("gunicorn.socket.j2", s),
-             notify=[f"{s.app}.socket:restart"]),
-        File(f"/etc/systemd/system/{unit}", render("gunicorn.service.j2", s),
-             notify=[f"{unit}:restart"]),
-        # Before the first release there is nothing to activate: a request would only fail
-        # the service and, after a few, the socket too.
-        ReleaseService(f"{s.app}.socket", s.layout.current),
-        ReleaseService(unit, s.layout.current),
+        File(f"/etc/systemd/system/{s.app}@.service", render("gunicorn.service.j2", s),
+             notify=[f"{s.app}:restart"]),
+        LiveInstance(s),
     ]
 
 
@@ -88,26 +126,47 @@ def prerequisites(s) -> dict[str, str]:
     from .nginx import site_path
 
     return {f"{s.layout.venv}/bin/python": "the virtualenv",
+            f"/usr/bin/{interpreter(s['PYTHON_VERSION'])}":
+                "the interpreter of PYTHON_VERSION, which builds the release's virtualenv",
             s.layout.env_file: "the app's environment file",
-            f"/etc/systemd/system/{s.app}.service": "gunicorn's unit",
+            f"/etc/systemd/system/{s.app}@.service": "gunicorn's unit",
+            s.layout.upstream: "NGINX's upstream file",
             site_path(s): "the NGINX site",
             s.layout.backup_script: "the backup script"}
 
 
-def _state(h) -> tuple[str, list[str], list[str]]:
-    """The current release's id, every release (oldest first), and the missing prerequisites."""
-    layout = h.settings.layout
-    needed = prerequisites(h.settings)
-    current, listing, missing = h.probe([
+@dataclass
+class State:
+    """A host's releases as a deploy finds them."""
+
+    current: str  # the current release's id ("": none)
+    releases: list[str]  # every release, oldest first
+    missing: list[str]  # the prerequisites provision has not made
+    venv_stale: bool  # the current release's virtualenv is not the one a deploy would build
+
+
+def _state(h) -> State:
+    """Read the host's releases (one round trip)."""
+    s = h.settings
+    layout = s.layout
+    needed = prerequisites(s)
+    python = interpreter(s["PYTHON_VERSION"])
+    current, listing, missing, stale = h.probe([
         f"readlink {q(layout.current)} 2>/dev/null | xargs -r basename",
         f"ls -1 {q(layout.releases)} 2>/dev/null | grep -v '^[.]'",
         "".join(f"[ -e {q(path)} ] || echo {q(path)}\n" for path in needed) + "true",
+        # the key the current release's virtualenv would have now (an interpreter changed
+        # by PYTHON_VERSION changes it), against the one it runs from
+        f"(\n{script('venv-key.sh.j2', s, python=python, rel=layout.current)}"
+        f"[ \"$(readlink {q(layout.current + '/' + layout.release_venv)})\" = "
+        f"{q(layout.venvs)}/\"$key\" ] || echo stale\n) 2>/dev/null; true",
     ])
-    return (current.strip(), sorted(listing.split()),
-            [f"{needed[path]} ({path})" for path in missing.split()])
+    return State(current.strip(), sorted(listing.split()),
+                 [f"{needed[path]} ({path})" for path in missing.split()],
+                 stale.strip() == "stale")
 
 
-def _prepare(h, source: Source, release: str, current: str) -> None:
+def _prepare(h, source: Source, release: str) -> None:
     s = h.settings
     if source.archive is not None:
         archive, tree = h.upload(source.archive, "release.tar.gz", "upload the release"), ""
@@ -118,18 +177,21 @@ def _prepare(h, source: Source, release: str, current: str) -> None:
           what=f"release {release}")
     h.changed(f"release {release}", f"unpacked {source.label} ({source.commit[:12]})")
     wsgi = s["WSGI_APP"]
-    # One round trip: the requirements, then whether the release can boot at all (before
-    # anything else: a release that cannot boot is never migrated nor switched to).
+    # One round trip: the release's virtualenv, then whether the release can boot at all
+    # (before anything else: a release that cannot boot is never migrated nor switched to).
     res = h.run(script("deploy-release.sh.j2", s, release=release, action="boot",
-                       current=current, mark=BOOT_MARK),
+                       python=interpreter(s["PYTHON_VERSION"]), mark=BOOT_MARK),
                 what="requirements", check=False)
     pip_err, checked, boot_err = res.stderr.partition(f"{BOOT_MARK}\n")
     if not checked:
         _abort(h, release, "requirements", f"pip install failed: {pip_err.strip()[-1500:]}")
-    if res.stdout.strip() == "same":
-        h.ok("requirements", "unchanged since the current release")
+    built, _, key = res.stdout.strip().rpartition("\n")[2].partition(" ")
+    venv = f"{s.layout.venvs}/{key}"
+    if built == "same":
+        h.ok("requirements", f"unchanged: the release runs from virtualenv {venv}")
     else:
-        h.changed("requirements", "installed into the virtualenv")
+        h.changed("requirements", f"installed into a new virtualenv {venv}, beside the "
+                  "serving one")
     if not res.ok:
         _abort(h, release, "app boot check", f"the new release's WSGI app ({wsgi}) does not "
                f"load as {s.app} with its environment:\n{boot_err.strip()[-1500:]}")
@@ -200,7 +262,16 @@ def _backup_and_migrate(h, release: str) -> None:
                 what="static files", check=False)
     if not res.ok:
         _abort(h, release, "static files", res.stderr.strip()[-1500:])
-    h.ok("static files", res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "done")
+    # collectstatic's lines, and files/deploy-release.sh.j2's own ("static folder: ...",
+    # "manifest: ...")
+    ours = ("static folder: ", "manifest: ")
+    lines = res.stdout.strip().splitlines()
+    notes = dict(line.split(": ", 1) for line in lines if line.startswith(ours))
+    if "static folder" in notes:
+        h.changed("static folder", notes["static folder"])
+    counts = [line for line in lines if not line.startswith(ours)]
+    h.ok("static files", f"{counts[-1] if counts else 'done'} (as {s.app})"
+         + ("; its manifest kept in the release" if "manifest" in notes else ""))
 
 
 def _abort(h, release: str, what: str, why: str):
@@ -209,23 +280,55 @@ def _abort(h, release: str, what: str, why: str):
                      "keeps serving")
 
 
-def _switch(h, release: str) -> None:
-    """Point the app link at ``release`` atomically and restart gunicorn.
+HEALTH_TIMEOUT = 60  # seconds a new instance may take to answer healthy
 
-    A restart, not a reload: gunicorn's HUP was seen to leave new workers running the old
-    release's code. systemd holds the socket meanwhile, so requests wait instead of failing,
-    and gunicorn's graceful stop lets the old workers finish theirs.
-    """
-    layout = h.settings.layout
-    link = posixpath.relpath(layout.release(release), posixpath.dirname(layout.current))
-    h.run(script("deploy-switch.sh.j2", h.settings, link=link, pending=PENDING_DIR),
-          what=f"switch to {release}")
+
+def _instance_script(name: str, s, **values) -> str:
+    return script(name, s, checker=CHECKER, pending=PENDING_DIR, timeout=HEALTH_TIMEOUT,
+                  **values)
+
+
+def _start_beside(h, release: str, rollback: bool = False) -> str:
+    """Start ``release`` in the gunicorn instance that does not serve and check it there
+    (files/deploy-start.sh.j2); returns the instance's color. A release that does not answer
+    healthy never gets a request: a deploy abandons it, a rollback stays where it is."""
+    s = h.settings
+    res = h.run(_instance_script("deploy-start.sh.j2", s, release=release,
+                                 **h.lock_values()), what="new instance", check=False)
+    color, _, answer = res.stdout.strip().partition("\n")
+    unit = f"{s.app}@{color}"
+    if not res.ok:
+        why = (f"{unit} running {release} did not answer {s['HEALTH_PATH']} healthy on its "
+               f"own socket within {HEALTH_TIMEOUT} s: {answer.strip() or 'no answer'}"
+               + (f"\n{res.stderr.strip()[-1500:]}" if res.stderr.strip() else "")
+               + "\nno user request reached it")
+        if rollback:
+            raise StepFailed("health check", why)
+        _abort(h, release, "health check", why)
+    h.changed(f"instance {color}", f"{unit} runs {release} beside the serving one; "
+              f"{s['HEALTH_PATH']} asked directly: {answer.strip()}")
+    return color
+
+
+def _switch(h, release: str, color: str, current: str) -> str:
+    """Give the site's requests to instance ``color`` (files/deploy-switch.sh.j2): NGINX's
+    upstream file rewritten, tested, reloaded; once the workers of the configuration before
+    have finished and the site answers from ``release``, the instance that served is told to
+    stop and the app's and the virtualenv's links name ``release``. Returns that answer."""
+    s = h.settings
+    res = h.run(_instance_script("deploy-switch.sh.j2", s, release=release, color=color),
+                what=f"switch to {release}", check=False)
+    if not res.ok:
+        raise StepFailed("switch", f"the site did not answer from {release} through NGINX "
+                         f"({res.stdout.strip() or res.stderr.strip()[-1500:]}): "
+                         f"{current or 'the release before'} serves as before")
+    return res.stdout.strip()
 
 
 def restart_app(s) -> str:
-    """The shell program that restarts the app's gunicorn behind its socket (files/
-    app-restart.sh.j2): fab upgrade's last restart (a deploy's switch includes it)."""
-    return script("app-restart.sh.j2", s, pending=PENDING_DIR)
+    """The shell program that restarts the app as a deploy switches (files/
+    app-restart.sh.j2): fab upgrade's last restart, and provision's after a unit change."""
+    return _instance_script("app-restart.sh.j2", s)
 
 
 def health_check(h, release: str, timeout: int = 60) -> tuple[bool, str]:
@@ -242,13 +345,27 @@ def _restart_workers(h) -> None:
 
 
 def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
+    """Remove the releases beyond ``keep`` (but those in ``protect``), the virtualenvs no
+    remaining release runs from and the static files no remaining release's manifest names
+    (files/deploy-prune.sh.j2), in one round trip."""
     old = [r for r in releases[:-keep] if r not in protect] if len(releases) > keep else []
-    if not old:
+    res = h.run(script("deploy-prune.sh.j2", h.settings, *old), what="old releases")
+    said = [line.partition(" ")[::2] for line in res.stdout.splitlines()]
+    venvs = [name for kind, name in said if kind == "venv"]
+    static = [int(n) for kind, n in said if kind == "static"]
+    unnamed = [release for kind, release in said if kind == "static-kept"]
+    many = len(venvs) > 1
+    gone = ([f"removed {', '.join(old)} (keeping {keep})"] if old else []) + (
+        [f"removed virtualenv{'s' * many} {', '.join(venvs)} (no kept release runs from "
+         f"{'them' if many else 'it'})"] if venvs else []) + (
+        [f"removed {static[0]} static file{'s' * (static[0] > 1)} no kept release's manifest "
+         "names"] if static else [])
+    if old and unnamed:  # an app without ManifestStaticFilesStorage, or collected before
+        gone.append(f"static files all kept: release {unnamed[0]} kept no manifest of them")
+    if gone:
+        h.changed("old releases", "; ".join(gone))
+    else:
         h.ok("old releases", f"{len(releases)} kept (at most {keep})")
-        return
-    layout = h.settings.layout
-    h.run("rm -rf " + " ".join(q(layout.release(r)) for r in old), what="old releases")
-    h.changed("old releases", f"removed {', '.join(old)} (keeping {keep})")
 
 
 def deploy_release(h, ref: str | None = None, force: bool = False,
@@ -259,7 +376,8 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
     ref = ref or s["DEPLOY_REF"]
     remote = is_remote(s["DEPLOY_REPO"])
     source = None if remote else resolve_local(s["DEPLOY_REPO"], ref, s["DEPLOY_SUBDIR"])
-    current, releases, missing = _state(h)
+    state = _state(h)
+    current, releases, missing = state.current, state.releases, state.missing
     if missing:
         raise StepFailed("provisioned", f"the host is not fully provisioned, missing "
                          f"{', '.join(missing)}: run `fab provision` first (a provision "
@@ -268,7 +386,11 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
         source = _resolve_remote(h)
         if source is None:
             return
-    if current.endswith(f"-{source.commit[:12]}") and not force:
+    if current.endswith(f"-{source.commit[:12]}") and state.venv_stale and not force:
+        h.changed(f"release {current}", f"{source.commit[:12]} is current but does not run "
+                  "from the virtualenv its requirements and PYTHON_VERSION's interpreter "
+                  "give: deploying it again")
+    elif current.endswith(f"-{source.commit[:12]}") and not force:
         healthy, detail = health_check(h, current, timeout=10)
         if not healthy:
             raise StepFailed("health check", f"release {current} is current but not "
@@ -280,24 +402,20 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
         h.changed(f"release {release}", f"would deploy {source.label} "
                   f"({source.commit[:12]}) over {current or 'nothing'}")
         return
-    _prepare(h, source, release, current)
+    _prepare(h, source, release)
     page_on = False  # fab deploy --maintenance turned the maintenance page on
     try:
         if maintenance:
             from .maintenance import page_on_during_deploy
             page_on = page_on_during_deploy(h)
         _backup_and_migrate(h, release)
-        _switch(h, release)
-        healthy, detail = health_check(h, release)
-        if not healthy:
-            if current:
-                _switch(h, current)
-                h.run(f"rm -rf {q(s.layout.release(release))}", what="rollback")
-                raise StepFailed("health check", f"{detail}; put release {current} back "
-                                 f"and removed {release}")
-            raise StepFailed("health check", f"{detail}; there is no earlier release to put "
-                             "back")
-        h.changed(f"release {release}", f"serving ({detail})")
+        color = _start_beside(h, release)
+        try:
+            detail = _switch(h, release, color, current)
+        except StepFailed:
+            h.run(f"rm -rf {q(s.layout.release(release))}", what="switch")
+            raise
+        h.changed(f"release {release}", f"serving from {s.app}@{color} ({detail})")
         _restart_workers(h)
         _prune(h, releases + [release], int(s["RELEASES_KEEP"]), {release, current})
     finally:
@@ -307,17 +425,16 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
 
 
 def rollback_release(h) -> None:
-    current, releases, _ = _state(h)
+    state = _state(h)
+    current, releases = state.current, state.releases
     if current not in releases or releases.index(current) == 0:
         raise StepFailed("rollback", f"no release before {current or 'the current one'} "
                          f"(releases: {', '.join(releases) or 'none'})")
     previous = releases[releases.index(current) - 1]
-    _switch(h, previous)
-    healthy, detail = health_check(h, previous)
-    if not healthy:
-        _switch(h, current)
-        raise StepFailed("health check", f"{detail}; stayed on {current}")
-    h.changed("rollback", f"serving {previous} instead of {current} ({detail})")
+    color = _start_beside(h, previous, rollback=True)
+    detail = _switch(h, previous, color, current)
+    h.changed("rollback", f"serving {previous} instead of {current} from {h.settings.app}@"
+              f"{color} ({detail})")
     _restart_workers(h)
 
 
@@ -344,12 +461,13 @@ def rollback(c):
 def releases(c):
     """List the releases on the host, marking the current one."""
     with session(c, "releases", lock=False) as h:
-        current, listing, _ = _state(h)
-        for release in listing:
+        state = _state(h)
+        current = state.current
+        for release in state.releases:
             h.ok(f"release {release}", "current" if release == current else "kept")
 
 
 @converging_task("gunicorn")
 def gunicorn(h):
-    """gunicorn's systemd socket and service units for the app (part of provision)."""
+    """gunicorn's unit (instances blue and green) and the one that serves (part of provision)."""
     return app_resources(h)

@@ -239,6 +239,11 @@ class Host:
         if self._lock_task is not None and self._lock is None:
             self.run(":", what="host lock")
 
+    def lock_values(self) -> dict[str, str]:
+        """The shell values by which a program on the host tells that this run still holds the
+        host lock (files/healthy.sh.j2: run_alive); none for a run that takes no lock."""
+        return {"token": self._lock_token, "lock": LOCK_FILE} if self._lock_task else {}
+
     def release_lock(self) -> None:
         """Let the host lock go (closing its channel ends the holder), if this run holds it."""
         if self._lock is not None:

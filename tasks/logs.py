@@ -59,7 +59,9 @@ def sources(s) -> dict[str, Source]:
     """The units ``--unit`` takes, in the order ``fab logs`` lists them."""
     app = s.app
     return {
-        "app": Source((f"{app}.service", f"{app}.socket"), (), (f"{s.layout.logs}/*.log",)),
+        # gunicorn's instances (and the unit of a host deployed before them)
+        "app": Source((f"{app}@*.service", f"{app}.service", f"{app}.socket"), (),
+                      (f"{s.layout.logs}/*.log",)),
         "celery": Source(("celery.service",), (), (f"{s.layout.celery_logs}/w*.log",)),
         "beat": Source(("celerybeat.service",), (), (f"{s.layout.celery_logs}/beat.log",)),
         "nginx": Source(("nginx.service",), (), ("/var/log/nginx/*.log",)),

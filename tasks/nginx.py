@@ -3,7 +3,8 @@
 ``fab nginx`` (``nginx.setup``) installs NGINX, removes the distro's default site and writes
 two files in ``/etc/nginx/sites-enabled/``: ``fabstack-default.conf`` (requests for any other
 name closed with 444 on port 80, TLS handshakes refused on 443) and ``APP.conf`` (the site:
-proxy to gunicorn on 127.0.0.1:8000 with Host, X-Forwarded-For and X-Forwarded-Proto,
+proxy to the gunicorn instance that serves, upstream ``APP_live`` in
+``/etc/nginx/conf.d/fabstack-APP-upstream.conf``, with Host, X-Forwarded-For and X-Forwarded-Proto,
 ``/static/`` and ``/media/`` from disk, ACME challenges from certbot's webroot). The site
 comes in two versions: plain HTTP until the certificate exists, then HTTPS with HTTP
 redirecting (``fab certbot`` gets the certificate).
@@ -17,7 +18,7 @@ configuration keeps serving. NGINX reloads only when a file changed.
 from __future__ import annotations
 
 from .host import converging_task
-from .primitives import Directory, File, Packages, Resource, Service, q, render
+from .primitives import Directory, File, Ok, Packages, Resource, Service, q, render
 
 SITES = "/etc/nginx/sites-enabled"
 CHECKER = "/usr/local/sbin/fabstack-nginx-check"
@@ -107,6 +108,39 @@ class Site(Resource):
         return outcome
 
 
+class Upstream(Resource):
+    """NGINX's upstream ``APP_live`` in a file of its own (``settings.layout.upstream``): the
+    gunicorn instance that serves. Written once, naming instance blue (on a host deployed
+    before the two instances: gunicorn behind ``APP.socket``, port 8000); from then on the
+    deploy's switch rewrites it (files/app-instance.sh.j2), so provision leaves it as it is.
+    """
+
+    def __init__(self, s):
+        def version(color: str) -> File:
+            return config_file(s.layout.upstream, render("nginx-upstream.conf.j2", s,
+                                                         color=color))
+
+        self.path, self.legacy_unit = s.layout.upstream, f"/etc/systemd/system/{s.app}.socket"
+        self.new, self.legacy = version(s.layout.colors[0]), version("legacy")
+        self.what = self.new.what
+
+    def probe(self) -> str:
+        return (f"if [ -e {q(self.path)} ]; then echo present\n"
+                f"sed -n 's/^ *server *//p' -- {q(self.path)}\n"
+                f"elif [ -e {q(self.legacy_unit)} ]; then echo legacy\n{self.legacy.probe()}\n"
+                f"else echo new\n{self.new.probe()}\nfi")
+
+    def plan(self, state, host):
+        kind, _, rest = state.partition("\n")
+        if kind.strip() == "present":
+            return Ok(f"names {rest.strip().rstrip(';') or 'no server'} (the deploys' to change)")
+        outcome = (self.legacy if kind.strip() == "legacy" else self.new).plan(rest, host)
+        if kind.strip() == "legacy":
+            outcome.message += (" [gunicorn behind the app's socket unit, until the next "
+                                "deploy moves it to its two instances]")
+        return outcome
+
+
 def site_resources(h) -> list:
     """The app's site and NGINX's reload: also planned again by certbot's step."""
     return [Site(h.settings), Service("nginx")]
@@ -122,6 +156,7 @@ def nginx_resources(h) -> list:
         File(f"{SITES}/default", present=False, notify=["nginx:reload"]),
         Directory(ACME_WEBROOT, "root", "root", 0o755),
         config_file(DEFAULT_SITE, render("nginx-default.conf.j2", s)),
+        Upstream(s),  # before the site, which names it
         *site_resources(h),
     ]
 

@@ -27,6 +27,7 @@ from .primitives import (
     refuse_conflicts,
     render,
 )
+from .scripts import script
 from .settings import is_true, url_credentials
 
 EXTRA_CA_PATH = "/usr/local/share/ca-certificates/fabstack-extra.crt"
@@ -66,6 +67,16 @@ def media_readable(media_dir: str) -> Command:
                    message="made readable by all (NGINX and backups read it)")
 
 
+def static_owned(s) -> Command:
+    """The static folder the app's user's, as collectstatic runs as it: one an earlier fabstack
+    left root's is given with all it holds (files/static-owner.sh.j2, which the deploy runs too,
+    before collectstatic)."""
+    static, owner = q(s.layout.static), q(f"{s.app}:{s.app}")
+    return Command(f"static folder {s.layout.static}", script("static-owner.sh.j2", s),
+                   unless=f"test ! -d {static} || test \"$(stat -c %U:%G -- {static})\" = {owner}",
+                   message=f"given to {s.app} with all it holds (collected as root before)")
+
+
 def unattended_resources(h) -> list:
     """Debian's unattended-upgrades (security updates between runs, its own defaults), or its
     daily run turned off (UNATTENDED_UPGRADES)."""
@@ -91,7 +102,8 @@ def base_resources(h) -> list:
         Directory(s.layout.code, "root", "root", 0o755),
         Directory(s.layout.conf, "root", app, 0o750),
         Directory(s.layout.home, app, app, 0o755),
-        Directory(s.layout.static, "root", app, 0o755),
+        static_owned(s),
+        Directory(s.layout.static, app, app, 0o755),
         Directory(s.layout.media, app, app, 0o755),
         media_readable(s.layout.media),
         Directory(s.layout.logs, app, app, 0o750),
@@ -107,8 +119,8 @@ def all(c, check=False):  # noqa: A001 - "provision.all" reads best
         # Everything is declared (and every setting checked) before anything changes, and
         # read in one probe round trip: the steps' later decisions (the site's switch to
         # HTTPS once certbot has the certificate) are made on the host by the re-probes.
-        rest = [*db.db_resources(h), *celery.celery_resources(h), *deploy.app_resources(h),
-                *nginx.nginx_resources(h), *backup.backup_resources(h),
+        rest = [*db.db_resources(h), *celery.celery_resources(h), *nginx.nginx_resources(h),
+                *deploy.app_resources(h), *backup.backup_resources(h),
                 *certbot.certbot_resources(h), *monitoring.monitoring_resources(h)]
         if candidate:
             first = [*base_resources(h), *python.python_resources(h, release, candidate)]

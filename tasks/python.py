@@ -45,16 +45,23 @@ def python_resources(h, release: dict[str, str], candidate: bool) -> list:
                              "provides other versions")
         resources += apt_repository("deadsnakes", DEADSNAKES_URI, release["VERSION_CODENAME"],
                                     "main", DEADSNAKES_KEY)
-    venv = s.layout.venv
-    # The virtualenv's minor version (pyvenv.cfg) must be the interpreter's, read on the host
-    # when PYTHON_VERSION is empty: a distro upgrade that moves python3 recreates it.
+    layout = s.layout
+    venv = layout.venv
+    # The seed virtualenv, until the first deploy gives the app one per release (and makes
+    # /opt/APP/venv a link to the current release's): made when missing, and made again when
+    # its minor version (pyvenv.cfg) is not the interpreter's (read on the host when
+    # PYTHON_VERSION is empty: a distro upgrade that moves python3) while no release runs
+    # from it. A virtualenv a release runs from is never touched: the next deploy builds the
+    # release's on the new interpreter.
     want = q(version) if version else (
         f"$({python} -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' 2>/dev/null)")
+    cfg = q(venv + "/pyvenv.cfg")
+    serving = f"[ -e {cfg} ] && {{ [ -L {q(venv)} ] || [ -e {q(layout.current)} ]; }}"
     resources += [
         Packages([python, f"{python}-venv", f"{python}-dev"]),
         Command(f"virtualenv {venv}",
-                unless=f'want={want} && [ -n "$want" ] && '
-                       f'grep -Eq "^version *= *$want[.]" {q(venv + "/pyvenv.cfg")}',
+                unless=f'{{ {serving}; }} || {{ want={want} && [ -n "$want" ] && '
+                       f'grep -Eq "^version *= *$want[.]" {cfg}; }}',
                 message=f"created with {python}",
                 script=f"rm -rf {q(venv)}\n{python} -m venv {q(venv)}"),
     ]

@@ -29,8 +29,9 @@ DISK_MAX_USE = 90  # percent of a filesystem in use that is a problem
 
 
 def services(s) -> list[tuple[str, str]]:
-    """(unit, what it is) for every service the host should run."""
-    units = [(f"{s.app}.service", "gunicorn"), ("celery.service", "Celery worker"),
+    """(unit, what it is) for every service the host should run but gunicorn (the instance
+    that serves is read on the host: :func:`snippets`)."""
+    units = [("celery.service", "Celery worker"),
              ("celerybeat.service", "Celery beat"), ("nginx.service", "web server"),
              ("postgresql.service", "database"), ("redis-server.service", "broker and cache")]
     if s.monitoring:
@@ -45,8 +46,13 @@ def snippets(s) -> list[str]:
     folders = " ".join(q(p) for p in (s.layout.home, "/var/lib/postgresql", s.layout.backup))
     return [
         "date +%s",
-        "".join(f"echo {q(unit)} $(systemctl is-active -- {q(unit)} 2>/dev/null)\n"
-                for unit, _ in services(s)) + "true",
+        # the gunicorn instance the upstream file names ("app UNIT STATE"), then the others
+        f"c=none; for i in {' '.join(s.layout.colors)}; do grep -qsF -- {q(s.layout.run)}/\"$i\"/ "
+        f"{q(s.layout.upstream)} && c=$i; done\n"
+        f"echo app {q(s.app)}@$c.service $(systemctl is-active -- {q(s.app)}@$c.service "
+        "2>/dev/null)\n"
+        + "".join(f"echo {q(unit)} $(systemctl is-active -- {q(unit)} 2>/dev/null)\n"
+                  for unit, _ in services(s)) + "true",
         "ss -ltnH 2>/dev/null | awk '{print $4}'",
         f"if [ -L {q(current)} ]; then readlink -- {q(current)}; "
         f"stat -c %Y -- {q(current)}; fi",
@@ -104,6 +110,15 @@ def assess(s, answers: list[str]) -> list[Line]:
     lines: list[Line] = []
     state = dict(line.split(" ", 1) if " " in line else (line, "unknown")
                  for line in units.splitlines() if line.strip())
+    app_unit, _, active = state.get("app", "").partition(" ")
+    if f"{s.app}@none." in app_unit or not app_unit:
+        lines.append(Line("failed", "gunicorn", "NGINX's upstream file names no instance (a "
+                          "host deployed before blue/green: the next deploy moves the app to "
+                          "its two instances)"))
+    else:
+        lines.append(Line("ok" if active.strip() == "active" else "failed",
+                          f"service {app_unit}",
+                          f"{active.strip() or 'unknown'} (gunicorn, the instance that serves)"))
     for unit, role in services(s):
         active = state.get(unit, "").strip() or "unknown"
         lines.append(Line("ok" if active == "active" else "failed", f"service {unit}",

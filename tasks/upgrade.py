@@ -132,7 +132,8 @@ def restart_plan(s, services: list[str], stopped: list[str]
     own scripts: daemon-reexec), then every other unit by name, NGINX, and the app's gunicorn
     last; a unit the upgrade stopped is started whatever it is.
     """
-    app = f"{s.app}.service"
+    # the app's gunicorn: an instance, or the one behind APP.socket of a host deployed before
+    apps = {f"{s.app}@{color}.service" for color in s.layout.colors} | {f"{s.app}.service"}
     first, middle, last, left = [], [], [], {}
     for unit in sorted(set(services) | set(stopped)):
         if UNIT.fullmatch(unit) and "." not in unit:  # systemd-manager, systemd-user
@@ -141,7 +142,7 @@ def restart_plan(s, services: list[str], stopped: list[str]
             left[unit] = "not a unit name fabstack can restart"
         elif unit in stopped:
             middle.append(("start", unit))
-        elif unit == app:
+        elif unit in apps:
             last.append(("app", unit))
         elif unit == "nginx.service":
             middle.append(("nginx", unit))
@@ -268,11 +269,12 @@ def restart(h, plan: list[tuple[str, str]], found: Needs, release: str) -> None:
         if word == "restarted":
             unit, ms = rest.split()
             kind = dict((u, k) for k, u in plan)[unit]
-            how = {"nginx": "new master on the same sockets", "app": "as a deploy does",
+            how = {"nginx": "new master on the same sockets",
+                   "app": "as a deploy switches: now in the other instance",
                    "script": f"{RESTART_SCRIPTS}/{unit}", "start": "the upgrade had stopped it"}
             h.changed(f"service {unit}", f"restarted ({why.get(unit, 'stopped')}; "
-                      f"{how.get(kind, 'systemctl restart')}), active after "
-                      f"{int(ms) / 1000:.1f} s")
+                      f"{how.get(kind, 'systemctl restart')}), "
+                      f"{'done' if kind == 'app' else 'active'} after {int(ms) / 1000:.1f} s")
     if not res.ok:
         failed = [line.split()[1] for line in res.stdout.splitlines()
                   if line.startswith("failed ")]

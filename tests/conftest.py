@@ -21,8 +21,8 @@ VALID = {"DOMAIN": "example.com", "ADMIN_EMAIL": "ops@example.com",
 # The real-host modules share one sandbox, so they run in the order a server lives: provision
 # needs it fresh, Celery's module wants no release yet, web wants no certificate yet, then the
 # modules that deploy; the audits read the whole stack, and the faults break it last.
-REALHOST_ORDER = ("provision", "db", "celery", "web", "deploy", "backup", "status", "daytwo",
-                  "badinput", "audit", "faults")
+REALHOST_ORDER = ("provision", "db", "celery", "web", "deploy", "static", "backup", "status",
+                  "daytwo", "badinput", "audit", "faults")
 
 
 def pytest_collection_modifyitems(items):
@@ -166,6 +166,14 @@ true
 def host_state(target) -> str:
     """The host's state (:data:`STATE`) now."""
     return target.sh(STATE).stdout
+
+
+def live_unit(target, app: str = "ratemyderp") -> str:
+    """The gunicorn instance that serves (the one NGINX's upstream file names), as a unit."""
+    color = target.sh(f"sed -n 's|.*unix:/run/{app}/\\([a-z]*\\)/.*|\\1|p' "
+                      f"/etc/nginx/conf.d/fabstack-{app}-upstream.conf").stdout.strip()
+    assert color in ("blue", "green"), color
+    return f"{app}@{color}.service"
 
 
 def state_changes(before: str, after: str) -> list[str]:

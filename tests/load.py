@@ -54,6 +54,7 @@ class Load:
     def __init__(self, ip: str, interval: float = 0.05):
         self.ip, self.interval = ip, interval
         self.sent, self.failed, self.worst = 0, [], 0.0
+        self.latencies: list[float] = []  # seconds, per request
         self.releases = Counter()  # answers per release (X-Release header)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -71,7 +72,8 @@ class Load:
             except OSError as exc:
                 self.failed.append(repr(exc))
             self.sent += 1
-            self.worst = max(self.worst, time.monotonic() - started)
+            self.latencies.append(time.monotonic() - started)
+            self.worst = max(self.worst, self.latencies[-1])
             due += self.interval
             self._stop.wait(max(0.0, due - time.monotonic()))
 

@@ -1,4 +1,5 @@
-"""The deploy's steps before the switch, over the fake connection: requirements, boot check."""
+"""The deploy's steps before the switch, over the fake connection: the release's virtualenv,
+boot check; and the pruning of releases and virtualenvs after it."""
 
 import pytest
 
@@ -26,25 +27,26 @@ def boot_script(conn) -> str:
 
 
 def test_the_release_must_load_before_anything_else(make_host, capsys):
-    host, conn = prepare(make_host, Result("same\n", f"{deploy.BOOT_MARK}\n", 0))
-    deploy._prepare(host, SOURCE, RELEASE, "20261126000000-0123456789ab")
+    host, conn = prepare(make_host, Result("same 0123456789abcdef\n", f"{deploy.BOOT_MARK}\n", 0))
+    deploy._prepare(host, SOURCE, RELEASE)
     script = boot_script(conn)
     # as the app's user, with the environment its file gives, from the new release
-    assert script.startswith(f"release={RELEASE}\naction=boot\n"
-                             "current=20261126000000-0123456789ab\n")
+    assert script.startswith(f"release={RELEASE}\naction=boot\npython=python3\n")
     assert "rel=/opt/ratemyderp/releases/$release\n" in script
+    assert "venv=$rel/.fabstack-venv\n" in script
     assert "set -a\n# shellcheck source=/dev/null" in script
     assert ("\n. /opt/ratemyderp/conf/ratemyderp.conf\nset +a\nexport PYTHONPATH=\"$rel\"\n"
             in script)
     assert 'runuser -u ratemyderp -- "$venv/bin/python" - config.wsgi <<' in script
     out = capsys.readouterr().out
-    assert "ok           requirements: unchanged since the current release" in out
+    assert ("ok           requirements: unchanged: the release runs from virtualenv "
+            "/opt/ratemyderp/venvs/0123456789abcdef") in out
     assert "ok           app boot check: config.wsgi.application loads as ratemyderp" in out
 
 
 def test_no_secret_reaches_a_command_line_or_a_script(make_host, settings):
     host, conn = prepare(make_host, Result("", f"{deploy.BOOT_MARK}\n", 0))
-    deploy._prepare(host, SOURCE, RELEASE, "")
+    deploy._prepare(host, SOURCE, RELEASE)
     for secret in settings.secrets:
         assert not any(secret in text for text in conn.commands + conn.scripts)
 
@@ -53,7 +55,7 @@ def test_failing_requirements_abandon_the_release(make_host):
     host, conn = prepare(make_host, Result("", "ERROR: No matching distribution found for "
                                                "nope==1\n", 1))
     with pytest.raises(StepFailed) as err:
-        deploy._prepare(host, SOURCE, RELEASE, "")
+        deploy._prepare(host, SOURCE, RELEASE)
     assert err.value.what == "requirements"
     assert "pip install failed: ERROR: No matching distribution found for nope==1" in \
         err.value.message
@@ -63,10 +65,10 @@ def test_failing_requirements_abandon_the_release(make_host):
 
 def test_a_release_that_cannot_boot_is_abandoned(make_host, capsys):
     host, conn = prepare(make_host, Result(
-        "", f"{deploy.BOOT_MARK}\nTraceback (most recent call last):\n"
-            "RuntimeError: cannot boot\n", 1))
+        "built fedcba9876543210\n", f"{deploy.BOOT_MARK}\nTraceback (most recent call last):\n"
+                                    "RuntimeError: cannot boot\n", 1))
     with pytest.raises(StepFailed) as err:
-        deploy._prepare(host, SOURCE, RELEASE, "20261126000000-0123456789ab")
+        deploy._prepare(host, SOURCE, RELEASE)
     assert err.value.what == "app boot check"
     assert err.value.message.startswith(
         "the new release's WSGI app (config.wsgi) does not load as ratemyderp with its "
@@ -74,7 +76,53 @@ def test_a_release_that_cannot_boot_is_abandoned(make_host, capsys):
     assert "RuntimeError: cannot boot\nrelease " in err.value.message
     assert conn.applied[-1] == f"rm -rf /opt/ratemyderp/releases/{RELEASE}"
     # the requirements themselves were fine, and reported so
-    assert "changed      requirements: installed into the virtualenv" in capsys.readouterr().out
+    assert ("changed      requirements: installed into a new virtualenv "
+            "/opt/ratemyderp/venvs/fedcba9876543210, beside the serving one"
+            in capsys.readouterr().out)
+
+
+def test_the_serving_virtualenv_is_never_written(make_host):
+    """The boot step builds the release's virtualenv in venvs/ and writes nothing through
+    /opt/APP/venv, the serving release's (the real-host proof hashes it:
+    tests/test_realhost_deploy.py)."""
+    host, conn = prepare(make_host, Result("built 0123456789abcdef\n", f"{deploy.BOOT_MARK}\n", 0))
+    deploy._prepare(host, SOURCE, RELEASE)
+    script = boot_script(conn)
+    assert "dir=/opt/ratemyderp/venvs/$key\n" in script
+    assert '"$python" -m venv "$dir"' in script and '"$dir/bin/pip" install' in script
+    assert "/opt/ratemyderp/venv/" not in script and "/opt/ratemyderp/venv\n" not in script
+    # a build that fails is removed, so the next deploy builds it again
+    assert 'rm -rf -- "$dir"\n            exit 1' in script
+
+
+@pytest.mark.parametrize("old, removed, outcome", [
+    ([], "", "ok           old releases: 4 kept (at most 5)"),
+    (["r1"], "", "changed      old releases: removed r1 (keeping 3)"),
+    (["r1", "r2"], "venv 0123456789abcdef\nvenv legacy\nstatic 3\n",
+     "changed      old releases: removed r1, r2 (keeping 2); removed virtualenvs "
+     "0123456789abcdef, legacy (no kept release runs from them); removed 3 static files no "
+     "kept release's manifest names"),
+    ([], "venv 0123456789abcdef\n", "changed      old releases: removed virtualenv "
+     "0123456789abcdef (no kept release runs from it)"),
+    (["r1"], "static-kept r3\n", "changed      old releases: removed r1 (keeping 3); static "
+     "files all kept: release r3 kept no manifest of them"),
+    ([], "static-kept r3\n", "ok           old releases: 4 kept (at most 5)\n"),
+])
+def test_prune_removes_old_releases_and_the_virtualenvs_none_runs_from(
+        make_host, capsys, old, removed, outcome):
+    host, conn = make_host()
+
+    def execute(command, stdin, wait):
+        conn.exec_script(command, stdin)
+        return Result(removed, "", 0)
+
+    host._exec = execute
+    releases = old + ["r3", "r4", "r5", "r6"][:4 - len(old)]
+    keep = {0: 5, 1: 3, 2: 2}[len(old)]
+    deploy._prune(host, releases, keep, {releases[-1]})
+    script = conn.applied[-1]
+    assert script.startswith("set -- " + " ".join(old) + "\n" if old else "#!/bin/sh")
+    assert outcome in capsys.readouterr().out
 
 
 # -- a remote DEPLOY_REPO with a credential ----------------------------------------------------
@@ -120,3 +168,250 @@ def test_a_token_in_deploy_repo_never_reaches_a_command_line(make_host, capsys):
 ])
 def test_remote_credentials(repo, url, line):
     assert deploy.remote_credentials(repo) == (url, line)
+
+
+# -- provision's python step and the virtualenvs of releases ----------------------------------
+
+def seed_guard(make_host, root) -> str:
+    """The python step's guard on /opt/APP/venv (its ``unless``), with /opt/APP at ``root``."""
+    from tasks.primitives import Command
+    from tasks.python import python_resources
+
+    host, _ = make_host()
+    command = next(r for r in python_resources(host, {"ID": "debian"}, True)
+                   if isinstance(r, Command))
+    return command.unless.replace("/opt/ratemyderp", str(root))
+
+
+@pytest.mark.parametrize("state, left_alone", [
+    ("missing", False),
+    ("seed of another python", False),
+    ("seed of this python", True),
+    ("legacy of another python, a release serving from it", True),
+    ("link to a release's virtualenv of another python", True),
+    ("link to a removed virtualenv", False),
+])
+def test_provision_never_rebuilds_a_virtualenv_a_release_runs_from(
+        make_host, tmp_path, state, left_alone):
+    """The seed virtualenv is made (again) only while no release runs from it: changing
+    PYTHON_VERSION no longer empties the serving one (the next deploy builds the release's)."""
+    import subprocess
+    import sys
+
+    this = "{}.{}".format(*sys.version_info[:2])
+    venv, venvs = tmp_path / "venv", tmp_path / "venvs"
+
+    def virtualenv(path, version):
+        path.mkdir(parents=True)
+        (path / "pyvenv.cfg").write_text(f"home = /usr/bin\nversion = {version}.1\n")
+
+    if state.startswith("seed"):
+        virtualenv(venv, this if "this" in state else "2.9")
+    elif state.startswith("legacy"):
+        virtualenv(venv, "2.9")
+        (tmp_path / "releases/r1").mkdir(parents=True)
+        (tmp_path / "app").symlink_to("releases/r1")
+    elif state.startswith("link"):
+        if "removed" not in state:
+            virtualenv(venvs / "0123456789abcdef", "2.9")
+        venv.symlink_to(venvs / "0123456789abcdef")
+    res = subprocess.run(["sh", "-c", seed_guard(make_host, tmp_path)], capture_output=True)
+    assert (res.returncode == 0) == left_alone, res.stderr
+
+
+def test_a_deploy_needs_the_interpreter_of_python_version(settings):
+    """The release's virtualenv is built with PYTHON_VERSION's interpreter: a host that
+    provision has not given it is named before anything changes."""
+    from tasks import settings as settings_mod
+    from tests.conftest import VALID
+
+    assert deploy.prerequisites(settings)["/usr/bin/python3"].startswith("the interpreter")
+    other = settings_mod.parse({**VALID, "PYTHON_VERSION": "3.12"})
+    assert "/usr/bin/python3.12" in deploy.prerequisites(other)
+
+
+@pytest.mark.parametrize("link, stale", [("right", False), ("other", True), (None, True)])
+def test_a_current_release_on_another_virtualenv_is_deployed_again(
+        make_host, tmp_path, link, stale):
+    """The deploy's probe computes the key the current release's virtualenv would have now
+    (files/venv-key.sh.j2): one of another interpreter (PYTHON_VERSION changed), or none of
+    its own (a release from before per-release virtualenvs), makes it stale."""
+    import subprocess
+
+    from tasks.scripts import script
+
+    host, _ = make_host()
+    snippets = []
+    host.probe = lambda s: snippets.extend(s) or ["", "", "", ""]
+    deploy._state(host)
+    stale_probe = snippets[3].replace("/opt/ratemyderp", str(tmp_path))
+    release = tmp_path / "releases/r1"
+    release.mkdir(parents=True)
+    (release / "requirements.txt").write_text("Django==5.2.19\n")
+    (tmp_path / "app").symlink_to("releases/r1")
+    key = subprocess.run(["sh", "-c", script("venv-key.sh.j2", host.settings, rel=release,
+                                             python="python3") + 'echo "$key"'],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert len(key) == 16
+    if link:
+        venv = tmp_path / "venvs" / (key if link == "right" else "0123456789abcdef")
+        venv.mkdir(parents=True)
+        (release / ".fabstack-venv").symlink_to(venv)
+    res = subprocess.run(["sh", "-c", stale_probe], capture_output=True, text=True)
+    assert res.returncode == 0 and (res.stdout.strip() == "stale") == stale, res
+
+
+# -- the switch and the pruning, run here on a copy of /opt/APP ---------------------------------
+
+def run_here(program: str, root, *args: str, release: str = ""):
+    """``program`` run by sh with the host's folders in ``root`` (/opt/ratemyderp at ``root``,
+    /etc/nginx at root/nginx...), systemctl a stub that logs, fabstack-nginx-check one that
+    passes, and curl one that answers 200 from release ``release``."""
+    import os
+    import subprocess
+
+    bin_dir = root / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("systemctl", f'echo "$@" >> {root}/systemctl.log'), ("checker", ""),
+                       ("journalctl", ""),
+                       ("curl", f"printf 'HTTP/1.1 200 OK\\r\\nX-Release: {release}\\r\\n\\r\\n"
+                                "code=200'")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    for folder in ("nginx/conf.d", "run", "pending"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for path, here in (("/usr/local/sbin/fabstack-nginx-check", bin_dir / "checker"),
+                       ("/opt/ratemyderp", root), ("/etc/nginx", root / "nginx"),
+                       ("/run/ratemyderp", root / "run"), ("/etc/systemd/system", root)):
+        program = program.replace(path, str(here))
+    res = subprocess.run(["sh", "-c", program, "sh", *args], capture_output=True, text=True,
+                         env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def release_with(root, name: str, venv: str | None):
+    """Release ``name`` in ``root``, its virtualenv link naming venvs/``venv`` (None: none)."""
+    release = root / "releases" / name
+    release.mkdir(parents=True)
+    if venv:
+        (root / "venvs" / venv).mkdir(parents=True, exist_ok=True)
+        (release / ".fabstack-venv").symlink_to(root / "venvs" / venv)
+
+
+def start_and_switch(settings, root, release: str) -> str:
+    """deploy-start.sh.j2, then deploy-switch.sh.j2 for ``release``; the instance's color."""
+    from tasks.deploy import _instance_script
+
+    out = run_here(_instance_script("deploy-start.sh.j2", settings, release=release), root,
+                   release=release)
+    color = out.split()[0]
+    assert out.splitlines()[1] == f"HTTP 200 from release {release}"
+    run_here(_instance_script("deploy-switch.sh.j2", settings, release=release, color=color),
+             root, release=release)
+    return color
+
+
+def test_the_switch_moves_both_links_and_keeps_a_shared_virtualenv_as_the_legacy_one(
+        settings, tmp_path):
+    import os
+
+    root = tmp_path
+    (root / "venv").mkdir()  # a host of the shared virtualenv, served by APP.socket
+    (root / "venv/pyvenv.cfg").write_text("version = 3.11.2\n")
+    release_with(root, "r1", None)
+    (root / "app").symlink_to("releases/r1")
+    upstream = root / "nginx/conf.d/fabstack-ratemyderp-upstream.conf"
+    release_with(root, "r2", "0123456789abcdef")
+    assert start_and_switch(settings, root, "r2") == "blue"
+    assert os.readlink(root / "instances/blue") == f"{root}/releases/r2"
+    assert f"server unix:{root}/run/blue/gunicorn.sock;" in upstream.read_text()
+    assert os.readlink(root / "app") == "releases/r2"
+    assert os.readlink(root / "venv") == f"{root}/venvs/0123456789abcdef"
+    assert (root / "venvs/legacy/pyvenv.cfg").read_text() == "version = 3.11.2\n"
+    log = (root / "systemctl.log").read_text()
+    assert "start -- ratemyderp@blue.service" in log
+    assert "disable --now --quiet -- ratemyderp.socket ratemyderp.service" in log
+    # rollback to a release of the shared virtualenv, in the other instance
+    assert start_and_switch(settings, root, "r1") == "green"
+    assert os.readlink(root / "releases/r1/.fabstack-venv") == f"{root}/venvs/legacy"
+    assert os.readlink(root / "app") == "releases/r1"
+    assert os.readlink(root / "venv") == f"{root}/venvs/legacy"
+    assert f"server unix:{root}/run/green/gunicorn.sock;" in upstream.read_text()
+    assert "disable --now --no-block --quiet -- ratemyderp@blue.service" in (
+        root / "systemctl.log").read_text()
+    assert start_and_switch(settings, root, "r2") == "blue"
+    assert os.readlink(root / "venv") == f"{root}/venvs/0123456789abcdef"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in (root / "instances").iterdir()) == ["blue", "green"]
+
+
+def test_pruning_keeps_every_virtualenv_a_kept_release_or_the_link_names(settings, tmp_path):
+    import os
+
+    from tasks.scripts import script
+
+    root = tmp_path
+    release_with(root, "r1", "1111111111111111")
+    release_with(root, "r2", None)  # runs from the legacy one
+    (root / "venvs/legacy").mkdir()
+    release_with(root, "r3", "3333333333333333")
+    release_with(root, "r4", "3333333333333333")
+    (root / "venvs/4444444444444444").mkdir()  # built for a release that then failed
+    os.symlink(root / "venvs/3333333333333333", root / "venv")
+    prune = script("deploy-prune.sh.j2", settings, "r1")
+    assert run_here(prune, root).splitlines() == [
+        "venv 1111111111111111", "venv 4444444444444444", "static-kept r2"]
+    assert sorted(p.name for p in (root / "venvs").iterdir()) == ["3333333333333333", "legacy"]
+    assert sorted(p.name for p in (root / "releases").iterdir()) == ["r2", "r3", "r4"]
+    prune = script("deploy-prune.sh.j2", settings, "r2")
+    assert run_here(prune, root).splitlines() == ["venv legacy", "static-kept r3"]
+
+
+def static_release(root, name: str, paths: dict[str, str] | None) -> None:
+    """Release ``name`` with its copy of the manifest naming ``paths`` (None: no copy), and
+    the files it names in ``root``/static."""
+    import json
+
+    release_with(root, name, None)
+    if paths is not None:
+        (root / "releases" / name / ".fabstack-staticfiles.json").write_text(
+            json.dumps({"paths": paths, "version": "1.1", "hash": "0"}))
+    for path in [*(paths or {}), *(paths or {}).values()]:
+        (root / "static" / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / "static" / path).write_text(name)
+
+
+def test_pruning_removes_the_static_files_no_kept_release_names(settings, tmp_path):
+    import os
+
+    from tasks.scripts import script
+
+    root = tmp_path
+    (root / "bin").mkdir()
+    (root / "bin/runuser").write_text('#!/bin/sh\nshift 3\nexec "$@"\n')  # -u APP --
+    (root / "bin/runuser").chmod(0o755)
+    static_release(root, "r1", {"demo/site.css": "demo/site.111111111111.css",
+                                "old/gone.js": "old/gone.111111111111.js"})
+    static_release(root, "r2", {"demo/site.css": "demo/site.222222222222.css"})
+    static_release(root, "r3", {"demo/site.css": "demo/site.333333333333.css",
+                                "demo/new.js": "demo/new.333333333333.js"})
+    (root / "static/staticfiles.json").write_text("{}")  # the last collectstatic's
+    os.symlink("site.css", root / "static/demo/linked.css")  # named by no manifest
+
+    def prune(*old: str) -> list[str]:
+        program = script("deploy-prune.sh.j2", settings, *old)
+        return run_here(program.replace(settings.layout.static, str(root / "static")),
+                        root).splitlines()
+
+    def files() -> list[str]:
+        return sorted(str(p.relative_to(root / "static")) for p in (root / "static").rglob("*")
+                      if not p.is_dir() or p.is_symlink())
+
+    assert prune("r1") == ["static 4"]  # old/gone.js, its hashed name, site.111..., the link
+    assert files() == ["demo/new.333333333333.js", "demo/new.js", "demo/site.222222222222.css",
+                       "demo/site.333333333333.css", "demo/site.css", "staticfiles.json"]
+    assert not (root / "static/old").exists()  # emptied, so removed
+    static_release(root, "r4", None)  # an app without ManifestStaticFilesStorage
+    assert prune("r2") == ["static-kept r4"]
+    assert "demo/site.222222222222.css" in files()

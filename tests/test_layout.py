@@ -47,4 +47,4 @@ def test_the_layout_follows_app_name_into_the_files():
     assert s.layout == Layout.of("shop")
     assert s.layout.current == "/opt/shop/app" and s.layout.media == "/var/opt/shop/media"
     unit = render("gunicorn.service.j2", s)
-    assert "WorkingDirectory=/opt/shop/app\n" in unit and "ratemyderp" not in unit
+    assert "WorkingDirectory=/opt/shop/instances/%i\n" in unit and "ratemyderp" not in unit

@@ -188,7 +188,7 @@ def test_telegraf_conf_parses_and_holds_every_section():
     assert set(system["namepass"]) | set(services["namepass"]) == set(inputs)
     [units] = inputs["systemd_units"]
     assert units["unittype"] == "service"
-    assert units["pattern"].split() == ["ratemyderp.service", "celery.service",
+    assert units["pattern"].split() == ["ratemyderp@*.service", "celery.service",
                                         "celerybeat.service"]
     [pg] = inputs["postgresql"]
     assert pg["databases"] == ["ratemyderp"]
@@ -201,7 +201,7 @@ def test_telegraf_conf_follows_app_name_and_buckets():
                     MONITORING_DB_USER="stats")
     assert conf["global_tags"]["app"] == "shop"
     assert [o["bucket"] for o in conf["outputs"]["influxdb_v2"]] == ["services", "services"]
-    assert conf["inputs"]["systemd_units"][0]["pattern"].startswith("shop.service ")
+    assert conf["inputs"]["systemd_units"][0]["pattern"].startswith("shop@*.service ")
     assert conf["inputs"]["postgresql"][0]["databases"] == ["shopdb"]
     assert "user='stats'" in conf["inputs"]["postgresql"][0]["address"]
 

@@ -37,8 +37,8 @@ def test_http_site_from_settings_alone():
     assert "server_name shop.example.org www.shop.example.org;" in site
     assert "client_max_body_size 25m;" in site
     assert "alias /var/opt/shop/static/;" in site and "alias /var/opt/shop/media/;" in site
-    assert "upstream shop_gunicorn {" in site and "proxy_pass http://shop_gunicorn;" in site
-    assert "server 127.0.0.1:8000;" in site
+    # the instance that serves is named by the upstream file, not the site
+    assert "proxy_pass http://shop_live;" in site and "upstream shop_live {" not in site
     for header in ("Host $host", "X-Forwarded-For $proxy_add_x_forwarded_for",
                    "X-Forwarded-Proto $scheme"):
         assert f"proxy_set_header {header};" in site
@@ -61,7 +61,36 @@ def test_tls_site_redirects_and_owns_the_tls_server_block():
     port80 = site.split("listen 443")[0]
     assert port80.index("acme-challenge") < port80.index("return 301")
     assert f"root {nginx.ACME_WEBROOT};" in port80
-    assert "proxy_pass http://shop_gunicorn;" in site.split("listen 443")[1]
+    assert "proxy_pass http://shop_live;" in site.split("listen 443")[1]
+
+
+def test_the_upstream_file_names_one_instance_or_the_socket_unit_of_before():
+    s = make_settings(APP_NAME="shop")
+    for color in ("blue", "green"):
+        conf = render("nginx-upstream.conf.j2", s, color=color)
+        assert f"upstream shop_live {{\n    server unix:/run/shop/{color}/gunicorn.sock;\n}}" \
+            in conf
+    assert "server 127.0.0.1:8000;" in render("nginx-upstream.conf.j2", s, color="legacy")
+
+
+@pytest.mark.parametrize("found, names", [("new", "blue/gunicorn.sock"),
+                                          ("legacy", "127.0.0.1:8000")])
+def test_the_upstream_file_is_written_once(make_host, capsys, found, names):
+    """Missing: it names instance blue (or, on a host of APP.socket, that socket's port);
+    present: the deploys' switch owns it and provision leaves it as it is."""
+    host, conn = make_host()
+    upstream = nginx.Upstream(host.settings)
+    conn.answers = [(r"fabstack-ratemyderp-upstream\.conf \]; then echo present",
+                     f"{found}\nmissing\n")]
+    assert ensure(host, upstream) == 1
+    [write] = conn.applied
+    assert f"{nginx.CHECKER} /etc/nginx/conf.d/" in write
+    assert f"+    server {'unix:/run/ratemyderp/' * (found == 'new')}{names};" in \
+        capsys.readouterr().out
+    conn.answers = [(r"fabstack-ratemyderp-upstream\.conf \]; then echo present",
+                     "present\nunix:/run/ratemyderp/green/gunicorn.sock;\n")]
+    assert ensure(host, upstream) == 0
+    assert "names unix:/run/ratemyderp/green/gunicorn.sock" in host.report.lines[-1][2]
 
 
 def test_default_server_closes_unknown_names_without_a_certificate():
@@ -211,6 +240,8 @@ def web_tier_answers(s, distro_site: str = "") -> list[tuple[str, str]]:
         (rf"-- {re.escape(nginx.CHECKER)}\b", file_state(render("nginx-check.sh.j2", s),
                                                         "regular file|root|root|755")),
         (r"^test -e /etc/nginx/sites-enabled/default && echo present$", distro_site),
+        (r"fabstack-ratemyderp-upstream\.conf \]; then echo present",
+         "present\nunix:/run/ratemyderp/blue/gunicorn.sock;\n"),
         (rf"-- {re.escape(nginx.DEFAULT_SITE)}\b",
          file_state(render("nginx-default.conf.j2", s))),
         (rf"-- {re.escape(certbot.HOOK)}\b",

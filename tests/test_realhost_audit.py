@@ -34,7 +34,7 @@ APP = "ratemyderp"
 # The proxy's password (the sandbox's proxy asks for none: one given travels all the same).
 PROXY_MARKER = "Mk9px"
 AUDIT_MARKERS = (*MARKERS, PROXY_MARKER)
-UNITS = (f"{APP}.service", "celery.service", "celerybeat.service")
+UNITS = (f"{APP}@blue.service", "celery.service", "celerybeat.service")  # gunicorn: an instance
 MAX_EXPOSURE = 4.0
 PUBLIC_PORTS = {22, 80, 443}
 # Ports nothing should answer on from outside, tried besides the host's own listeners.

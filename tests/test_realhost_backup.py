@@ -110,7 +110,7 @@ def test_scheduled_script_by_hand_twice_then_with_faked_dates(target, deployed):
     # none of the app's groups)
     target.sh(f"rm -f {BACKUP}/daily/* {BACKUP}/weekly/* {BACKUP}/monthly/*; "
               f"rm -f /var/opt/{APP}/media/a.txt; runuser -u {APP} -- sh -c \"umask "
-              f"$(systemctl show -p UMask --value {APP}.service) && "
+              f"$(systemctl show -p UMask --value {APP}@blue.service) && "
               f"cat /etc/hostname > /var/opt/{APP}/media/a.txt\"")
     for _ in range(2):
         target.sh(SCRIPT + " scheduled")

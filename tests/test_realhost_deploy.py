@@ -1,14 +1,17 @@
-"""fab deploy on the real sandbox host: releases, zero-downtime reload, a failed health check,
-rollback (failed requirements, migrations and boot: test_realhost_faults.py)."""
+"""fab deploy on the real sandbox host: releases switched blue/green under a request stream,
+per-release virtualenvs (the serving one untouched by a failed deploy), a host of the socket
+unit and the shared virtualenv moved over, rollback (failed requirements, migrations, boot and
+health check, and a deploy killed before its switch: test_realhost_faults.py)."""
 
 import re
+import shlex
 import subprocess
 import time
 
 import pytest
 
 from sandbox.container import Sandbox
-from tests.conftest import changed_count, commit, host_state, revert, state_changes
+from tests.conftest import changed_count, commit, host_state, live_unit, revert, state_changes
 from tests.load import Load, get, release_served
 
 APP = "ratemyderp"
@@ -57,6 +60,12 @@ def test_first_deploy_serves_the_app(target, deployed, app_repo):
     assert target.sh(f"readlink /opt/{APP}/app").stdout.strip() == f"releases/{release}"
     # static files collected, served by NGINX itself
     assert target.sh(f"test -f /var/opt/{APP}/static/demo/site.css").returncode == 0
+    # the release runs from a virtualenv of its own, which /opt/APP/venv names; the seed
+    # virtualenv provision made is gone (no release runs from it)
+    venv = target.sh(f"readlink /opt/{APP}/releases/{release}/.fabstack-venv").stdout.strip()
+    assert re.fullmatch(rf"/opt/{APP}/venvs/[0-9a-f]{{16}}", venv), venv
+    assert target.sh(f"readlink /opt/{APP}/venv").stdout.strip() == venv
+    assert target.sh(f"ls /opt/{APP}/venvs").stdout.split() == [venv.rsplit("/", 1)[1]]
 
 
 def heartbeats(target, release: str) -> int:
@@ -106,27 +115,136 @@ def test_new_release_under_load_drops_no_request(target, deployed, app_repo):
     assert "requirements: unchanged" in res.stdout
 
 
-def test_failing_health_check_puts_the_previous_release_back(target, deployed, app_repo):
-    before = release_served(target.info.ip)
-    views = app_repo / "example/demo/views.py"
-    commit(app_repo, "app that is never healthy", {str(views.relative_to(app_repo)): (
-        views.read_text() + "\n\ndef health(request):  # replaces the one above\n"
-        "    return HttpResponse('broken on purpose', status=503)\n")})
-    res = target.fab("deploy", check=False)
-    assert res.returncode == 1
-    assert "health check" in res.stdout and f"put release {before} back" in res.stdout
-    assert release_served(target.info.ip) == before
-    revert(app_repo)
+def venv_fingerprint(target, venv: str) -> str:
+    """A hash of virtualenv ``venv``: every entry's path, type, mode and link target, and
+    every file's content."""
+    return target.sh(f"cd {venv} && {{ find . -printf '%p %y %m %l\\n' | sort; "
+                     "find . -type f -print0 | sort -z | xargs -0 sha256sum; } | sha256sum"
+                     ).stdout.strip()
+
+
+def test_a_new_requirement_that_breaks_the_app_leaves_the_serving_virtualenv_as_it_was(
+        target, deployed, app_repo):
+    """A requirement that installs, and a release that cannot boot with it: the virtualenv the
+    serving release runs from is byte for byte what it was, and no request fails."""
+    ip = target.info.ip
+    before = release_served(ip)
+    serving = target.sh(f"readlink -e /opt/{APP}/venv").stdout.strip()
+    fingerprint = venv_fingerprint(target, serving)
+    requirements = app_repo / "example/requirements.txt"
+    wsgi = app_repo / "example/config/wsgi.py"
+    commit(app_repo, "a new requirement the app breaks on", {
+        str(requirements.relative_to(app_repo)): requirements.read_text() + "six==1.17.0\n",
+        str(wsgi.relative_to(app_repo)): wsgi.read_text() + (
+            "\nimport six  # noqa: E402\n"
+            "raise RuntimeError(f'six {six.__version__} breaks this app, on purpose')\n")})
+    try:
+        with Load(ip) as load:
+            res = target.fab("deploy", check=False)
+    finally:
+        revert(app_repo)
+    print(f"\nbroken requirement: {load.summary()}")
+    assert res.returncode == 1, res.stdout
+    assert "changed      requirements: installed into a new virtualenv " in res.stdout
+    assert "RuntimeError: six 1.17.0 breaks this app, on purpose" in res.stdout, res.stdout
+    assert "the current release keeps serving" in res.stdout
+    assert load.sent >= 5 and load.failed == [], (load.summary(), res.stdout)
+    assert set(load.releases) == {before}, load.summary()
+    assert target.sh(f"readlink -e /opt/{APP}/venv").stdout.strip() == serving
+    assert venv_fingerprint(target, serving) == fingerprint
+
+
+# gunicorn as fabstack ran it before its two instances: behind a socket unit on port 8000, from
+# the host's one shared virtualenv and the /opt/APP/app link
+LEGACY_SOCKET = """[Socket]
+ListenStream=127.0.0.1:8000
+[Install]
+WantedBy=sockets.target
+"""
+LEGACY_SERVICE = f"""[Unit]
+Requires={APP}.socket
+[Service]
+Type=notify
+User={APP}
+EnvironmentFile=/opt/{APP}/conf/{APP}.conf
+WorkingDirectory=/opt/{APP}/app
+ExecStart=/opt/{APP}/venv/bin/gunicorn --chdir /opt/{APP}/app --workers 2 config.wsgi
+[Install]
+WantedBy=multi-user.target
+"""
+LEGACY_UPSTREAM = f"upstream {APP}_live {{\n    server 127.0.0.1:8000;\n}}\n"
+
+
+def make_it_a_host_of_before(target) -> None:
+    """The host as fabstack left it before per-release virtualenvs and blue/green: gunicorn
+    behind APP.socket, running from one virtualenv directory at /opt/APP/venv with the current
+    release's requirements, a current release that names no virtualenv of its own, and the
+    upstream file naming that socket's port (as provision writes it on such a host)."""
+    target.sh(f"set -e; cd /opt/{APP}; rm venv; python3 -m venv venv; "
+              "venv/bin/pip install -q --disable-pip-version-check -r app/requirements.txt; "
+              f"rm app/.fabstack-venv; "
+              f"printf %s {shlex.quote(LEGACY_SOCKET)} > /etc/systemd/system/{APP}.socket; "
+              f"printf %s {shlex.quote(LEGACY_SERVICE)} > /etc/systemd/system/{APP}.service; "
+              f"systemctl daemon-reload; "
+              f"systemctl enable --now --quiet {APP}.socket {APP}.service; "
+              f"printf %s {shlex.quote(LEGACY_UPSTREAM)} "
+              f"> /etc/nginx/conf.d/fabstack-{APP}-upstream.conf; "
+              f"nginx -t -q; systemctl reload nginx; "
+              f"systemctl disable --now --quiet {APP}@blue.service {APP}@green.service; "
+              "rm -r instances")
+    assert target.sh(f"test -d /opt/{APP}/venv && test ! -L /opt/{APP}/venv",
+                     check=False).returncode == 0
+
+
+def test_a_host_of_before_moves_to_blue_green_on_its_next_deploy(target, deployed, app_repo):
+    """A host of APP.socket and the shared virtualenv: provision leaves both serving; the next
+    deploy starts the release in instance blue, switches, removes the socket unit and keeps
+    the shared virtualenv as venvs/legacy for the releases before, under a request stream
+    with no failed request; rollback to such a release runs from it again."""
+    ip = target.info.ip
+    make_it_a_host_of_before(target)
+    old = release_served(ip)
+    assert "gunicorn instance: served by ratemyderp.socket's gunicorn" in \
+        target.fab("provision").stdout
+    commit(app_repo, "a release after the shared virtualenv",
+           {"example/demo/static/demo/migrated.txt": "1"})
+    with Load(ip) as load:
+        res = target.fab("deploy")
+        time.sleep(1)
+    print(f"\nmigrating deploy: {load.summary()}")
+    new = release_served(ip)
+    assert new != old and load.sent > 20 and load.failed == [], (load.summary(), res.stdout)
+    assert live_unit(target) == f"{APP}@blue.service"
+    assert target.sh(f"ls /etc/systemd/system/{APP}.socket /etc/systemd/system/{APP}.service",
+                     check=False).returncode == 2
+    assert target.sh("ss -ltnH 'sport = 8000'").stdout.strip() == ""
+    venv = target.sh(f"readlink /opt/{APP}/releases/{new}/.fabstack-venv").stdout.strip()
+    assert target.sh(f"readlink /opt/{APP}/venv").stdout.strip() == venv
+    assert target.sh(f"test -d /opt/{APP}/venvs/legacy", check=False).returncode == 0, \
+        res.stdout
+    with Load(ip) as load:
+        res = target.fab("rollback")
+        time.sleep(1)
+    print(f"rollback to a release of the shared virtualenv: {load.summary()}")
+    assert release_served(ip) == old and load.failed == [], (load.summary(), res.stdout)
+    assert target.sh(f"readlink /opt/{APP}/venv").stdout.strip() == f"/opt/{APP}/venvs/legacy"
+    assert live_unit(target) == f"{APP}@green.service"
+    target.fab("deploy")  # forward again: the next tests start from the latest commit
+    assert release_served(ip) != old
 
 
 def test_rollback_releases_and_retention(target, deployed, app_repo):
     before = release_served(target.info.ip)
     listing = target.fab("releases").stdout
     assert f"release {before}: current" in listing
-    res = target.fab("rollback")
-    assert "serving" in res.stdout
+    with Load(target.info.ip) as load:
+        res = target.fab("rollback")
+        time.sleep(1)
+    print(f"\nrollback: {load.summary()}")
+    assert "serving" in res.stdout and load.failed == [], (load.summary(), res.stdout)
     previous = release_served(target.info.ip)
     assert previous != before and previous < before
+    assert set(load.releases) == {before, previous}, load.summary()
     # roll forward again, then ship more releases than RELEASES_KEEP (3)
     for n in range(3):
         commit(app_repo, f"release {n}", {f"example/demo/static/demo/n{n}.txt": str(n)})

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import FAB, REPO, changed_count, commit, revert
+from tests.conftest import FAB, REPO, changed_count, commit, live_unit, revert
 from tests.load import Load, release_served
 
 APP = "ratemyderp"
-UNIT = f"{APP}.service"
-MARKER = f"/var/lib/fabstack/pending/{UNIT}@restart"
+UNIT_FILE = f"{APP}@.service"  # gunicorn's: instances blue and green
+MARKER = f"/var/lib/fabstack/pending/{APP}@restart"
 WATCH_SECONDS = 600  # a watcher on the host gives up after this long
 
 # Each watcher prints "ready" once it watches, then what it did.
@@ -171,10 +171,12 @@ class Gunicorn:
 
 
 def gunicorn(target) -> Gunicorn:
-    out = target.sh(f"systemctl show -p MainPID --value {UNIT}; "
-                    f"systemctl show -p ExecMainStartTimestamp --value {UNIT}; "
-                    f"systemctl show -p NeedDaemonReload --value {UNIT}; "
-                    f"pgrep -c -P $(systemctl show -p MainPID --value {UNIT}); "
+    """The instance that serves."""
+    unit = live_unit(target)
+    out = target.sh(f"systemctl show -p MainPID --value {unit}; "
+                    f"systemctl show -p ExecMainStartTimestamp --value {unit}; "
+                    f"systemctl show -p NeedDaemonReload --value {unit}; "
+                    f"pgrep -c -P $(systemctl show -p MainPID --value {unit}); "
                     f"test -e {MARKER} && echo marker || echo none").stdout.splitlines()
     return Gunicorn(out[0], out[1], out[2], int(out[3]), out[4] == "marker")
 
@@ -186,7 +188,7 @@ def test_run_cut_between_writing_a_unit_and_reloading_it(target, env, served):
     target.write_env(**env, GUNICORN_WORKERS=str(workers))
     try:
         script = UNIT_WRITTEN.format(seconds=WATCH_SECONDS, marker=MARKER, workers=workers,
-                                     unit=UNIT)
+                                     unit=UNIT_FILE)
         with Watcher(target, script) as watcher:
             fab = start_fab(target, "provision")
             moment = watcher.line()
@@ -199,9 +201,11 @@ def test_run_cut_between_writing_a_unit_and_reloading_it(target, env, served):
         assert (stranded.need_reload, stranded.pid, stranded.marker) == \
             ("yes", before.pid, True), (stranded, cut)
 
-        again = target.fab("provision")
-        assert f"service {UNIT}: unit files reloaded, restarted (its configuration changed)" \
-            in again.stdout, again.stdout
+        with Load(target.info.ip) as load:
+            again = target.fab("provision")
+        assert "changed      gunicorn instance: " in again.stdout and ": restarted as a " \
+            "deploy switches (its unit changed)" in again.stdout, again.stdout
+        assert load.failed == [], load.summary()
         after = gunicorn(target)
         assert after.pid != before.pid and after.started != before.started, after
         assert (after.need_reload, after.workers, after.marker) == ("no", workers, False), after
@@ -360,6 +364,69 @@ def test_app_that_cannot_boot_never_goes_live(target, served, app_repo):
     assert "RuntimeError: this app cannot boot, on purpose" in line, res.stdout
     # found before anything changed: no migration, no switch, nothing to roll back
     assert "migrations" not in res.stdout and "health check" not in res.stdout, res.stdout
+
+
+def test_release_that_answers_500_on_its_health_path_never_gets_a_request(target, served,
+                                                                          app_repo):
+    """It boots, so it is started beside the serving one: asked there directly, it answers
+    500, and NGINX never sends it a user request."""
+    views = app_repo / "example/demo/views.py"
+    res = failed_deploy(target, app_repo, "a release that answers 500 on HEALTH_PATH", {
+        str(views.relative_to(app_repo)): views.read_text() + (
+            "\n\ndef health(request):  # replaces the one above\n"
+            "    return HttpResponse('broken on purpose', status=500)\n")})
+    line = failed_line("health check", res.stdout)
+    assert "did not answer /health/ healthy on its own socket" in line and "HTTP 500" in line \
+        and "no user request reached it" in line, res.stdout
+    assert "changed      release " not in res.stdout.split("failed       health check")[1]
+
+
+# The new release answers 503 for its first seconds (each process), then as usual.
+SLOW_HEALTH = """
+
+import time as _time  # noqa: E402
+
+_BOOTED, _healthy = _time.monotonic(), health
+
+
+def health(request):  # replaces the one above
+    if _time.monotonic() - _BOOTED < 8:
+        return HttpResponse('warming up', status=503)
+    return _healthy(request)
+"""
+
+
+def test_deploy_killed_after_its_instance_started_leaves_the_release_serving(target, served,
+                                                                            app_repo):
+    """fab killed while the new release runs in the other instance, before the switch: the
+    release that served serves throughout, and the next deploy goes through (no unlock)."""
+    ip = target.info.ip
+    before = release_served(ip)
+    live = live_unit(target)
+    idle = live.replace("blue", "green") if "@blue" in live else live.replace("green", "blue")
+    views = app_repo / "example/demo/views.py"
+    commit(app_repo, "a release slow to answer healthy",
+           {str(views.relative_to(app_repo)): views.read_text() + SLOW_HEALTH})
+    try:
+        with Load(ip) as load:
+            fab = start_fab(target, "deploy")
+            target.sh(f"for i in $(seq 600); do systemctl is-active --quiet {idle} && exit; "
+                      "sleep 0.1; done; exit 1")
+            fab.kill()  # as a laptop that dies, or an operator's kill -9
+            cut = fab.communicate()[0]
+            time.sleep(2)
+            assert release_served(ip) == before, cut
+            again = target.fab("deploy")
+            time.sleep(1)
+    finally:
+        revert(app_repo)
+    print(f"\nkilled deploy, then the next: {load.summary()}")
+    assert f"changed      instance {idle.split('@')[1].split('.')[0]}: " in again.stdout, \
+        again.stdout
+    after = release_served(ip)
+    assert after != before and live_unit(target) == idle
+    assert load.failed == [] and set(load.releases) == {before, after}, load.summary()
+    target.fab("deploy")  # the reverted commit: what the next tests expect
 
 
 # -- afterwards -----------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def test_host_state_after_provision(target, testinfra_host):
         f"/opt/{APP}/conf": ("root", APP, 0o750),
         f"/opt/{APP}/backup": ("root", "backups", 0o750),
         f"/var/opt/{APP}": (APP, APP, 0o755),
-        f"/var/opt/{APP}/static": ("root", APP, 0o755),
+        f"/var/opt/{APP}/static": (APP, APP, 0o755),
         f"/var/opt/{APP}/media": (APP, APP, 0o755),
         f"/var/log/{APP}": (APP, APP, 0o750),
     }

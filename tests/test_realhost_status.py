@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import FAB, REPO
+from tests.conftest import FAB, REPO, live_unit
 
 APP = "ratemyderp"
 MONITOR_USER = "monitoring"
@@ -71,7 +71,7 @@ def test_status_of_a_healthy_host(target, deployed):
     res = target.fab("status", check=False)
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
-    for unit in (f"{APP}.service", "celery.service", "celerybeat.service", "nginx.service",
+    for unit in (live_unit(target), "celery.service", "celerybeat.service", "nginx.service",
                  "postgresql.service", "redis-server.service"):
         assert f"service {unit}: active" in out, out
     assert "telegraf" not in out  # monitoring is off
@@ -112,6 +112,6 @@ def test_status_of_several_hosts_reports_each_then_fails_naming_the_bad_ones(tar
     out = res.stdout
     assert res.returncode == 1, out + res.stderr
     assert re.search(rf"^\[{re.escape(down)}\] failed +connection: cannot talk to ", out, re.M), out
-    assert f"[{target.info.alias}] ok           service {APP}.service: active" in out, out
+    assert f"[{target.info.alias}] ok           service {live_unit(target)}: active" in out, out
     assert f"[{target.info.alias}] healthy" in out, out
     assert res.stderr.strip().splitlines()[-1] == f"failed on 1 of 2 hosts: {down}", res.stderr

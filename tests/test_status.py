@@ -11,7 +11,7 @@ from tests.fake import FakeConnection
 
 NOW = 1_700_000_000
 DAY = 86400
-UNITS = ["ratemyderp.service", "celery.service", "celerybeat.service", "nginx.service",
+UNITS = ["ratemyderp@blue.service", "celery.service", "celerybeat.service", "nginx.service",
          "postgresql.service", "redis-server.service"]
 SS = ("0.0.0.0:22\n[::]:22\n0.0.0.0:80\n127.0.0.1:5432\n[::1]:5432\n127.0.0.1:6379\n"
       "0.0.0.0:443\n")
@@ -22,7 +22,9 @@ def answers(down=(), cert=str(NOW + 60 * DAY), dump=None, df="41% /\n", units=UN
         else dump
     return [
         (r"^date \+%s$", f"{NOW}\n"),
-        (r"systemctl is-active", "".join(f"{u} {'inactive' if u in down else 'active'}\n"
+        # the instance the upstream file names first ("app UNIT STATE"), then the others
+        (r"systemctl is-active", "".join(f"{'app ' * ('@' in u)}{u} "
+                                         f"{'inactive' if u in down else 'active'}\n"
                                          for u in units)),
         (r"ss -ltnH", SS),
         (r"readlink", f"releases/20231114-120000-abcdef123456\n{NOW - 2 * DAY}\n"),
@@ -83,6 +85,17 @@ def test_stopped_service_is_named_and_exits_1(tmp_path, capsys, monkeypatch):
     assert "UNHEALTHY, 1 problem:\n  service celerybeat.service: inactive" in out
 
 
+def test_the_instance_that_serves_is_the_one_checked(tmp_path, capsys, monkeypatch):
+    code, out, _ = run_status(tmp_path, capsys, monkeypatch, down=["ratemyderp@green.service"],
+                              units=["ratemyderp@green.service", *UNITS[1:]])
+    assert code == 1
+    assert "failed       service ratemyderp@green.service: inactive (gunicorn, the instance " \
+           "that serves)" in out
+    code, out, _ = run_status(tmp_path, capsys, monkeypatch,
+                              units=["ratemyderp@none.service", *UNITS[1:]])
+    assert code == 1 and "gunicorn: NGINX's upstream file names no instance" in out
+
+
 def test_telegraf_is_checked_when_monitoring_is_on(tmp_path, capsys, monkeypatch):
     code, out, _ = run_status(tmp_path, capsys, monkeypatch, env={"MONITORING": "telegraf"})
     assert code == 1 and "service telegraf.service: unknown" in out
@@ -117,7 +130,8 @@ def test_snippets_follow_the_settings():
     assert "find /opt/shop/backup -type f -name '*.dump'" in probe
     assert "/etc/letsencrypt/live/shop.example.org/fullchain.pem" in probe
     assert "du -sh -- /var/opt/shop /var/lib/postgresql /opt/shop/backup" in probe
-    assert "systemctl is-active -- shop.service" in probe
+    assert "systemctl is-active -- shop@$c.service" in probe
+    assert "/run/shop/\"$i\"/ /etc/nginx/conf.d/fabstack-shop-upstream.conf" in probe
     assert "ratemyderp" not in probe
 
 

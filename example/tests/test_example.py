@@ -110,3 +110,25 @@ def test_production_settings_from_environment(monkeypatch):
     assert production.STATIC_ROOT == "/opt/example/static"
     assert production.CACHES["default"]["LOCATION"] == "redis://localhost:6379/1"
     assert production.CELERY_BROKER_URL == "redis://localhost:6379/0"
+
+
+def test_a_release_names_the_static_files_of_its_own_manifest(tmp_path):
+    """Its copy of the manifest (which fabstack's deploy keeps in the release) over the one
+    in STATIC_ROOT, which the last collectstatic wrote."""
+    import json
+
+    from config.storage import RELEASE_MANIFEST, ReleaseManifestStaticFilesStorage
+    from django.test import override_settings
+
+    def manifest(path, hashed):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"paths": {"demo/site.css": hashed}, "version": "1.1",
+                                    "hash": "0"}))
+
+    manifest(tmp_path / "static/staticfiles.json", "demo/site.222222222222.css")
+    with override_settings(STATIC_ROOT=tmp_path / "static", BASE_DIR=tmp_path / "release"):
+        storage = ReleaseManifestStaticFilesStorage()
+        assert storage.url("demo/site.css") == "/static/demo/site.222222222222.css"
+        manifest(tmp_path / "release" / RELEASE_MANIFEST, "demo/site.111111111111.css")
+        storage = ReleaseManifestStaticFilesStorage()
+        assert storage.url("demo/site.css") == "/static/demo/site.111111111111.css"

@@ -32,6 +32,12 @@ CACHES = {
 CELERY_BROKER_URL = env("CELERY_BROKER_URL")
 
 STATIC_ROOT = env("DJANGO_STATIC_DIR")
+# Hashed names (demo/site.0123456789ab.css): collectstatic adds a release's files beside those
+# of the releases before, so a page any kept release renders finds its own CSS.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "config.storage.ReleaseManifestStaticFilesStorage"},
+}
 MEDIA_ROOT = env("DJANGO_MEDIA_DIR")
 
 # NGINX terminates TLS and sets X-Forwarded-Proto.
