@@ -267,6 +267,32 @@ def test_each_change_carries_the_probe_of_the_rest_and_a_rerun_changes_nothing(s
     assert host.round_trips == 1
 
 
+def test_a_change_reads_ahead_past_the_next_change_and_the_rest_when_reached(settings,
+                                                                          tmp_path):
+    scripts = []
+
+    def shell(command, stdin, wait):
+        scripts.append(stdin)
+        return local_shell(command, stdin, wait)
+
+    files = [tmp_path / f"f{n}" for n in range(8)]
+    # a fresh host: every change's round trip reads the next one and READ_AHEAD (3) more
+    host = Host(FakeConnection(), settings, executor=shell)
+    assert ensure(host, *map(made, files)) == 8
+    assert host.round_trips == 9  # probe; each change with its read-ahead, no probe between
+    assert f"test -e {files[4]}" in scripts[1] and f"test -e {files[5]}" not in scripts[1]
+    # a change that makes the later resources right: they are read again when reached
+    scripts.clear()
+    host = Host(FakeConnection(), settings, executor=shell)
+    later = [made(tmp_path / f"g{n}") for n in range(8)]
+    first = made(tmp_path / "all", "touch " + " ".join(r.creates for r in later) + " {p}")
+    assert ensure(host, first, *later) == 1
+    assert host.round_trips == 3  # probe; the change with g0..g3; g4..g7 when reached
+    assert [line[0] for line in host.report.lines] == ["changed"] + ["ok"] * 8
+    assert f"test -e {later[3].creates}" in scripts[1]
+    assert f"test -e {later[4].creates}" not in scripts[1]
+
+
 def test_a_failing_change_stops_before_the_rest_is_read_or_changed(settings, tmp_path):
     host = Host(FakeConnection(), settings, executor=local_shell)
     host._secrets = ["hunter2-xyz"]
