@@ -5,7 +5,19 @@ import subprocess
 import pytest
 
 from tasks.host import Host, Result, StepFailed
-from tasks.primitives import Command, Directory, File, Group, Note, Service, User, ensure
+from tasks.primitives import (
+    Command,
+    Directory,
+    File,
+    Group,
+    Note,
+    Packages,
+    Service,
+    User,
+    apt_repository,
+    ensure,
+    one_apt_run,
+)
 from tests.fake import FakeConnection, UnexpectedCommand
 
 CONVERGED = [
@@ -78,6 +90,27 @@ def test_check_mode_probes_only_and_reports_would_change(make_host, capsys):
     assert "+new" in out
     # the service is planned for reload because the file would change it
     assert "would change service nginx.service: reloaded" in out
+
+
+def test_one_apt_run_installs_the_later_packages_with_the_first_up_to_a_new_source():
+    first, absent, later = Packages(["git"]), Packages(["telnet"], "absent"), Packages(["nginx"])
+    pgdg = apt_repository("pgdg", "http://apt.example", "bookworm-pgdg", "main",
+                          "http://apt.example/key")
+    after_source = Packages(["postgresql-16"])
+    before = Directory("/opt/a")
+    out = one_apt_run([before, first, absent, later, *pgdg, after_source])
+    assert out[1].names == ["git"] and out[1].also == ["nginx"]
+    assert out[0] is before and out[2:] == [absent, later, *pgdg, after_source]
+    assert one_apt_run([absent]) == [absent]
+
+
+def test_check_mode_counts_the_packages_an_earlier_change_would_install(make_host, capsys):
+    host, conn = make_host([(r"dpkg-query", "git ii \n")], check=True)
+    assert ensure(host, *one_apt_run([Packages(["git", "ufw"]), Packages(["nginx"])])) == 1
+    out = capsys.readouterr().out
+    assert ("would change packages git ufw: installed ufw; installed in the same apt run, for "
+            "later steps: nginx") in out
+    assert "ok           packages nginx: all installed" in out
 
 
 @pytest.mark.parametrize("file, state", [

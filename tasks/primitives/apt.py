@@ -58,19 +58,24 @@ class AptUpdate(Resource):
 class Packages(Resource):
     """Debian packages ``present`` (installed), ``latest`` (and upgraded) or ``absent``.
 
-    Installs are non-interactive and keep existing config files on upgrade.
+    Installs are non-interactive and keep existing config files on upgrade. ``also``
+    (state present only): packages that later resources of the same run declare, installed in
+    this resource's apt run when they are missing (see :func:`one_apt_run`).
     """
 
-    def __init__(self, names: list[str] | str, state: str = "present"):
+    def __init__(self, names: list[str] | str, state: str = "present", also: list[str] = ()):
         self.names = names.split() if isinstance(names, str) else list(names)
         if state not in ("present", "latest", "absent"):
             raise ValueError(f"Packages state must be present, latest or absent, not {state!r}")
+        if also and state != "present":
+            raise ValueError("Packages' also goes with state present only")
         self.state = state
+        self.also = [n for n in dict.fromkeys(also) if n not in self.names]
         self.what = f"packages {' '.join(self.names)}" if len(self.names) <= 3 else \
             f"packages ({len(self.names)})"
 
     def probe(self) -> str:
-        names = " ".join(q(n) for n in self.names)
+        names = " ".join(q(n) for n in self.names + self.also)
         cmd = (f"dpkg-query -W -f='${{Package}} ${{db:Status-Abbrev}}\\n' -- {names} 2>/dev/null"
                f"\n{DPKG_PROBE}")
         if self.state == "latest":
@@ -82,6 +87,8 @@ class Packages(Resource):
         lines = state.splitlines()
         installed = {line.split()[0].split(":")[0] for line in lines
                      if line.split()[1:2] == ["ii"]}
+        # check mode: installed by an earlier Packages change this run planned
+        installed |= {n for n in self.names if host_notified(host, f"{n}@install")}
         upgradable = [line.split()[1] for line in lines if line.startswith("Inst ")]
         # An interrupted dpkg is finished first: apt does nothing until it is.
         interrupted = "dpkg=interrupted" in lines
@@ -96,16 +103,44 @@ class Packages(Resource):
                 return Ok("none installed")
             return Change("; ".join(parts), "\n".join(cmds))
         missing = [n for n in self.names if n not in installed]
-        todo = missing + [n for n in upgradable if n not in missing]
+        later = [n for n in self.also if n not in installed]
+        todo = missing + [n for n in upgradable if n not in missing] + later
         if missing:
             parts.append(f"installed {' '.join(missing)}")
         if upgradable:
             parts.append(f"upgraded {' '.join(upgradable)}")
+        if later:
+            parts.append(f"installed in the same apt run, for later steps: {' '.join(later)}")
         if todo:
             cmds.append(f"{APT_GET} install -- {' '.join(map(q, todo))}")
         if not cmds:
             return Ok("all installed" + (", up to date" if self.state == "latest" else ""))
-        return Change("; ".join(parts), "\n".join(cmds))
+        return Change("; ".join(parts), "\n".join(cmds),
+                      notify=tuple(f"{n}@install" for n in missing + later))
+
+
+def one_apt_run(resources: list[Resource]) -> list[Resource]:
+    """``resources``, with the first :class:`Packages` (state present) also installing the
+    packages of the Packages resources (state present) after it, in its apt run: apt, dpkg
+    and their triggers run once instead of once per step. The later resources stay (they find
+    their packages installed). Packages declared after an apt source that a resource adds
+    (a file that notifies ``apt:update``) are left to their own resource: they may come from
+    that source.
+    """
+    present = [i for i, r in enumerate(resources)
+               if isinstance(r, Packages) and r.state == "present"]
+    if not present:
+        return list(resources)
+    first = present[0]
+    later: list[str] = []
+    for r in resources[first + 1:]:
+        if "apt@update" in getattr(r, "markers", ()):
+            break
+        if isinstance(r, Packages) and r.state == "present":
+            later += r.names
+    head = resources[first]
+    return [*resources[:first], Packages(head.names, also=head.also + later),
+            *resources[first + 1:]]
 
 
 class DistUpgrade(Resource):

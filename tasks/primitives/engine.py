@@ -26,7 +26,8 @@ class Ok:
 class Change:
     """What makes a resource right: the report's ``message``, the ``script`` that does it
     and the ``diff`` shown. ``notify`` holds the markers (``UNIT@ACTION``) of the restarts
-    and reloads the script asks for: a check-mode run writes none to the host, so
+    and reloads the script asks for (and ``PACKAGE@install`` of the packages a
+    :class:`Packages` change installs): a check-mode run writes none to the host, so
     :func:`ensure` keeps them in the run's report for the plans after it
     (:func:`host_notified`)."""
 
