@@ -364,8 +364,9 @@ def floor(target: Target, packages: list[str], upgrades: bool) -> tuple[float, i
         f"echo 'Acquire::http::Proxy \"{proxy}\";' > /etc/apt/apt.conf.d/80proxy && "
         "apt-get -q update >/dev/null && "
         + (f"up=$({SECURITY_PENDING}) && " if upgrades else "up= && ")
-        + f"{APT_GET} install {' '.join(packages)} $up >/dev/null && echo $up | wc -w"))
-    return wall, int(out.split()[-1])
+        + f"{APT_GET} install {' '.join(packages)} $up >/dev/null && "
+        "echo \"upgrades named: $(echo $up | wc -w)\""))
+    return wall, int(re.search(r"^upgrades named: (\d+)$", out, re.M)[1])
 
 
 def fresh() -> dict:
