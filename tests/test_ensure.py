@@ -8,6 +8,7 @@ from tasks.host import Host, Result, StepFailed
 from tasks.primitives import (
     Command,
     Directory,
+    DistUpgrade,
     File,
     Group,
     Note,
@@ -102,6 +103,15 @@ def test_one_apt_run_installs_the_later_packages_with_the_first_up_to_a_new_sour
     assert out[1].names == ["git"] and out[1].also == ["nginx"]
     assert out[0] is before and out[2:] == [absent, later, *pgdg, after_source]
     assert one_apt_run([absent]) == [absent]
+
+
+def test_one_apt_run_gives_the_packages_to_the_upgrade_just_before_them():
+    upgrade, base, later = DistUpgrade(mode="first"), Packages(["git"]), Packages(["nginx"])
+    out = one_apt_run([upgrade, base, later])
+    assert out[0].mode == "first" and out[0].also == ["git", "nginx"]
+    assert out[1].also == ["nginx"] and out[2] is later
+    source = File("/etc/apt/sources.list.d/x.sources", "", notify=["apt:update"])
+    assert one_apt_run([upgrade, source, base])[0] is upgrade
 
 
 def test_check_mode_counts_the_packages_an_earlier_change_would_install(make_host, capsys):
