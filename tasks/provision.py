@@ -23,6 +23,7 @@ from .primitives import (
     Packages,
     User,
     ensure,
+    one_apt_run,
     q,
     refuse_conflicts,
     render,
@@ -129,7 +130,8 @@ def all(c, check=False):  # noqa: A001 - "provision.all" reads best
             ensure(h, *base_resources(h))
             ensure(h, *python.ready_resources(h))
             first = []
-        ensure(h, *first, *rest)
+        # every package the steps install from the sources apt has, in one apt run
+        ensure(h, *one_apt_run([*first, *rest]))
 
 
 @converging_task("provision.base")

@@ -5,7 +5,20 @@ import subprocess
 import pytest
 
 from tasks.host import Host, Result, StepFailed
-from tasks.primitives import Command, Directory, File, Group, Note, Service, User, ensure
+from tasks.primitives import (
+    Command,
+    Directory,
+    DistUpgrade,
+    File,
+    Group,
+    Note,
+    Packages,
+    Service,
+    User,
+    apt_repository,
+    ensure,
+    one_apt_run,
+)
 from tests.fake import FakeConnection, UnexpectedCommand
 
 CONVERGED = [
@@ -78,6 +91,36 @@ def test_check_mode_probes_only_and_reports_would_change(make_host, capsys):
     assert "+new" in out
     # the service is planned for reload because the file would change it
     assert "would change service nginx.service: reloaded" in out
+
+
+def test_one_apt_run_installs_the_later_packages_with_the_first_up_to_a_new_source():
+    first, absent, later = Packages(["git"]), Packages(["telnet"], "absent"), Packages(["nginx"])
+    pgdg = apt_repository("pgdg", "http://apt.example", "bookworm-pgdg", "main",
+                          "http://apt.example/key")
+    after_source = Packages(["postgresql-16"])
+    before = Directory("/opt/a")
+    out = one_apt_run([before, first, absent, later, *pgdg, after_source])
+    assert out[1].names == ["git"] and out[1].also == ["nginx"]
+    assert out[0] is before and out[2:] == [absent, later, *pgdg, after_source]
+    assert one_apt_run([absent]) == [absent]
+
+
+def test_one_apt_run_gives_the_packages_to_the_upgrade_just_before_them():
+    upgrade, base, later = DistUpgrade(mode="first"), Packages(["git"]), Packages(["nginx"])
+    out = one_apt_run([upgrade, base, later])
+    assert out[0].mode == "first" and out[0].also == ["git", "nginx"]
+    assert out[1].also == ["nginx"] and out[2] is later
+    source = File("/etc/apt/sources.list.d/x.sources", "", notify=["apt:update"])
+    assert one_apt_run([upgrade, source, base])[0] is upgrade
+
+
+def test_check_mode_counts_the_packages_an_earlier_change_would_install(make_host, capsys):
+    host, conn = make_host([(r"dpkg-query", "git ii \n")], check=True)
+    assert ensure(host, *one_apt_run([Packages(["git", "ufw"]), Packages(["nginx"])])) == 1
+    out = capsys.readouterr().out
+    assert ("would change packages git ufw: installed ufw; installed in the same apt run, for "
+            "later steps: nginx") in out
+    assert "ok           packages nginx: all installed" in out
 
 
 @pytest.mark.parametrize("file, state", [
@@ -265,6 +308,32 @@ def test_each_change_carries_the_probe_of_the_rest_and_a_rerun_changes_nothing(s
     host = Host(FakeConnection(), settings, executor=local_shell)
     assert ensure(host, made(tmp_path / "a"), b, made(tmp_path / "c")) == 0
     assert host.round_trips == 1
+
+
+def test_a_change_reads_ahead_past_the_next_change_and_the_rest_when_reached(settings,
+                                                                          tmp_path):
+    scripts = []
+
+    def shell(command, stdin, wait):
+        scripts.append(stdin)
+        return local_shell(command, stdin, wait)
+
+    files = [tmp_path / f"f{n}" for n in range(8)]
+    # a fresh host: every change's round trip reads the next one and READ_AHEAD (3) more
+    host = Host(FakeConnection(), settings, executor=shell)
+    assert ensure(host, *map(made, files)) == 8
+    assert host.round_trips == 9  # probe; each change with its read-ahead, no probe between
+    assert f"test -e {files[4]}" in scripts[1] and f"test -e {files[5]}" not in scripts[1]
+    # a change that makes the later resources right: they are read again when reached
+    scripts.clear()
+    host = Host(FakeConnection(), settings, executor=shell)
+    later = [made(tmp_path / f"g{n}") for n in range(8)]
+    first = made(tmp_path / "all", "touch " + " ".join(r.creates for r in later) + " {p}")
+    assert ensure(host, first, *later) == 1
+    assert host.round_trips == 3  # probe; the change with g0..g3; g4..g7 when reached
+    assert [line[0] for line in host.report.lines] == ["changed"] + ["ok"] * 8
+    assert f"test -e {later[3].creates}" in scripts[1]
+    assert f"test -e {later[4].creates}" not in scripts[1]
 
 
 def test_a_failing_change_stops_before_the_rest_is_read_or_changed(settings, tmp_path):

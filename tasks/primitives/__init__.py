@@ -28,6 +28,7 @@ from .apt import (
     DistUpgrade,
     Packages,
     apt_repository,
+    one_apt_run,
 )
 from .commands import Command
 from .engine import (
@@ -56,6 +57,6 @@ __all__ = [
     "AptUpdate", "Change",
     "Command", "Directory", "DistUpgrade", "File", "Firewall", "Group", "Note", "Ok",
     "Packages", "ReleaseService", "Resource", "Service", "TemplateError", "User",
-    "apt_repository", "claim_script", "ensure", "host_notified", "prerender", "q",
+    "apt_repository", "claim_script", "ensure", "host_notified", "one_apt_run", "prerender", "q",
     "refuse_conflicts", "render",
 ]

@@ -26,7 +26,8 @@ class Ok:
 class Change:
     """What makes a resource right: the report's ``message``, the ``script`` that does it
     and the ``diff`` shown. ``notify`` holds the markers (``UNIT@ACTION``) of the restarts
-    and reloads the script asks for: a check-mode run writes none to the host, so
+    and reloads the script asks for (and ``PACKAGE@install`` of the packages a
+    :class:`Packages` change installs): a check-mode run writes none to the host, so
     :func:`ensure` keeps them in the run's report for the plans after it
     (:func:`host_notified`)."""
 
@@ -81,18 +82,31 @@ def claim_script(claim: str) -> str:
             f"grep -qxF -- {line} {OWNED} 2>/dev/null || echo {line} >> {OWNED}\n")
 
 
+# A change's round trip reads the resources after it up to this many past the next one that,
+# as last read, needed a change.
+READ_AHEAD = 3
+
+
 def ensure(host, *resources: Resource) -> int:
     """Bring ``resources`` to their state on ``host``; report each; return how many changed.
 
     One round trip reads them all; each change then runs in one round trip with the probe
-    of the resources after it (their state can depend on the change). Nothing is changed
-    when any resource conflicts with what its probe found (see :meth:`Resource.conflict`):
-    every conflict is named at once.
+    of the resources after it (their state can depend on the change): of all of them when
+    none needed a change as last read, else of those up to READ_AHEAD past the next that
+    did, so that a run of many changes (a fresh host) does not read the whole rest again
+    at each one. A resource reached unread since the last change is read then, with the
+    rest, in a round trip of its own: every plan is made on a state read after the last
+    change. Nothing is changed when any resource conflicts with what its probe found (see
+    :meth:`Resource.conflict`): every conflict is named at once.
     """
     todo = list(resources)
     states = _read(host, todo)
+    read = len(todo)  # states[:read] were read after the last change
     changed = 0
     for i, resource in enumerate(todo):
+        if i >= read:
+            states[i:] = _probe(host, todo[i:])
+            read = len(todo)
         outcome = resource.plan(states[i], host)
         if isinstance(outcome, Ok):
             host.ok(resource.what, outcome.message)
@@ -102,10 +116,21 @@ def ensure(host, *resources: Resource) -> int:
             host.report.notified.update(outcome.notify)
             host.changed(resource.what, outcome.message, outcome.diff)
             continue
-        # the remaining resources are read again in the change's own round trip
-        states[i + 1:] = _probe(host, todo[i + 1:], change=(resource.what, outcome.script))
+        # the resources after it are read again in the change's own round trip
+        read = _read_until(host, todo, states, i + 1)
+        states[i + 1:read] = _probe(host, todo[i + 1:read],
+                                    change=(resource.what, outcome.script))
         host.changed(resource.what, outcome.message, outcome.diff)
     return changed
+
+
+def _read_until(host, todo: list[Resource], states: list[str], start: int) -> int:
+    """Where the read after a change ends: READ_AHEAD past the first resource from ``start``
+    on whose plan, on its state as last read, is a change; the end of ``todo`` if none's is."""
+    for j in range(start, len(todo)):
+        if todo[j].reads_host and isinstance(todo[j].plan(states[j], host), Change):
+            return min(j + 1 + READ_AHEAD, len(todo))
+    return len(todo)
 
 
 def refuse_conflicts(host, resources: list[Resource]) -> None:
