@@ -13,6 +13,7 @@ from sandbox.pebble import Pebble
 from tasks import settings as settings_mod
 from tasks.host import Host
 from tests.fake import FakeConnection
+from tests.load import Load, release_served
 
 VALID = {"DOMAIN": "example.com", "ADMIN_EMAIL": "ops@example.com",
          "DB_PASSWORD": "unit-test-db-password", "DJANGO_SECRET_KEY": "unit-test-secret-key-" * 3}
@@ -166,6 +167,32 @@ true
 def host_state(target) -> str:
     """The host's state (:data:`STATE`) now."""
     return target.sh(STATE).stdout
+
+
+def failed_deploy(target, app_repo, message: str, changes: dict[str, str]):
+    """Commit ``changes`` to the app, deploy them under a request stream, take them back.
+
+    Checks what every failed deploy must do (exit 1, every request answered by the release
+    that was current, which still is, the new release's directory gone) and returns fab's
+    result for the test's own checks.
+    """
+    ip = target.info.ip
+    before = release_served(ip)
+    releases = target.sh("ls /opt/ratemyderp/releases").stdout.split()
+    commit(app_repo, message, changes)
+    try:
+        with Load(ip) as load:
+            res = target.fab("deploy", check=False)
+    finally:
+        revert(app_repo)
+    print(f"\n{message}: {load.summary()}")
+    assert res.returncode == 1, res.stdout
+    assert "the current release keeps serving" in res.stdout, res.stdout
+    assert load.sent >= 5 and load.failed == [], (load.summary(), load.failed[:5], res.stdout)
+    assert set(load.releases) == {before}, load.summary()
+    assert release_served(ip) == before
+    assert target.sh("ls /opt/ratemyderp/releases").stdout.split() == releases
+    return res
 
 
 def live_unit(target, app: str = "ratemyderp") -> str:

@@ -44,7 +44,27 @@ def release_served(ip: str) -> str:
     return re.search(r"release: ([\w.-]+)", body).group(1)
 
 
-class Load:
+class Stream:
+    """``_run`` in a second thread for as long as a ``with`` block lasts (it stops once
+    ``_stop`` is set)."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+class Load(Stream):
     """Requests through NGINX at a fixed rate (one per ``interval``) from a second thread, counted.
 
     A request slower than the interval delays the next ones (one connection at a time), but
@@ -56,8 +76,7 @@ class Load:
         self.sent, self.failed, self.worst = 0, [], 0.0
         self.latencies: list[float] = []  # seconds, per request
         self.releases = Counter()  # answers per release (X-Release header)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self):
         due = time.monotonic()
@@ -76,14 +95,6 @@ class Load:
             self.worst = max(self.worst, self.latencies[-1])
             due += self.interval
             self._stop.wait(max(0.0, due - time.monotonic()))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=30)
 
     def summary(self) -> str:
         """Requests sent and failed, the slowest, and which releases answered."""

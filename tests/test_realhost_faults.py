@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import FAB, REPO, changed_count, commit, live_unit, revert
+from tests.conftest import FAB, REPO, changed_count, commit, failed_deploy, live_unit, revert
 from tests.load import Load, release_served
 
 APP = "ratemyderp"
@@ -305,33 +305,7 @@ def test_a_run_is_refused_while_another_holds_the_host_lock_and_a_killed_one_fre
     target.sh("pkill -f 'sleep 31[7]'; true")  # the stuck step itself ends at its timeout
 
 
-# -- failed deploys -------------------------------------------------------------------------
-
-def failed_deploy(target, app_repo, message: str, changes: dict[str, str]):
-    """Commit ``changes`` to the app, deploy them under a request stream, take them back.
-
-    Checks what every failed deploy must do (exit 1, every request answered by the release
-    that was current, which still is, the new release's directory gone) and returns fab's
-    result for the test's own checks.
-    """
-    ip = target.info.ip
-    before = release_served(ip)
-    releases = target.sh(f"ls /opt/{APP}/releases").stdout.split()
-    commit(app_repo, message, changes)
-    try:
-        with Load(ip) as load:
-            res = target.fab("deploy", check=False)
-    finally:
-        revert(app_repo)
-    print(f"\n{message}: {load.summary()}")
-    assert res.returncode == 1, res.stdout
-    assert "the current release keeps serving" in res.stdout, res.stdout
-    assert load.sent >= 5 and load.failed == [], (load.summary(), load.failed[:5], res.stdout)
-    assert set(load.releases) == {before}, load.summary()
-    assert release_served(ip) == before
-    assert target.sh(f"ls /opt/{APP}/releases").stdout.split() == releases
-    return res
-
+# -- failed deploys (tests/conftest.py: failed_deploy) --------------------------------------
 
 def test_failing_requirement_install_keeps_the_previous_release(target, served, app_repo):
     requirements = app_repo / "example/requirements.txt"

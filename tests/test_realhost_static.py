@@ -6,13 +6,12 @@ manifests."""
 import json
 import re
 import subprocess
-import threading
 import time
 
 import pytest
 
 from tests.conftest import changed_count, commit, host_state, state_changes
-from tests.load import DOMAIN, fetch
+from tests.load import DOMAIN, Stream, fetch
 
 APP = "ratemyderp"
 STATIC = f"/var/opt/{APP}/static"
@@ -48,14 +47,13 @@ def static_file(ip: str, path: str) -> tuple[int, dict, str]:
     return int(lines[0].split()[1]), headers, body
 
 
-class PagesAndTheirCss:
+class PagesAndTheirCss(Stream):
     """A context manager: the home page, then the stylesheet it names, asked again and again
     (what a browser does), each pair recorded as (release, stylesheet, its status)."""
 
     def __init__(self, ip: str):
         self.ip, self.seen, self.errors = ip, [], []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self):
         while not self._stop.is_set():
@@ -65,15 +63,6 @@ class PagesAndTheirCss:
             except (OSError, AssertionError, AttributeError) as exc:
                 self.errors.append(repr(exc))
             self._stop.wait(0.1)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=30)
-
 
 def owners(target, path: str) -> set[str]:
     """user:group of ``path`` and of everything below it."""
