@@ -53,7 +53,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import tasks  # noqa: E402
-from tasks import celery, certbot, db, monitoring, nginx, primitives, provision  # noqa: E402
+from tasks import (  # noqa: E402
+    celery,
+    certbot,
+    db,
+    deploy,
+    monitoring,
+    nginx,
+    primitives,
+    provision,
+)
 
 P = primitives
 
@@ -97,6 +106,15 @@ def _fields(r: P.Resource, out: Path, n: int) -> dict:
                 "mode": f"{r.mode:04o}"}
     if isinstance(r, P.Service):  # a ReleaseService too: the bench host has a release
         return {"type": "service", "name": r.unit, "enabled": r.enabled, "running": r.running}
+    if isinstance(r, nginx.Upstream):  # written once, then the deploys' (as `creates`)
+        return {"type": "command", "what": r.what, "creates": r.path, "unless": None,
+                "script": f"cat > {r.path} <<'EOF'\n{r.new.content.decode()}EOF"}
+    if isinstance(r, deploy.LiveInstance):  # the instance the upstream file names runs
+        layout, unit = r.s.layout, f"{r.s.app}@$c.service"
+        return {"type": "command", "what": r.what, "creates": None, "script": "exit 1",
+                "unless": f"c=$(sed -n 's|.*unix:{layout.run}/\\([a-z]*\\)/.*|\\1|p' "
+                          f"{layout.upstream}) && [ -n \"$c\" ] && systemctl is-active "
+                          f"--quiet {unit} && systemctl is-enabled --quiet {unit}"}
     if isinstance(r, P.Command):
         return {"type": "command", "what": r.what, "script": r.script, "creates": r.creates,
                 "unless": r.unless}
