@@ -546,8 +546,9 @@ def table(results: dict) -> str:
                 row(f"{what}, under {d['rate']:g} requests/s", d[kind], "",
                     f"{', '.join(map(str, d[kind]['round_trips']))} SSH round trips")
         rows.append(f"| requests during them | | | | | | {d['sent']} sent, {d['failed']} failed, "
-                    f"worst {d['worst'] * 1000:.0f} ms (median with no deploy: "
-                    f"{d['quiet']['median'] * 1000:.1f} ms) |")
+                    f"worst {d['worst'] * 1000:.0f} ms (with no deploy: median "
+                    f"{d['quiet']['median'] * 1000:.1f} ms, worst "
+                    f"{d['quiet']['worst'] * 1000:.0f} ms) |")
         counts = ", ".join(f"{d[kind]['runs']} {kind}" for kind in KINDS if kind in d)
         notes.append(f"deploy: {counts}, {d['date']}")
     if "fresh" in results:
