@@ -499,6 +499,8 @@ def test_upgrade_reports_then_restarts_one_at_a_time_under_load(target, stack):
         assert "service nginx.service: restarted (ran old libraries; new master on the same " \
             "sockets)" in out
         assert restarted[-1].startswith(f"{APP}@"), restarted  # the instance that served
+        # which has stopped since: none of its processes runs the old libraries
+        assert not re.search(rf"warning +service {APP}@", out), out
         assert "ok           health check: HTTP 200 from release " in out
         # PostgreSQL's and Redis's restarts fail requests: named and left to the operator
         for unit in ("postgresql@", "redis-server.service"):
