@@ -355,16 +355,18 @@ def test_release_that_answers_500_on_its_health_path_never_gets_a_request(target
     assert "changed      release " not in res.stdout.split("failed       health check")[1]
 
 
-# The new release answers 503 for its first seconds (each process), then as usual.
+# The new release answers 503 until a moment set when it is committed (the same for every
+# gunicorn worker: a delay counted from each worker's own start let a worker that booted a
+# little later answer 503 to users once another had passed the health check), then as usual.
 SLOW_HEALTH = """
 
 import time as _time  # noqa: E402
 
-_BOOTED, _healthy = _time.monotonic(), health
+_healthy = health
 
 
 def health(request):  # replaces the one above
-    if _time.monotonic() - _BOOTED < 8:
+    if _time.time() < {ready_at}:
         return HttpResponse('warming up', status=503)
     return _healthy(request)
 """
@@ -380,7 +382,8 @@ def test_deploy_killed_after_its_instance_started_leaves_the_release_serving(tar
     idle = live.replace("blue", "green") if "@blue" in live else live.replace("green", "blue")
     views = app_repo / "example/demo/views.py"
     commit(app_repo, "a release slow to answer healthy",
-           {str(views.relative_to(app_repo)): views.read_text() + SLOW_HEALTH})
+           {str(views.relative_to(app_repo)): views.read_text()
+            + SLOW_HEALTH.format(ready_at=time.time() + 30)})
     try:
         with Load(ip) as load:
             fab = start_fab(target, "deploy")
