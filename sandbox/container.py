@@ -524,6 +524,13 @@ class Sandbox:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.nspawn_pidfile.write_text(f"{proc.pid}\n")
+        # Popen returns once exec began, but /proc/PID/cmdline names nspawn a moment later (seen
+        # under load): until then running() would call the sandbox stopped.
+        deadline = time.monotonic() + 5
+        while proc.pid not in self._nspawn_pids() and proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise SandboxError(f"systemd-nspawn (pid {proc.pid}) did not start")
+            time.sleep(0.01)
 
     def _wait_ready(self) -> None:
         """Wait for sshd, then for systemd to finish booting; raise with the console tail if not."""
