@@ -9,7 +9,8 @@ sandboxed by systemd (the system read-only but for their run, log and home direc
 Before the first deploy there is no code to run (/opt/APP/app is missing): the units are
 installed and enabled but left stopped. Once a release exists they are started, and restarted
 once when a unit file, celery.conf or the app's environment changed. ``fab celery.restart``
-(and the deploy, after switching releases) restarts both so they run the new code.
+restarts both and waits for them; a deploy, once it switched releases, queues their restart.
+A stop is Celery's warm shutdown: running tasks finish first.
 """
 
 from __future__ import annotations
@@ -93,20 +94,22 @@ def celery_resources(h) -> list:
     ]
 
 
-def restart_celery(h, reason: str = "(new release)") -> None:
-    """Restart the worker and beat (e.g. after a deploy switched releases), and report it.
+def restart_celery(h, reason: str = "(asked for)", wait: bool = True) -> None:
+    """Restart the worker and beat, and report it.
 
     A restart also satisfies any restart still pending from a configuration change, so those
-    markers are cleared. Fails (StepFailed) when a unit is not active afterwards.
+    markers are cleared. With ``wait``, fails (StepFailed) when a unit is not active
+    afterwards. Without (a deploy, once it switched releases), the restart is only queued:
+    the worker's warm shutdown lets its running tasks finish, which can take up to the task
+    time limit, and a deploy does not sit through that; ``fab status`` shows the units.
     """
-    if h.check:
-        for unit in UNITS:
-            h.changed(f"service {unit}", f"restarted {reason}")
-        return
-    h.run(script("celery-restart.sh.j2", h.settings, *UNITS, pending=PENDING_DIR,
-                 wait=RESTART_WAIT), what="restart celery")
+    if not h.check:
+        h.run(script("celery-restart.sh.j2", h.settings, *UNITS, pending=PENDING_DIR,
+                     wait=RESTART_WAIT if wait else 0), what="restart celery")
     for unit in UNITS:
-        h.changed(f"service {unit}", f"restarted {reason}")
+        h.changed(f"service {unit}", f"restarted {reason}" if wait else
+                  f"restart queued {reason}" + ("; its running tasks finish first" * (
+                      unit == "celery.service")))
 
 
 @converging_task("celery", default=True)
@@ -119,4 +122,4 @@ def setup(h):
 def restart(c, check=False):
     """Restart the Celery worker and beat (they pick up the current release)."""
     with session(c, "celery.restart", check) as h:
-        restart_celery(h, "(asked for)")
+        restart_celery(h)

@@ -338,10 +338,10 @@ def health_check(h, release: str, timeout: int = 60) -> tuple[bool, str]:
     return res.ok, res.stdout.strip()
 
 
-def _restart_workers(h) -> None:
+def _restart_workers(h, reason: str) -> None:
     from .celery import restart_celery
 
-    restart_celery(h)
+    restart_celery(h, reason, wait=False)
 
 
 def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
@@ -416,7 +416,7 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
             h.run(f"rm -rf {q(s.layout.release(release))}", what="switch")
             raise
         h.changed(f"release {release}", f"serving from {s.app}@{color} ({detail})")
-        _restart_workers(h)
+        _restart_workers(h, "(new release)")
         _prune(h, releases + [release], int(s["RELEASES_KEEP"]), {release, current})
     finally:
         if page_on:
@@ -435,7 +435,7 @@ def rollback_release(h) -> None:
     detail = _switch(h, previous, color, current)
     h.changed("rollback", f"serving {previous} instead of {current} from {h.settings.app}@"
               f"{color} ({detail})")
-    _restart_workers(h)
+    _restart_workers(h, f"(to {previous})")
 
 
 @task(help={"ref": "Git ref to deploy (default: DEPLOY_REF)",

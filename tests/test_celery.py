@@ -69,12 +69,14 @@ def test_units_read_both_environment_files_and_run_the_release(name):
 def test_worker_unit_is_the_forking_celery_multi_unit():
     service = unit_sections(rendered("celery.service.j2"))["Service"]
     assert service["Type"] == ["forking"]
-    [start], [stop], [reload] = service["ExecStart"], service["ExecStop"], service["ExecReload"]
+    [start], [reload] = service["ExecStart"], service["ExecReload"]
     assert re.fullmatch(r"/bin/sh -c '\$\{CELERY_BIN\} -A \$CELERY_APP multi start "
                         r"\$CELERYD_NODES +--pidfile=\$\{CELERYD_PID_FILE\} +"
                         r"--logfile=\$\{CELERYD_LOG_FILE\} +--loglevel=\"\$\{CELERYD_LOG_LEVEL\}\""
                         r" \$CELERYD_OPTS'", start), start
-    assert " multi stopwait $CELERYD_NODES " in stop
+    # a stop is SIGTERM to the worker alone: Celery's warm shutdown (no `multi stopwait`, which
+    # polls every 2 s)
+    assert "ExecStop" not in service and service["KillMode"] == ["mixed"]
     assert " multi restart $CELERYD_NODES " in reload
     assert service["TimeoutStopSec"] == ["330"]  # the task time limit, and some
 
@@ -319,12 +321,9 @@ def test_db_step_environment_files_notify_both_units():
 
 # -- restart after a deploy ----------------------------------------------------------------
 
-def test_restart_celery_restarts_both_once_and_reports(make_host, settings, capsys, tmp_path):
-    host, conn = host_for(make_host, settings)
-    celery.restart_celery(host)
-    [script] = conn.applied
-    # The script itself, run by sh: a stub systemctl logs its arguments, the pending restarts'
-    # markers are in a scratch folder.
+def run_restart_script(script: str, tmp_path) -> tuple[list[str], list[str]]:
+    """The restart script itself, run by sh: a stub systemctl logs its arguments, the pending
+    restarts' markers are in a scratch folder. Returns systemctl's calls and the markers left."""
     stubs, pending, log = tmp_path / "bin", tmp_path / "pending", tmp_path / "log"
     stubs.mkdir()
     pending.mkdir()
@@ -336,14 +335,35 @@ def test_restart_celery_restarts_both_once_and_reports(make_host, settings, caps
     subprocess.run(["sh", "-s"], input=script.replace(f"pending={PENDING_DIR}\n",
                                                       f"pending={pending}\n"),
                    text=True, check=True, env={"PATH": f"{stubs}:/usr/bin:/bin", "LOG": str(log)})
-    assert log.read_text().splitlines() == [
+    return log.read_text().splitlines(), [p.name for p in pending.iterdir()]
+
+
+def test_restart_celery_restarts_both_once_and_reports(make_host, settings, capsys, tmp_path):
+    host, conn = host_for(make_host, settings)
+    celery.restart_celery(host)
+    [script] = conn.applied
+    calls, left = run_restart_script(script, tmp_path)
+    assert calls == [
         "restart -- celery.service celerybeat.service",
         "is-active --quiet -- celery.service", "is-active --quiet -- celerybeat.service"]
-    assert [p.name for p in pending.iterdir()] == ["ratemyderp.service@restart"]
+    assert left == ["ratemyderp.service@restart"]
     out = capsys.readouterr().out
     for unit in UNITS:
-        assert f"changed      service {unit}: restarted (new release)" in out
+        assert f"changed      service {unit}: restarted (asked for)" in out
     assert host.report.count("changed") == 2
+
+
+def test_a_deploys_restart_is_queued_not_waited_for(make_host, settings, capsys, tmp_path):
+    host, conn = host_for(make_host, settings)
+    celery.restart_celery(host, "(new release)", wait=False)
+    [script] = conn.applied
+    calls, left = run_restart_script(script, tmp_path)
+    assert calls == ["restart --no-block -- celery.service celerybeat.service"]
+    assert left == ["ratemyderp.service@restart"]
+    out = capsys.readouterr().out
+    assert ("changed      service celery.service: restart queued (new release); its running "
+            "tasks finish first\n") in out
+    assert "changed      service celerybeat.service: restart queued (new release)\n" in out
 
 
 def test_restart_celery_failure_is_a_failed_step(make_host, settings):

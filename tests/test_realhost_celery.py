@@ -189,6 +189,26 @@ def test_celery_restart_task(runs, target):
     assert worker_pid(target) != old and active(target) == ["active", "active"]
 
 
+def test_a_restart_lets_the_running_task_finish(runs, target):
+    """A stop is Celery's warm shutdown: a task running when the worker is told to stop
+    finishes on it (it is neither killed nor handed back to the queue)."""
+    since = target.sh("date +%s").stdout.strip()
+    task = target.sh(
+        f"cd {RELEASE} && runuser -u {APP} -- sh -c 'set -a; . /opt/{APP}/conf/{APP}.conf; "
+        f"set +a; exec /opt/{APP}/venv/bin/python manage.py shell -c "
+        "\"from demo.tasks import heartbeat; print(heartbeat.delay(pause=5).id)\"'"
+    ).stdout.split()[-1]
+    logs = "cat /var/log/celery/w1*.log"
+    wait_for(lambda: f"heartbeat[{task}] received" in target.sh(logs).stdout, 20,
+             "the task taken by the worker", interval=0.2)
+    assert "restarted (asked for)" in target.fab("celery.restart").stdout
+    log = target.sh(logs).stdout
+    assert re.search(rf"INFO/ForkPoolWorker-\d+\] Task demo\.tasks\.heartbeat\[{task}\] "
+                     r"succeeded in 5\.", log), log[-2000:]
+    assert journal_count(target, "celery.service", since, r"^Stopping ") == 1
+    assert active(target) == ["active", "active"]
+
+
 def test_units_come_back_after_a_reboot_and_heartbeats_continue(runs, target, sandbox):
     Sandbox(name=sandbox.name, subnet=sandbox.host_ip.rsplit(".", 1)[0]).reboot()
     assert wait_for(lambda: active(target) == ["active", "active"], 60, "units active")
