@@ -1,9 +1,12 @@
 """The deploy's steps before the switch, over the fake connection: the release's virtualenv,
 boot check; and the pruning of releases and virtualenvs after it."""
 
+import subprocess
+
 import pytest
 
 from tasks import deploy
+from tasks.scripts import script
 from tasks.host import Result, StepFailed
 
 RELEASE = "20261127000000-abcdef123456"
@@ -24,6 +27,24 @@ def prepare(make_host, requirements: Result):
 
 def boot_script(conn) -> str:
     return next(script for script in conn.applied if "action=boot" in script)
+
+
+@pytest.mark.parametrize("action, niced", [("collectstatic", True), ("migrate", False)])
+def test_building_a_release_yields_the_cpu_and_migrating_does_not(settings, tmp_path, action,
+                                                                  niced):
+    """The script run by sh with a stub renice; it stops at the environment file, which is not
+    on this machine (before it changes anything)."""
+    stubs, log = tmp_path / "bin", tmp_path / "log"
+    stubs.mkdir()
+    (stubs / "renice").write_text('#!/bin/sh\necho "renice $*" >> "$LOG"\n')
+    (stubs / "renice").chmod(0o755)
+    res = subprocess.run(["sh", "-s"], input=script("deploy-release.sh.j2", settings,
+                                                    release=RELEASE, action=action),
+                         text=True, capture_output=True,
+                         env={"PATH": f"{stubs}:/usr/bin:/bin", "LOG": str(log)})
+    assert "ratemyderp.conf" in res.stderr and res.returncode != 0
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert calls == ([f"renice -n 10 -p {calls[0].split()[-1]}"] if niced else []), calls
 
 
 def test_the_release_must_load_before_anything_else(make_host, capsys):
