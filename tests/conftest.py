@@ -142,8 +142,13 @@ class Target:
 # databases; the stack's processes (a restart or reload is a change). Left out: what moves by
 # itself on an idle host (logs, caches, PostgreSQL's and Redis's data files, Celery beat's
 # schedule, what the daily backup timer writes below /opt/APP/backup, the journal, /run and
-# /tmp) and the probe's own SSH session.
+# /tmp) and the probe's own SSH session. Taken once systemd has no job left (up to a minute): a
+# deploy's Celery restart is queued, not waited for.
 STATE = r"""
+i=0
+while [ -n "$(systemctl list-jobs --no-legend)" ] && [ "$i" -lt 120 ]; do
+  sleep 0.5; i=$((i + 1))
+done
 find / -xdev \( -path /proc -o -path /sys -o -path /run -o -path /tmp -o -path /dev \
   -o -path /var/log -o -path /var/cache -o -path /var/lib/systemd -o -path /root/.cache \
   -o -path '/var/lib/postgresql/*/main' -o -path /var/lib/redis -o -path /var/lib/celery \
