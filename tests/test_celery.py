@@ -64,6 +64,7 @@ def test_units_read_both_environment_files_and_run_the_release(name):
     assert unit_sections(text)["Unit"]["ConditionPathExists"] == ["/opt/shop/app"]
     assert "ratemyderp" not in text
     assert service["Restart"] == ["always"]
+    assert service["Nice"] == ["5"]  # the site's requests first
 
 
 def test_worker_unit_is_the_forking_celery_multi_unit():

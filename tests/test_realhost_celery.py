@@ -137,7 +137,7 @@ def test_files_directories_and_users(runs, target):
     assert "w1.log" in target.sh("ls /var/log/celery").stdout.split()
     pid = worker_pid(target)
     assert pid != "0"
-    assert target.sh(f"ps -o user= -p {pid}").stdout.strip() == "celery"
+    assert target.sh(f"ps -o user=,ni= -p {pid}").stdout.split() == ["celery", "5"]
     assert "worker" in target.sh(f"tr '\\0' ' ' < /proc/{pid}/cmdline").stdout
 
 
