@@ -17,7 +17,8 @@ noop    A converged sandbox: RUNS rounds, each timing one whole no-op converge o
         no connection) and `systemd-analyze security` exposure of the app's and Celery's
         units.
 deploy  On the same host, each under a steady request stream through NGINX (RATE per second,
-        from a second process): DEPLOYS new commits of the example app with the same
+        from a second process at niceness -10, as a client on another machine would not wait
+        for this machine's fab): DEPLOYS new commits of the example app with the same
         requirements, REQ_DEPLOYS new commits that each add one requirement (a new virtualenv:
         six, then idna, then pyparsing...), and ROLLBACKS rollbacks; for each kind how long fab
         took and its SSH round trips, and over all of them the requests sent, failed and the
@@ -326,7 +327,11 @@ def noop(target: Target) -> dict:
 
 
 def load_stream(ip: str, rate: float, stop, out) -> None:
-    """In a second process: requests at ``rate`` per second until ``stop`` is set."""
+    """In a second process: requests at ``rate`` per second until ``stop`` is set.
+
+    The process runs at niceness -10: the client of a real site is another machine, so the
+    time this one's fab (Python) takes from it is not the site's latency."""
+    os.nice(-10 - os.nice(0))
     with Load(ip, interval=1 / rate) as load:
         stop.wait()
     out.put({"sent": load.sent, "failed": len(load.failed), "worst": load.worst,
