@@ -419,6 +419,9 @@ def test_pruning_removes_the_static_files_no_kept_release_names(settings, tmp_pa
                                 "demo/new.js": "demo/new.333333333333.js"})
     (root / "static/staticfiles.json").write_text("{}")  # the last collectstatic's
     os.symlink("site.css", root / "static/demo/linked.css")  # named by no manifest
+    for name in ("site.111111111111.css.gz", "site.333333333333.css.gz",
+                 "site.333333333333.css.br", "site.333333333333.css.map"):  # WhiteNoise's
+        (root / "static/demo" / name).write_text("compressed")
 
     def prune(*old: str) -> list[str]:
         program = script("deploy-prune.sh.j2", settings, *old)
@@ -429,9 +432,11 @@ def test_pruning_removes_the_static_files_no_kept_release_names(settings, tmp_pa
         return sorted(str(p.relative_to(root / "static")) for p in (root / "static").rglob("*")
                       if not p.is_dir() or p.is_symlink())
 
-    assert prune("r1") == ["static 4"]  # old/gone.js, its hashed name, site.111..., the link
+    # old/gone.js, its hashed name, site.111... and its .gz, the link, a .map no manifest names
+    assert prune("r1") == ["static 6"]
     assert files() == ["demo/new.333333333333.js", "demo/new.js", "demo/site.222222222222.css",
-                       "demo/site.333333333333.css", "demo/site.css", "staticfiles.json"]
+                       "demo/site.333333333333.css", "demo/site.333333333333.css.br",
+                       "demo/site.333333333333.css.gz", "demo/site.css", "staticfiles.json"]
     assert not (root / "static/old").exists()  # emptied, so removed
     static_release(root, "r4", None)  # an app without ManifestStaticFilesStorage
     assert prune("r2") == ["static-kept r4"]
