@@ -110,11 +110,10 @@ def _fields(r: P.Resource, out: Path, n: int) -> dict:
         return {"type": "command", "what": r.what, "creates": r.path, "unless": None,
                 "script": f"cat > {r.path} <<'EOF'\n{r.new.content.decode()}EOF"}
     if isinstance(r, deploy.LiveInstance):  # the instance the upstream file names runs
-        layout, unit = r.s.layout, f"{r.s.app}@$c.service"
+        unit = f"{r.s.app}@$c.service"
         return {"type": "command", "what": r.what, "creates": None, "script": "exit 1",
-                "unless": f"c=$(sed -n 's|.*unix:{layout.run}/\\([a-z]*\\)/.*|\\1|p' "
-                          f"{layout.upstream}) && [ -n \"$c\" ] && systemctl is-active "
-                          f"--quiet {unit} && systemctl is-enabled --quiet {unit}"}
+                "unless": nginx.live_color(r.s) + f"[ \"$c\" != legacy ] && systemctl "
+                          f"is-active --quiet {unit} && systemctl is-enabled --quiet {unit}"}
     if isinstance(r, P.Command):
         return {"type": "command", "what": r.what, "script": r.script, "creates": r.creates,
                 "unless": r.unless}

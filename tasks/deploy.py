@@ -29,7 +29,7 @@ from fabric import task
 
 from .executor import every_host
 from .host import StepFailed, converging_task, session
-from .nginx import CHECKER
+from .nginx import CHECKER, live_color
 from .primitives import PENDING_DIR, Change, File, Ok, Resource, ensure, q, render
 from .primitives.engine import host_notified
 from .python import interpreter
@@ -80,13 +80,11 @@ class LiveInstance(Resource):
 
     def probe(self) -> str:
         layout, app = self.s.layout, q(self.s.app)
-        return (f"test -d {q(layout.current)} && echo release=yes\n"
-                f"for c in {' '.join(layout.colors)}; do\n"
-                f"    grep -qsF -- {q(layout.run)}/\"$c\"/ {q(layout.upstream)} || continue\n"
-                f"    echo \"color=$c\"\n"
+        return (f"test -d {q(layout.current)} && echo release=yes\n" + live_color(self.s)
+                + 'if [ "$c" != legacy ]; then\n    echo "color=$c"\n'
                 f"    systemctl show -p UnitFileState -p ActiveState -p NeedDaemonReload "
                 f"-- {app}@\"$c\".service\n"
-                f"done\n[ -e {PENDING_DIR}/{q(self.marker)} ] && echo pending=yes; true")
+                f"fi\n[ -e {PENDING_DIR}/{q(self.marker)} ] && echo pending=yes; true")
 
     def plan(self, state, host):
         props = dict(line.split("=", 1) for line in state.splitlines() if "=" in line)

@@ -108,6 +108,13 @@ class Site(Resource):
         return outcome
 
 
+def live_color(s) -> str:
+    """The first lines of a shell program that needs to know which gunicorn instance serves:
+    ``live_color`` (files/live-color.sh.j2) defined and its answer in ``$c`` (a color, or
+    ``legacy`` when the upstream file names none)."""
+    return render("live-color.sh.j2", s) + "c=$(live_color)\n"
+
+
 class Upstream(Resource):
     """NGINX's upstream ``APP_live`` in a file of its own (``settings.layout.upstream``): the
     gunicorn instance that serves. Written once, naming instance blue (on a host deployed

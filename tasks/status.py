@@ -20,7 +20,7 @@ from invoke.exceptions import Exit
 
 from .executor import every_host
 from .host import session
-from .nginx import maintenance_page
+from .nginx import live_color, maintenance_page
 from .primitives import q
 
 CERT_WARN_DAYS = 14  # a certificate closer than this to its expiry is a problem
@@ -47,10 +47,8 @@ def snippets(s) -> list[str]:
     return [
         "date +%s",
         # the gunicorn instance the upstream file names ("app UNIT STATE"), then the others
-        f"c=none; for i in {' '.join(s.layout.colors)}; do grep -qsF -- {q(s.layout.run)}/\"$i\"/ "
-        f"{q(s.layout.upstream)} && c=$i; done\n"
-        f"echo app {q(s.app)}@$c.service $(systemctl is-active -- {q(s.app)}@$c.service "
-        "2>/dev/null)\n"
+        live_color(s) + f"echo app {q(s.app)}@$c.service $(systemctl is-active -- "
+        f"{q(s.app)}@$c.service 2>/dev/null)\n"
         + "".join(f"echo {q(unit)} $(systemctl is-active -- {q(unit)} 2>/dev/null)\n"
                   for unit, _ in services(s)) + "true",
         "ss -ltnH 2>/dev/null | awk '{print $4}'",
@@ -111,7 +109,7 @@ def assess(s, answers: list[str]) -> list[Line]:
     state = dict(line.split(" ", 1) if " " in line else (line, "unknown")
                  for line in units.splitlines() if line.strip())
     app_unit, _, active = state.get("app", "").partition(" ")
-    if f"{s.app}@none." in app_unit or not app_unit:
+    if f"{s.app}@legacy." in app_unit or not app_unit:
         lines.append(Line("failed", "gunicorn", "NGINX's upstream file names no instance (a "
                           "host deployed before blue/green: the next deploy moves the app to "
                           "its two instances)"))

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 
 from tasks import deploy
-from tasks.scripts import script
 from tasks.host import Result, StepFailed
+from tasks.scripts import script
 
 RELEASE = "20261127000000-abcdef123456"
 SOURCE = deploy.Source("abcdef1234567890", None, "git@example.com:app.git@main")

@@ -92,7 +92,7 @@ def test_the_instance_that_serves_is_the_one_checked(tmp_path, capsys, monkeypat
     assert "failed       service ratemyderp@green.service: inactive (gunicorn, the instance " \
            "that serves)" in out
     code, out, _ = run_status(tmp_path, capsys, monkeypatch,
-                              units=["ratemyderp@none.service", *UNITS[1:]])
+                              units=["ratemyderp@legacy.service", *UNITS[1:]])
     assert code == 1 and "gunicorn: NGINX's upstream file names no instance" in out
 
 
@@ -131,7 +131,7 @@ def test_snippets_follow_the_settings():
     assert "/etc/letsencrypt/live/shop.example.org/fullchain.pem" in probe
     assert "du -sh -- /var/opt/shop /var/lib/postgresql /opt/shop/backup" in probe
     assert "systemctl is-active -- shop@$c.service" in probe
-    assert "/run/shop/\"$i\"/ /etc/nginx/conf.d/fabstack-shop-upstream.conf" in probe
+    assert "/run/shop/\"$c\"/ /etc/nginx/conf.d/fabstack-shop-upstream.conf" in probe
     assert "ratemyderp" not in probe
 
 
