@@ -318,7 +318,7 @@ def _switch(h, release: str, color: str, current: str) -> str:
                 what=f"switch to {release}", check=False)
     if not res.ok:
         raise StepFailed("switch", f"the site did not answer from {release} through NGINX "
-                         f"({res.stdout.strip() or res.stderr.strip()[-1500:]}): "
+                         f"({res.stdout.strip() or res.stderr.strip()[-1500:]}); "
                          f"{current or 'the release before'} serves as before")
     return res.stdout.strip()
 
@@ -410,9 +410,8 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
         color = _start_beside(h, release)
         try:
             detail = _switch(h, release, color, current)
-        except StepFailed:
-            h.run(f"rm -rf {q(s.layout.release(release))}", what="switch")
-            raise
+        except StepFailed as failed:
+            _abort(h, release, failed.what, failed.message)
         h.changed(f"release {release}", f"serving from {s.app}@{color} ({detail})")
         _restart_workers(h, "(new release)")
         _prune(h, releases + [release], int(s["RELEASES_KEEP"]), {release, current})
