@@ -441,3 +441,22 @@ def test_pruning_removes_the_static_files_no_kept_release_names(settings, tmp_pa
     static_release(root, "r4", None)  # an app without ManifestStaticFilesStorage
     assert prune("r2") == ["static-kept r4"]
     assert "demo/site.222222222222.css" in files()
+
+
+def test_a_failed_switch_abandons_the_release_and_the_one_before_serves(make_host,
+                                                                         monkeypatch):
+    """The site did not answer from the new release through NGINX (the switch script put the
+    upstream file back and exited 1): the release is removed, fab says who serves."""
+    host, conn = make_host(failing=[r"switch_to \"\$color\""])
+    monkeypatch.setattr(deploy, "_state", lambda h: deploy.State("r1", ["r1"], [], False))
+    monkeypatch.setattr(deploy, "resolve_local", lambda *args: SOURCE)
+    for step in ("_prepare", "_backup_and_migrate"):
+        monkeypatch.setattr(deploy, step, lambda *args: None)
+    monkeypatch.setattr(deploy, "_start_beside", lambda *args: "green")
+    host.settings.values["DEPLOY_REPO"] = "/srv/app"
+    with pytest.raises(StepFailed, match=r"switch: the site did not answer from (\S+) through "
+                       r"NGINX .*; r1 serves as before\nrelease \1 abandoned; the current "
+                       "release keeps serving"):
+        deploy.deploy_release(host)
+    assert conn.applied[-1].startswith("rm -rf /opt/ratemyderp/releases/")
+    assert not any("celery" in script for script in conn.applied)  # nothing after the switch
