@@ -207,8 +207,8 @@ def remote_credentials(repo: str) -> tuple[str, str | None]:
             f"{parts.scheme}://{parts.username}:{parts.password or ''}@{host}\n")
 
 
-def _resolve_remote(h) -> Source | None:
-    """Mirror DEPLOY_REPO on the host (with DEPLOY_KEY) and resolve the ref there.
+def _resolve_remote(h, ref: str) -> Source | None:
+    """Mirror DEPLOY_REPO on the host (with DEPLOY_KEY) and resolve ``ref`` there.
 
     The mirror is root's only (0700). A credential in DEPLOY_REPO's URL never reaches a
     command line (git hands a remote's URL to its helpers as an argument, which any user
@@ -219,20 +219,20 @@ def _resolve_remote(h) -> Source | None:
     s = h.settings
     cache, key, credentials = s.layout.repo, s.layout.deploy_key, s.layout.git_credentials
     url, credential = remote_credentials(s["DEPLOY_REPO"])
-    label = f"{url}@{s['DEPLOY_REF']}"
+    label = f"{url}@{ref}"
     if h.check:
-        res = h.run(f"git -C {q(cache)} rev-parse --verify {q(s['DEPLOY_REF'] + '^{commit}')}",
+        res = h.run(f"git -C {q(cache)} rev-parse --verify {q(ref + '^{commit}')}",
                     what="release source", check=False)
         if not res.ok:
             h.changed("release source", f"would mirror {url} on the host and deploy "
-                      f"{s['DEPLOY_REF']} (not resolved: check mode fetches nothing)")
+                      f"{ref} (not resolved: check mode fetches nothing)")
             return None
         return Source(res.stdout.strip(), None, f"{label} (as last fetched)")
     ensure(h, File(credentials, credential or "", mode=0o600, secret=True,
                    present=credential is not None),
            *([File(key, Path(s["DEPLOY_KEY"]).expanduser().read_text(), mode=0o600,
                    secret=True)] if s["DEPLOY_KEY"] else []))
-    res = h.run(script("deploy-mirror.sh.j2", s, url=url), what="release source")
+    res = h.run(script("deploy-mirror.sh.j2", s, url=url, ref=ref), what="release source")
     return Source(res.stdout.strip(), None, label)
 
 
@@ -381,7 +381,7 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
                          f"{', '.join(missing)}: run `fab provision` first (a provision "
                          "that stopped part-way is finished by running it again)")
     if remote:
-        source = _resolve_remote(h)
+        source = _resolve_remote(h, ref)
         if source is None:
             return
     if current.endswith(f"-{source.commit[:12]}") and state.venv_stale and not force:

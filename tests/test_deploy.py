@@ -166,18 +166,42 @@ def test_a_token_in_deploy_repo_never_reaches_a_command_line(make_host, capsys):
         return Result("abcdef1234567890\n", "", 0) if "rev-parse" in stdin else res
 
     host._exec = execute
-    source = deploy._resolve_remote(host)
+    source = deploy._resolve_remote(host, "main")
     write, fetch = conn.applied[0], conn.scripts[-1]
     assert "/opt/ratemyderp/conf/git-credentials" in write and "chmod 0600" in write
     assert token not in write  # base64: the content travels encoded, as every file's does
     stored = base64.b64decode(write.split("<<'FABSTACK_EOF'\n")[1].split("FABSTACK_EOF")[0])
     assert stored == f"https://{token}:@git.example.com\n".encode()
     assert token not in fetch and "umask 077" in fetch and "chmod 0700" in fetch
-    assert fetch.startswith("url=https://git.example.com/org/app.git\n")
+    assert fetch.startswith("url=https://git.example.com/org/app.git\nref=main\n")
     assert 'clone --quiet --mirror "$url" "$cache"' in fetch
     assert "helper='store --file=/opt/ratemyderp/conf/git-credentials'\n" in fetch
     assert source.label == "https://git.example.com/org/app.git@main"
     assert token in s.secrets
+
+
+def test_the_mirror_resolves_the_ref_asked_for_not_only_deploy_ref(settings, tmp_path):
+    """files/deploy-mirror.sh.j2 run here by sh against a real repository (a file:// URL),
+    with the host's mirror in a scratch folder: `fab deploy --ref` names another commit than
+    DEPLOY_REF (main)."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path / "app")]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(tmp_path / "app")], check=True)
+    commits = {}
+    for tag in ("v1", "v2"):
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", tag], check=True)
+        subprocess.run([*git, "tag", tag], check=True)
+        commits[tag] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True,
+                                      text=True, check=True).stdout.strip()
+
+    def resolve(ref: str) -> str:
+        program = script("deploy-mirror.sh.j2", settings, url=f"file://{tmp_path}/app", ref=ref)
+        program = program.replace(settings.layout.repo, str(tmp_path / "mirror"))
+        return subprocess.run(["sh", "-s"], input=program, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert resolve("v1") == commits["v1"]  # the clone
+    assert resolve("main") == commits["v2"]  # the update
+    assert resolve("v1") == commits["v1"]
 
 
 @pytest.mark.parametrize("repo, url, line", [
