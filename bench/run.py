@@ -34,9 +34,10 @@ fresh   FRESH_RUNS times: a new sandbox, `fab provision` timed (the settings a u
         of the same work, and the ratio is given against it too.
 
 The peers come from the `bench` extra of pyproject.toml (`make bench` installs it). Figures
-go to bench/results.json (each section with its date and machine) and the README's block
-between its bench markers is written anew from it. Environment: RUNS (default 7), DEPLOYS
-(5), REQ_DEPLOYS (2), ROLLBACKS (2), RATE (50), QUIET (10), FRESH_RUNS (5),
+go to bench/results.json (each section with its date, machine and the load average as it
+began and ended) and the README's block between its bench markers is written anew from it.
+Environment: RUNS (default 7), DEPLOYS (5), REQ_DEPLOYS (2), ROLLBACKS (2), RATE (50),
+QUIET (10), FRESH_RUNS (5),
 FABSTACK_BENCH_SANDBOX=NAME:SUBNET (the one sandbox the bench
 boots, default bench:10.213.48; the fresh section recreates it for each new host).
 """
@@ -516,6 +517,14 @@ def targets(results: dict) -> list[str]:
     return out
 
 
+def load(section: dict) -> str:
+    """The machine's load average (1 min) as the section began and ended, when recorded."""
+    if "load" not in section:
+        return ""
+    before, after = section["load"]
+    return f", load average {before:.2f} before, {after:.2f} after"
+
+
 def table(results: dict) -> str:
     rows = ["| what | median | min | max | vs ours | empty run | notes |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -542,7 +551,7 @@ def table(results: dict) -> str:
             f"{', '.join(map(str, r['redeploy']['round_trips']))} SSH round trips")
         row("SSH floor: `ssh host true`", r["ssh_floor"])
         row("`fab --list`: Python + Fabric start-up, no SSH", r["fab_startup"])
-        notes.append(f"noop: {r['rounds']} rounds, {r['date']}")
+        notes.append(f"noop: {r['rounds']} rounds, {r['date']}{load(r)}")
         exposure = ", ".join(f"{u} {e}" for u, e in r["exposure"].items())
     if "deploy" in results:
         d = results["deploy"]
@@ -555,7 +564,7 @@ def table(results: dict) -> str:
                     f"{d['quiet']['median'] * 1000:.1f} ms, worst "
                     f"{d['quiet']['worst'] * 1000:.0f} ms) |")
         counts = ", ".join(f"{d[kind]['runs']} {kind}" for kind in KINDS if kind in d)
-        notes.append(f"deploy: {counts}, {d['date']}")
+        notes.append(f"deploy: {counts}, {d['date']}{load(d)}")
     if "fresh" in results:
         f = results["fresh"]
         row("`fab provision` of a fresh host", f["provision"], "1",
@@ -568,7 +577,7 @@ def table(results: dict) -> str:
             "pending security upgrades", f["apt_get_upgrades"], f"x{1 / f['ratio_upgrades']:.2f}",
             "the same work as a first provision's apt runs: security upgrades named: "
             + ", ".join(map(str, sorted(set(f["floor_upgrades"])))))
-        notes.append(f"fresh: {f['provision']['runs']} hosts each, {f['date']}")
+        notes.append(f"fresh: {f['provision']['runs']} hosts each, {f['date']}{load(f)}")
     machines = sorted({r["machine"] for r in results.values()})
     text = "\n".join(rows) + "\n\n"
     if "noop" in results:
@@ -608,9 +617,11 @@ def main(sections: list[str]) -> None:
     stamp = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
     target = bench_host() if {"noop", "deploy"} & set(sections) else None
     for name in sections:
+        before = os.getloadavg()[0]
         result = {"noop": lambda: noop(target), "deploy": lambda: deploy(target),
                   "fresh": fresh}[name]()
-        results[name] = {**result, **stamp, "format": FORMATS[name]}
+        load = [round(before, 2), round(os.getloadavg()[0], 2)]
+        results[name] = {**result, **stamp, "load": load, "format": FORMATS[name]}
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     write_readme(results)
     measured = {name: results[name] for name in sections}
