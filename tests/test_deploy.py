@@ -484,3 +484,16 @@ def test_a_failed_switch_abandons_the_release_and_the_one_before_serves(make_hos
         deploy.deploy_release(host)
     assert conn.applied[-1].startswith("rm -rf /opt/ratemyderp/releases/")
     assert not any("celery" in script for script in conn.applied)  # nothing after the switch
+
+
+def test_an_upload_that_does_not_unpack_leaves_neither_it_nor_the_release(settings, tmp_path):
+    """files/deploy-unpack.sh.j2 run here by sh, the releases in a scratch folder."""
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    (upload / "release.tar.gz").write_bytes(b"not a tar")
+    program = script("deploy-unpack.sh.j2", settings, release=RELEASE,
+                     archive=str(upload / "release.tar.gz"), tree="")
+    program = program.replace(settings.layout.releases, str(tmp_path / "releases"))
+    res = subprocess.run(["sh", "-s"], input=program, capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    assert not upload.exists() and list((tmp_path / "releases").iterdir()) == []
