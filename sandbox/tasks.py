@@ -38,6 +38,11 @@ def settings_file(info: SandboxInfo) -> Path:
     return info.root.parent / "sandbox.env"
 
 
+def dotenv_quote(value: str) -> str:
+    """``value`` double-quoted as python-dotenv reads it back exactly (any characters)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str) -> Path:
     """Write a complete .env for the library to provision this sandbox; return its path.
 
@@ -54,7 +59,7 @@ def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str
             values[key.name] = old.get(key.name) or secrets.token_urlsafe(48)
     path.touch(mode=0o600)
     path.write_text("# Settings for the sandbox host, written by `fab sandbox.up`.\n"
-                    + "".join(f"{name}='{value}'\n" for name, value in values.items()))
+                    + "".join(f"{name}={dotenv_quote(value)}\n" for name, value in values.items()))
     return path
 
 

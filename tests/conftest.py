@@ -10,6 +10,7 @@ import pytest
 
 from sandbox.container import Sandbox
 from sandbox.pebble import Pebble
+from sandbox.tasks import dotenv_quote
 from tasks import settings as settings_mod
 from tasks.host import Host
 from tests.fake import FakeConnection
@@ -279,11 +280,6 @@ def ensure_sudo_user(target) -> None:
               f"install -d -o {SUDO_USER} -g {SUDO_USER} -m 700 /home/{SUDO_USER}/.ssh; "
               f"install -o {SUDO_USER} -g {SUDO_USER} -m 600 /root/.ssh/authorized_keys "
               f"/home/{SUDO_USER}/.ssh/")
-
-
-def dotenv_quote(value: str) -> str:
-    """``value`` double-quoted as python-dotenv reads it back exactly (any characters)."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @pytest.fixture(scope="session")

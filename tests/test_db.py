@@ -8,6 +8,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from dotenv import dotenv_values
 
+from sandbox.tasks import dotenv_quote
 from tasks import db
 from tasks import settings as settings_mod
 from tasks.primitives import (
@@ -24,7 +25,7 @@ from tasks.primitives import (
     render,
 )
 from tasks.primitives.templates import env_quote
-from tests.conftest import VALID, dotenv_quote
+from tests.conftest import VALID
 from tests.fake import owned_answer
 
 # Verifiers made by PostgreSQL 15 itself (ALTER ROLE ... PASSWORD with scram-sha-256) for
@@ -184,10 +185,12 @@ def test_database_url_percent_encodes_every_part():
     assert s.database_url.startswith("postgres://shop:") and s.database_url.endswith("/shop")
 
 
-def test_dotenv_quote_of_the_test_fixture_round_trips():
-    text = "".join(f"K{i}={dotenv_quote(v)}\n" for i, v in enumerate([NASTY, "", "\\", '"']))
-    assert list(dotenv_values(stream=io.StringIO(text), interpolate=False).values()) == \
-        [NASTY, "", "\\", '"']
+def test_dotenv_quote_of_the_sandbox_settings_round_trips():
+    """sandbox.write_settings and the tests' .env files quote so (a single quote broke the
+    sandbox's file before)."""
+    values = [NASTY, "", "\\", '"', "it's", "${HOME} $x #no comment"]
+    text = "".join(f"K{i}={dotenv_quote(v)}\n" for i, v in enumerate(values))
+    assert list(dotenv_values(stream=io.StringIO(text), interpolate=False).values()) == values
 
 
 # -- settings: the APP_ENV_ convention and the new keys -------------------------------------
