@@ -209,6 +209,15 @@ def test_a_restart_lets_the_running_task_finish(runs, target):
     assert active(target) == ["active", "active"]
 
 
+def test_a_restart_under_way_is_not_a_change(runs, target):
+    """A deploy queues Celery's restart and returns: a provision right after it finds the
+    units stopping or starting, with systemd's job on them, and leaves them to it."""
+    target.sh("systemctl restart --no-block celery.service celerybeat.service")
+    res = target.fab("celery")
+    assert changed_count(res.stdout) == 0, res.stdout
+    wait_for(lambda: active(target) == ["active", "active"], 30, "units active", interval=0.5)
+
+
 def test_units_come_back_after_a_reboot_and_heartbeats_continue(runs, target, sandbox):
     Sandbox(name=sandbox.name, subnet=sandbox.host_ip.rsplit(".", 1)[0]).reboot()
     assert wait_for(lambda: active(target) == ["active", "active"], 60, "units active")

@@ -21,8 +21,14 @@ class Service(Resource):
         self.what = f"service {self.unit}"
 
     def probe(self) -> str:
-        return (f"systemctl show -p LoadState -p UnitFileState -p ActiveState "
-                f"-p NeedDaemonReload -- {q(self.unit)} 2>/dev/null\n"
+        u = q(self.unit)
+        # the type of systemd's job on the unit, when one is under way (a deploy's queued
+        # restart of Celery: "job=restart")
+        return (f"s=$(systemctl show -p LoadState -p UnitFileState -p ActiveState "
+                f"-p NeedDaemonReload -p Job -- {u} 2>/dev/null)\n"
+                'printf "%s\\n" "$s"\n'
+                f"case $s in *Job=[0-9]*) systemctl list-jobs --no-legend -- {u} | "
+                "awk '{print \"job=\" $3}' ;; esac\n"
                 f"for f in {self._markers}; do [ -e \"$f\" ] && echo \"pending=${{f##*@}}\";"
                 " done; true")
 
@@ -51,7 +57,8 @@ class Service(Resource):
             cmds.append(f"systemctl disable -- {u}")
             done.append("disabled")
         active = props.get("ActiveState") == "active"
-        if self.running and not active:
+        starting = props.get("job") in ("start", "restart", "try-restart", "reload-or-start")
+        if self.running and not active and not starting:
             cmds.append(f"systemctl start -- {u}")
             done.append("started")
         elif self.running and "restart" in pending:
@@ -66,8 +73,9 @@ class Service(Resource):
         if pending and cmds:  # a stopped unit keeps them: starting it later clears them
             cmds.append(f"rm -f {self._markers}")
         if not cmds:
-            return Ok(("enabled, " if self.enabled else "") +
-                      ("running" if self.running else "stopped"))
+            return Ok(("enabled, " if self.enabled else "") + (
+                "stopped" if not self.running else "running" if active else
+                f"starting (systemd's {props['job']} job is under way)"))
         return Change(", ".join(done), "\n".join(cmds))
 
 
