@@ -22,6 +22,7 @@ from .executor import every_host
 from .host import session
 from .nginx import live_color, maintenance_page
 from .primitives import q
+from .primitives.services import STARTING_JOBS
 
 CERT_WARN_DAYS = 14  # a certificate closer than this to its expiry is a problem
 BACKUP_MAX_AGE = 48 * 3600  # seconds: an older newest dump is a problem
@@ -47,9 +48,11 @@ def snippets(s) -> list[str]:
     return [
         "date +%s",
         # the gunicorn instance the upstream file names ("app UNIT STATE"), then the others
+        # (after a unit's state, the type of systemd's job on it when one is under way)
         live_color(s) + f"echo app {q(s.app)}@$c.service $(systemctl is-active -- "
         f"{q(s.app)}@$c.service 2>/dev/null)\n"
-        + "".join(f"echo {q(unit)} $(systemctl is-active -- {q(unit)} 2>/dev/null)\n"
+        + "".join(f"echo {q(unit)} $(systemctl is-active -- {q(unit)} 2>/dev/null) "
+                  f"$(systemctl list-jobs --no-legend -- {q(unit)} | awk '{{print $3}}')\n"
                   for unit, _ in services(s)) + "true",
         "ss -ltnH 2>/dev/null | awk '{print $4}'",
         f"if [ -L {q(current)} ]; then readlink -- {q(current)}; "
@@ -118,9 +121,13 @@ def assess(s, answers: list[str]) -> list[Line]:
                           f"service {app_unit}",
                           f"{active.strip() or 'unknown'} (gunicorn, the instance that serves)"))
     for unit, role in services(s):
-        active = state.get(unit, "").strip() or "unknown"
-        lines.append(Line("ok" if active == "active" else "failed", f"service {unit}",
-                          f"{active} ({role})"))
+        active, _, job = (state.get(unit, "").strip() or "unknown").partition(" ")
+        if active != "active" and job in STARTING_JOBS:  # e.g. a deploy's restart of Celery
+            lines.append(Line("warning", f"service {unit}", f"{active}: systemd's {job} job "
+                              f"is under way ({role})"))
+        else:
+            lines.append(Line("ok" if active == "active" else "failed", f"service {unit}",
+                              f"{active} ({role})"))
     lines.append(Line("ok", "listening", ports(ss_out) or "nothing"))
 
     if maintenance.strip().isdigit():

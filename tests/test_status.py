@@ -17,15 +17,18 @@ SS = ("0.0.0.0:22\n[::]:22\n0.0.0.0:80\n127.0.0.1:5432\n[::1]:5432\n127.0.0.1:63
       "0.0.0.0:443\n")
 
 
-def answers(down=(), cert=str(NOW + 60 * DAY), dump=None, df="41% /\n", units=UNITS):
+def answers(down=(), cert=str(NOW + 60 * DAY), dump=None, df="41% /\n", units=UNITS,
+            restarting=()):
     dump = f"{NOW - 3600}.5 2500000 /opt/ratemyderp/backup/daily/x.dump" if dump is None \
         else dump
     return [
         (r"^date \+%s$", f"{NOW}\n"),
         # the instance the upstream file names first ("app UNIT STATE"), then the others
-        (r"systemctl is-active", "".join(f"{'app ' * ('@' in u)}{u} "
-                                         f"{'inactive' if u in down else 'active'}\n"
-                                         for u in units)),
+        # (and the type of systemd's job on a unit when one is under way)
+        (r"systemctl is-active", "".join(
+            f"{'app ' * ('@' in u)}{u} " + ("inactive" if u in down else
+                                             "deactivating restart" if u in restarting else
+                                             "active") + "\n" for u in units)),
         (r"ss -ltnH", SS),
         (r"readlink", f"releases/20231114-120000-abcdef123456\n{NOW - 2 * DAY}\n"),
         (r"-name '\*\.dump'", dump + "\n" if dump else ""),
@@ -83,6 +86,14 @@ def test_stopped_service_is_named_and_exits_1(tmp_path, capsys, monkeypatch):
     assert code == 1
     assert "failed       service celerybeat.service: inactive (Celery beat)" in out
     assert "UNHEALTHY, 1 problem:\n  service celerybeat.service: inactive" in out
+
+
+def test_a_restart_under_way_is_a_warning_not_a_failure(tmp_path, capsys, monkeypatch):
+    """Right after a deploy, which queues Celery's restart and does not wait for it."""
+    code, out, _ = run_status(tmp_path, capsys, monkeypatch, restarting=["celery.service"])
+    assert code == 0, out
+    assert "warning      service celery.service: deactivating: systemd's restart job is under " \
+           "way (Celery worker)" in out
 
 
 def test_the_instance_that_serves_is_the_one_checked(tmp_path, capsys, monkeypatch):

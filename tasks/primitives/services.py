@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from .engine import PENDING_DIR, Change, Ok, Resource, host_notified, q
 
+# systemd's jobs that leave a unit running when done
+STARTING_JOBS = ("start", "restart", "try-restart", "reload-or-start")
+
 
 class Service(Resource):
     """A systemd unit, ``enabled`` at boot and ``running`` (or not).
@@ -57,7 +60,7 @@ class Service(Resource):
             cmds.append(f"systemctl disable -- {u}")
             done.append("disabled")
         active = props.get("ActiveState") == "active"
-        starting = props.get("job") in ("start", "restart", "try-restart", "reload-or-start")
+        starting = props.get("job") in STARTING_JOBS
         if self.running and not active and not starting:
             cmds.append(f"systemctl start -- {u}")
             done.append("started")
