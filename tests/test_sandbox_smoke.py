@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,10 @@ def test_up_reboot_crash_down():
         assert "127.0.0.1\tlocalhost" in ssh("cat /etc/hosts")
         # The proxy answers on the host end; nothing else is reachable from the target.
         ssh(f"python3 -c 'import socket; socket.create_connection((\"{info.host_ip}\", 8888), 5)'")
+        # and it asks the resolver again after 1 s, not glibc's 5 s
+        [proxy] = box._proxy_pids()
+        environ = Path(f"/proc/{proxy}/environ").read_bytes().split(b"\0")
+        assert b"RES_OPTIONS=timeout:1 attempts:5" in environ
         assert ssh("ip route").split()[0] != "default"
 
         # A reboot keeps the disk; up() on a running sandbox reuses it.
