@@ -80,10 +80,12 @@ class LiveInstance(Resource):
 
     def probe(self) -> str:
         layout, app = self.s.layout, q(self.s.app)
+        # is-enabled reads the links on disk: the switch changes them without a daemon-reload,
+        # so systemd's own UnitFileState may be older (files/app-instance.sh.j2)
         return (f"test -d {q(layout.current)} && echo release=yes\n" + live_color(self.s)
                 + 'if [ "$c" != legacy ]; then\n    echo "color=$c"\n'
-                f"    systemctl show -p UnitFileState -p ActiveState -p NeedDaemonReload "
-                f"-- {app}@\"$c\".service\n"
+                f"    systemctl show -p ActiveState -p NeedDaemonReload -- {app}@\"$c\".service\n"
+                f"    echo \"UnitFileState=$(systemctl is-enabled -- {app}@\"$c\".service)\"\n"
                 f"fi\n[ -e {PENDING_DIR}/{q(self.marker)} ] && echo pending=yes; true")
 
     def plan(self, state, host):
@@ -103,7 +105,7 @@ class LiveInstance(Resource):
             return Change(f"{props['color']}: started", f"{reload}systemctl enable --now -- "
                           f"{unit}")
         if props.get("UnitFileState") != "enabled":
-            return Change(f"{props['color']}: enabled", f"systemctl enable -- {unit}")
+            return Change(f"{props['color']}: enabled", f"systemctl enable --no-reload -- {unit}")
         return Ok(f"{props['color']} serves: enabled, running")
 
 

@@ -97,6 +97,17 @@ def test_redeploy_of_the_same_commit_changes_nothing(target, deployed):
     assert changed_count(again.stdout) == 0, again.stdout
 
 
+def test_provision_right_after_a_deploy_changes_nothing(target, deployed, app_repo):
+    """Twice, so that each instance has been switched to: the switch enables and disables
+    them on disk only (no daemon-reload, so systemd's own UnitFileState is older), and
+    Celery's restart, which the deploy queued, is still under way."""
+    for n in range(2):
+        commit(app_repo, f"provision after deploy {n}", {"example/demo/static/demo/p.txt": str(n)})
+        target.fab("deploy")
+        res = target.fab("provision")
+        assert changed_count(res.stdout) == 0, res.stdout
+
+
 def test_deploy_check_changes_nothing_on_the_host(target, deployed, app_repo):
     """--check of a new commit: says what it would deploy; the host's fingerprint is the same."""
     commit(app_repo, "a release only checked", {"example/demo/static/demo/checked.txt": "1"})
