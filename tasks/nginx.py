@@ -111,8 +111,10 @@ class Site(Resource):
 def live_color(s) -> str:
     """The first lines of a shell program that needs to know which gunicorn instance serves:
     ``live_color`` (files/live-color.sh.j2) defined and its answer in ``$c`` (a color, or
-    ``legacy`` when the upstream file names none)."""
-    return render("live-color.sh.j2", s) + "c=$(live_color)\n"
+    ``legacy`` when the upstream file names none). Without the file's comments: a probe
+    carries no prose (and a peer of the bench that wraps it in its own quoting no quote)."""
+    return "".join(line for line in render("live-color.sh.j2", s).splitlines(keepends=True)
+                   if not line.lstrip().startswith("#")) + "c=$(live_color)\n"
 
 
 class Upstream(Resource):
