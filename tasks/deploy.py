@@ -80,8 +80,8 @@ class LiveInstance(Resource):
 
     def probe(self) -> str:
         layout, app = self.s.layout, q(self.s.app)
-        # is-enabled reads the links on disk: the switch changes them without a daemon-reload,
-        # so systemd's own UnitFileState may be older (files/app-instance.sh.j2)
+        # is-enabled reads the links on disk (systemd's own UnitFileState is as of its last
+        # daemon-reload)
         return (f"test -d {q(layout.current)} && echo release=yes\n" + live_color(self.s)
                 + 'if [ "$c" != legacy ]; then\n    echo "color=$c"\n'
                 f"    systemctl show -p ActiveState -p NeedDaemonReload -- {app}@\"$c\".service\n"
@@ -105,7 +105,7 @@ class LiveInstance(Resource):
             return Change(f"{props['color']}: started", f"{reload}systemctl enable --now -- "
                           f"{unit}")
         if props.get("UnitFileState") != "enabled":
-            return Change(f"{props['color']}: enabled", f"systemctl enable --no-reload -- {unit}")
+            return Change(f"{props['color']}: enabled", f"systemctl enable -- {unit}")
         return Ok(f"{props['color']} serves: enabled, running")
 
 

@@ -383,7 +383,7 @@ def test_the_switch_moves_both_links_and_keeps_a_shared_virtualenv_as_the_legacy
     assert os.readlink(root / "app") == "releases/r1"
     assert os.readlink(root / "venv") == f"{root}/venvs/legacy"
     assert f"server unix:{root}/run/green/gunicorn.sock;" in upstream.read_text()
-    assert "disable --now --no-block --no-reload --quiet -- ratemyderp@blue.service" in (
+    assert "disable --now --no-block --quiet -- ratemyderp@blue.service" in (
         root / "systemctl.log").read_text()
     assert start_and_switch(settings, root, "r2") == "blue"
     assert os.readlink(root / "venv") == f"{root}/venvs/0123456789abcdef"
