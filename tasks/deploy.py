@@ -80,12 +80,10 @@ class LiveInstance(Resource):
 
     def probe(self) -> str:
         layout, app = self.s.layout, q(self.s.app)
-        # is-enabled reads the links on disk (systemd's own UnitFileState is as of its last
-        # daemon-reload)
         return (f"test -d {q(layout.current)} && echo release=yes\n" + live_color(self.s)
                 + 'if [ "$c" != legacy ]; then\n    echo "color=$c"\n'
-                f"    systemctl show -p ActiveState -p NeedDaemonReload -- {app}@\"$c\".service\n"
-                f"    echo \"UnitFileState=$(systemctl is-enabled -- {app}@\"$c\".service)\"\n"
+                f"    systemctl show -p UnitFileState -p ActiveState -p NeedDaemonReload "
+                f"-- {app}@\"$c\".service\n"
                 f"fi\n[ -e {PENDING_DIR}/{q(self.marker)} ] && echo pending=yes; true")
 
     def plan(self, state, host):
