@@ -108,10 +108,13 @@ class LiveInstance(Resource):
 
 
 def app_resources(h) -> list:
-    """gunicorn's unit (two instances, blue and green) and the one that serves."""
+    """gunicorn's unit (two instances, blue and green), its configuration and the instance
+    that serves."""
     s = h.settings
     return [
         File(f"/etc/systemd/system/{s.app}@.service", render("gunicorn.service.j2", s),
+             notify=[f"{s.app}:restart"]),
+        File(s.layout.gunicorn_conf, render("gunicorn.conf.py.j2", s), group=s.app, mode=0o640,
              notify=[f"{s.app}:restart"]),
         LiveInstance(s),
     ]

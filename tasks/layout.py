@@ -20,7 +20,8 @@ files/ gets as ``layout``::
                               the release's copy of its static files' manifest
         conf/                 conf: root:APP 0750; conf/APP.conf is env_file, conf/pgpass
                               pgpass (root's, for the app's database role), conf/deploy_key
-                              deploy_key and conf/git-credentials git_credentials (DEPLOY_REPO's)
+                              deploy_key and conf/git-credentials git_credentials (DEPLOY_REPO's),
+                              conf/gunicorn.conf.py gunicorn_conf (gunicorn's instances')
         backup/               backup: the dumps; backup/media/ media_snapshots
     /var/opt/APP/             home: the app user's home; static/ and media/ below it
                               (static/: the app's, collectstatic runs as its user)
@@ -64,6 +65,7 @@ class Layout:
     legacy_venv: str
     conf: str
     env_file: str
+    gunicorn_conf: str
     pgpass: str
     deploy_key: str
     git_credentials: str
@@ -92,7 +94,8 @@ class Layout:
         return cls(app=app, code=code, current=f"{code}/app", releases=f"{code}/releases",
                    instances=f"{code}/instances", repo=f"{code}/repo.git", venv=f"{code}/venv",
                    venvs=f"{code}/venvs", legacy_venv=f"{code}/venvs/legacy", conf=conf,
-                   env_file=f"{conf}/{app}.conf", pgpass=f"{conf}/pgpass",
+                   env_file=f"{conf}/{app}.conf", gunicorn_conf=f"{conf}/gunicorn.conf.py",
+                   pgpass=f"{conf}/pgpass",
                    deploy_key=f"{conf}/deploy_key", git_credentials=f"{conf}/git-credentials",
                    backup=backup, media_snapshots=f"{backup}/media", home=home,
                    static=f"{home}/static", media=f"{home}/media", logs=f"/var/log/{app}",

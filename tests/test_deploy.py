@@ -376,15 +376,18 @@ def test_the_switch_moves_both_links_and_keeps_a_shared_virtualenv_as_the_legacy
     assert (root / "venvs/legacy/pyvenv.cfg").read_text() == "version = 3.11.2\n"
     log = (root / "systemctl.log").read_text()
     assert "start -- ratemyderp@blue.service" in log
-    assert "disable --now --quiet -- ratemyderp.socket ratemyderp.service" in log
+    assert ("enable --no-reload --quiet -- ratemyderp@blue.service\n"
+            "disable --now --no-reload --quiet -- ratemyderp.socket ratemyderp.service\n"
+            "daemon-reload\n") in log
     # rollback to a release of the shared virtualenv, in the other instance
     assert start_and_switch(settings, root, "r1") == "green"
     assert os.readlink(root / "releases/r1/.fabstack-venv") == f"{root}/venvs/legacy"
     assert os.readlink(root / "app") == "releases/r1"
     assert os.readlink(root / "venv") == f"{root}/venvs/legacy"
     assert f"server unix:{root}/run/green/gunicorn.sock;" in upstream.read_text()
-    assert "disable --now --no-block --quiet -- ratemyderp@blue.service" in (
-        root / "systemctl.log").read_text()
+    assert ("enable --no-reload --quiet -- ratemyderp@green.service\n"
+            "disable --no-reload --quiet -- ratemyderp@blue.service\ndaemon-reload\n"
+            "stop --no-block -- ratemyderp@blue.service\n") in (root / "systemctl.log").read_text()
     assert start_and_switch(settings, root, "r2") == "blue"
     assert os.readlink(root / "venv") == f"{root}/venvs/0123456789abcdef"
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
@@ -497,3 +500,71 @@ def test_an_upload_that_does_not_unpack_leaves_neither_it_nor_the_release(settin
     res = subprocess.run(["sh", "-s"], input=program, capture_output=True, text=True)
     assert res.returncode == 1, res.stderr
     assert not upload.exists() and list((tmp_path / "releases").iterdir()) == []
+
+
+class FakeWorker:
+    """What gunicorn.conf.py.j2's post_worker_init uses of a gunicorn worker."""
+
+    def __init__(self, app):
+        self.wsgi, self.lines = app, []
+        self.log = self
+
+    def info(self, message, *args):
+        self.lines.append(message % args)
+
+    def exception(self, message, *args):
+        self.lines.append("error: " + message % args)
+
+
+def gunicorn_conf(settings, tmp_path, monkeypatch, release_conf: str = "") -> dict:
+    """The configuration gunicorn reads (files/gunicorn.conf.py.j2) run as gunicorn runs it,
+    in a release's folder with ``release_conf`` as its own gunicorn.conf.py."""
+    from tasks.primitives import render
+
+    monkeypatch.chdir(tmp_path)
+    if release_conf:
+        (tmp_path / "gunicorn.conf.py").write_text(release_conf)
+    conf = {"__file__": "gunicorn.conf.py"}
+    exec(compile(render("gunicorn.conf.py.j2", settings), "gunicorn.conf.py", "exec"), conf)
+    return conf
+
+
+def test_each_gunicorn_worker_answers_the_health_path_once_before_its_first_request(
+        settings, tmp_path, monkeypatch):
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(environ)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    conf = gunicorn_conf(settings, tmp_path, monkeypatch,
+                         "workers = 7\ndef post_worker_init(worker):\n"
+                         "    worker.lines.append('release hook')\n")
+    worker = FakeWorker(app)
+    conf["post_worker_init"](worker)
+    assert conf["workers"] == 7  # the release's own configuration is read too
+    assert conf["preload_app"] is True
+    assert conf["control_socket_disable"] is True
+    assert worker.lines == ["release hook", "warm-up: /health/ answered 200 OK"]
+    [environ] = seen
+    assert (environ["REQUEST_METHOD"], environ["PATH_INFO"], environ["HTTP_HOST"]) == (
+        "GET", settings["HEALTH_PATH"], settings["DOMAIN"])
+    assert environ["HTTP_X_FORWARDED_PROTO"] == "https"
+
+
+def test_a_warm_up_that_fails_is_logged_and_the_worker_serves_on(settings, tmp_path,
+                                                                 monkeypatch):
+    def app(environ, start_response):
+        raise RuntimeError("database down")
+
+    conf = gunicorn_conf(settings, tmp_path, monkeypatch)
+    worker = FakeWorker(app)
+    conf["post_worker_init"](worker)  # no exception: gunicorn would stop the worker
+    assert worker.lines == ["error: warm-up: /health/ failed"]
+
+
+def test_a_release_may_keep_its_app_from_being_imported_before_the_fork(settings, tmp_path,
+                                                                        monkeypatch):
+    conf = gunicorn_conf(settings, tmp_path, monkeypatch, "preload_app = False\n")
+    assert conf["preload_app"] is False

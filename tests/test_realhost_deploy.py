@@ -132,6 +132,14 @@ def test_new_release_under_load_drops_no_request(target, deployed, app_repo):
           f"worst {load.worst * 1000:.0f} ms")
     assert load.sent > 20 and load.failed == [], (load.failed[:5], res.stdout)
     assert "requirements: unchanged" in res.stdout
+    # every worker of the instance that serves answered HEALTH_PATH itself before its first
+    # request (files/gunicorn.conf.py.j2)
+    unit = live_unit(target)
+    workers = target.sh(f"pgrep -P $(systemctl show -p MainPID --value {unit})").stdout.split()
+    assert len(workers) == 3, workers  # GUNICORN_WORKERS
+    log = target.sh(f"cat /var/log/{APP}/gunicorn.log").stdout
+    for pid in workers:
+        assert f"[{pid}] [INFO] warm-up: /health/ answered 200 OK" in log, (pid, log[-2000:])
 
 
 def venv_fingerprint(target, venv: str) -> str:
