@@ -18,7 +18,8 @@ noop    A converged sandbox: RUNS rounds, each timing one whole no-op converge o
         units.
 deploy  On the same host, each under a steady request stream through NGINX (RATE per second,
         from a second process at niceness -10, as a client on another machine would not wait
-        for this machine's fab): DEPLOYS new commits of the example app with the same
+        for this machine's fab; from a second before the command to a second after it, the
+        latencies counted from the command's start): DEPLOYS new commits of the example app with the same
         requirements, REQ_DEPLOYS new commits that each add one requirement (a new virtualenv:
         six, then idna, then pyparsing...), and ROLLBACKS rollbacks; for each kind how long fab
         took and its SSH round trips, and over all of them the requests sent, failed, the
@@ -328,17 +329,23 @@ def noop(target: Target) -> dict:
     return result
 
 
-def load_stream(ip: str, rate: float, stop, out) -> None:
-    """In a second process: requests at ``rate`` per second until ``stop`` is set.
+def load_stream(ip: str, rate: float, measure, stop, out) -> None:
+    """In a second process: requests at ``rate`` per second until ``stop`` is set; their
+    latencies from the moment ``measure`` is set (the stream's first requests, a new process's
+    first connections, are not the site's), every request counted as sent or failed.
 
     The process runs at niceness -10: the client of a real site is another machine, so the
     time this one's fab (Python) takes from it is not the site's latency."""
     os.nice(-10 - os.nice(0))
     with Load(ip, interval=1 / rate) as load:
+        measure.wait()
+        first = len(load.latencies)
         stop.wait()
-    out.put({"sent": load.sent, "failed": len(load.failed), "worst": load.worst,
-             "median": statistics.median(load.latencies) if load.latencies else 0.0,
-             "latencies": load.latencies, "errors": [str(e) for e in load.failed[:5]]})
+    latencies = load.latencies[first:]
+    out.put({"sent": load.sent, "failed": len(load.failed),
+             "worst": max(latencies, default=0.0),
+             "median": statistics.median(latencies) if latencies else 0.0,
+             "latencies": latencies, "errors": [str(e) for e in load.failed[:5]]})
 
 
 def p99(latencies: list[float]) -> float:
@@ -348,11 +355,14 @@ def p99(latencies: list[float]) -> float:
 
 def under_stream(ip: str, action: Callable[[], tuple[float, str]] | None,
                  seconds: float = 0.0) -> dict:
-    """``action`` (or ``seconds`` of nothing) under the request stream: its figures."""
-    stop, out = multiprocessing.Event(), multiprocessing.Queue()
-    stream = multiprocessing.Process(target=load_stream, args=(ip, RATE, stop, out))
+    """``action`` (or ``seconds`` of nothing) under the request stream, which starts a second
+    before and ends a second after it: its figures (latencies from the action's start on)."""
+    measure, stop, out = (multiprocessing.Event(), multiprocessing.Event(),
+                          multiprocessing.Queue())
+    stream = multiprocessing.Process(target=load_stream, args=(ip, RATE, measure, stop, out))
     stream.start()
     time.sleep(1)
+    measure.set()
     wall, output = action() if action else (time.sleep(seconds), "")
     time.sleep(1)
     stop.set()
