@@ -16,16 +16,16 @@ noop    A converged sandbox: RUNS rounds, each timing one whole no-op converge o
         already current, the SSH floor (`ssh host true`), Fabric's own start-up (`fab --list`,
         no connection) and `systemd-analyze security` exposure of the app's and Celery's
         units.
-deploy  On the same host, each under a steady request stream through NGINX (RATE per second,
-        from a second process at niceness -10, as a client on another machine would not wait
-        for this machine's fab; from a second before the command to a second after it, the
-        latencies counted from the command's start): DEPLOYS new commits of the example app with the same
-        requirements, REQ_DEPLOYS new commits that each add one requirement (a new virtualenv:
-        six, then idna, then pyparsing...), and ROLLBACKS rollbacks; for each kind how long fab
-        took and its SSH round trips, and over all of them the requests sent, failed, the
-        99th percentile and the worst latency, beside the median, 99th percentile and worst
-        of QUIET seconds of the same stream with no deploy. The stream's client spends about
-        0.5 ms of CPU per request (tests/load.py), so what it measures is the site's latency.
+deploy  On the same host, each under a steady request stream through NGINX (RATE per second, from a
+        second process at niceness -10, as a client on another machine would not wait for this
+        machine's fab; from a second before the command to a second after it, the latencies counted
+        from the command's start): DEPLOYS new commits of the example app with the same
+        requirements, REQ_DEPLOYS new commits that each add one requirement (a new virtualenv: six,
+        then idna, then pyparsing...), and ROLLBACKS rollbacks; for each kind how long fab took and
+        its SSH round trips, and over all of them the requests sent, failed, the 99th percentile and
+        the worst latency, beside the median, 99th percentile and worst of QUIET seconds of the same
+        stream with no deploy. The stream's client spends about 0.5 ms of CPU per request
+        (tests/load.py), so what it measures is the site's latency.
 fresh   FRESH_RUNS times: a new sandbox, `fab provision` timed (the settings a user starts
         with); another new sandbox, the same packages installed by one `apt-get update &&
         apt-get install` (the floor: downloads and dpkg, nothing else); their ratio (target:
