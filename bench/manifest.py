@@ -113,7 +113,7 @@ def _fields(r: P.Resource, out: Path, n: int) -> dict:
         unit = f"{r.s.app}@$c.service"
         return {"type": "command", "what": r.what, "creates": None, "script": "exit 1",
                 "unless": nginx.live_color(r.s) + f"[ \"$c\" != legacy ] && systemctl "
-                          f"is-active --quiet {unit} && systemctl is-enabled --quiet {unit}"}
+                          f"is-active --quiet {unit}"}
     if isinstance(r, P.Command):
         return {"type": "command", "what": r.what, "script": r.script, "creates": r.creates,
                 "unless": r.unless}

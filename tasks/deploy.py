@@ -29,13 +29,26 @@ from fabric import task
 
 from .executor import every_host
 from .host import StepFailed, converging_task, session
+from .layout import GENERATORS
 from .nginx import CHECKER, live_color
-from .primitives import PENDING_DIR, Change, File, Ok, Resource, ensure, q, render
+from .primitives import (
+    PENDING_DIR,
+    Change,
+    Command,
+    Directory,
+    File,
+    Ok,
+    Resource,
+    ensure,
+    q,
+    render,
+)
 from .primitives.engine import host_notified
 from .python import interpreter
 from .scripts import script
 from .settings import is_remote
 
+WANTS = "/etc/systemd/system/multi-user.target.wants"  # where `systemctl enable` links units
 BOOT_MARK = "@@fabstack-boot-check@@"  # files/deploy-release.sh.j2 prints it after pip
 
 
@@ -68,10 +81,11 @@ def resolve_local(repo: str, ref: str, subdir: str) -> Source:
 # -- provisioning: gunicorn's units ------------------------------------------------------
 
 class LiveInstance(Resource):
-    """The gunicorn instance that serves (the one the upstream file names), enabled and
-    running once a release is deployed. A change of gunicorn's unit restarts it the way a
-    deploy switches (files/app-restart.sh.j2): the release started in the other instance,
-    checked there, then given the requests.
+    """The gunicorn instance that serves (the one the upstream file names) running once a
+    release is deployed; at boot the generator (files/gunicorn-generator.sh.j2) starts it, so
+    no instance is enabled. A change of gunicorn's unit
+    restarts it the way a deploy switches (files/app-restart.sh.j2): the release started in
+    the other instance, checked there, then given the requests.
     """
 
     def __init__(self, s):
@@ -82,8 +96,7 @@ class LiveInstance(Resource):
         layout, app = self.s.layout, q(self.s.app)
         return (f"test -d {q(layout.current)} && echo release=yes\n" + live_color(self.s)
                 + 'if [ "$c" != legacy ]; then\n    echo "color=$c"\n'
-                f"    systemctl show -p UnitFileState -p ActiveState -p NeedDaemonReload "
-                f"-- {app}@\"$c\".service\n"
+                f"    systemctl show -p ActiveState -p NeedDaemonReload -- {app}@\"$c\".service\n"
                 f"fi\n[ -e {PENDING_DIR}/{q(self.marker)} ] && echo pending=yes; true")
 
     def plan(self, state, host):
@@ -100,22 +113,25 @@ class LiveInstance(Resource):
                           "changed): the release started in the other instance, checked, "
                           "then given the requests", restart_app(self.s))
         if props.get("ActiveState") != "active":
-            return Change(f"{props['color']}: started", f"{reload}systemctl enable --now -- "
-                          f"{unit}")
-        if props.get("UnitFileState") != "enabled":
-            return Change(f"{props['color']}: enabled", f"systemctl enable -- {unit}")
-        return Ok(f"{props['color']} serves: enabled, running")
+            return Change(f"{props['color']}: started", f"{reload}systemctl start -- {unit}")
+        return Ok(f"{props['color']} serves: running (the one that starts at boot)")
 
 
 def app_resources(h) -> list:
-    """gunicorn's unit (two instances, blue and green), its configuration and the instance
-    that serves."""
+    """gunicorn's unit (two instances, blue and green), its configuration, the generator that
+    starts the one that serves at boot, and that instance."""
     s = h.settings
     return [
         File(f"/etc/systemd/system/{s.app}@.service", render("gunicorn.service.j2", s),
              notify=[f"{s.app}:restart"]),
         File(s.layout.gunicorn_conf, render("gunicorn.conf.py.j2", s), group=s.app, mode=0o640,
              notify=[f"{s.app}:restart"]),
+        Directory(GENERATORS),
+        File(s.layout.boot_generator, render("gunicorn-generator.sh.j2", s), mode=0o755),
+        # a host of before: its instances enabled, one after the other, by the switches
+        Command("enabled gunicorn instances", f"rm -f -- {WANTS}/{s.app}@*.service\n"
+                "systemctl daemon-reload", unless=f"! ls -d {WANTS}/{s.app}@*.service",
+                message=f"removed: {s.layout.boot_generator} starts the instance that serves"),
         LiveInstance(s),
     ]
 
@@ -131,6 +147,7 @@ def prerequisites(s) -> dict[str, str]:
                 "the interpreter of PYTHON_VERSION, which builds the release's virtualenv",
             s.layout.env_file: "the app's environment file",
             f"/etc/systemd/system/{s.app}@.service": "gunicorn's unit",
+            s.layout.boot_generator: "the generator that starts gunicorn's instance at boot",
             s.layout.upstream: "NGINX's upstream file",
             site_path(s): "the NGINX site",
             s.layout.backup_script: "the backup script"}

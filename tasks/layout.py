@@ -30,6 +30,7 @@ files/ gets as ``layout``::
     /run/APP/COLOR/gunicorn.sock        app_socket(COLOR): instance COLOR's socket (run: /run/APP)
     /etc/nginx/conf.d/fabstack-APP-upstream.conf  upstream: NGINX's upstream APP_live, the
                                         instance that serves
+    /etc/systemd/system-generators/fabstack-APP  boot_generator: the one that starts at boot
     /var/www/fabstack-maintenance/APP/  maintenance: the maintenance page while it is on
     /var/lib/backups                    backups_home (the backups account's, its .pgpass)
     /run/celery, /var/log/celery, /var/lib/celery  celery_run, celery_logs, celery_home
@@ -46,6 +47,7 @@ CELERY_HOME = "/var/lib/celery"
 BACKUPS_HOME = "/var/lib/backups"  # the backups account's, whatever the app
 RELEASE_VENV = ".fabstack-venv"  # in a release: the link to its virtualenv in venvs/
 COLORS = ("blue", "green")  # gunicorn's two instances
+GENERATORS = "/etc/systemd/system-generators"  # systemd's, for the local administrator
 # in a release: the manifest (staticfiles.json) its collectstatic wrote in the static folder
 RELEASE_MANIFEST = ".fabstack-staticfiles.json"
 
@@ -79,6 +81,7 @@ class Layout:
     maintenance: str
     run: str
     upstream: str
+    boot_generator: str
     celery_run: str = CELERY_RUN
     celery_logs: str = CELERY_LOGS
     celery_home: str = CELERY_HOME
@@ -101,7 +104,8 @@ class Layout:
                    static=f"{home}/static", media=f"{home}/media", logs=f"/var/log/{app}",
                    backup_script=f"/usr/local/sbin/{app}-backup",
                    maintenance=f"/var/www/fabstack-maintenance/{app}", run=f"/run/{app}",
-                   upstream=f"/etc/nginx/conf.d/fabstack-{app}-upstream.conf")
+                   upstream=f"/etc/nginx/conf.d/fabstack-{app}-upstream.conf",
+                   boot_generator=f"{GENERATORS}/fabstack-{app}")
 
     def release(self, release_id: str) -> str:
         """The folder of release ``release_id``."""

@@ -7,6 +7,7 @@ import pytest
 
 from tasks import deploy
 from tasks.host import Result, StepFailed
+from tasks.primitives import render
 from tasks.scripts import script
 
 RELEASE = "20261127000000-abcdef123456"
@@ -344,6 +345,27 @@ def release_with(root, name: str, venv: str | None):
         (release / ".fabstack-venv").symlink_to(root / "venvs" / venv)
 
 
+def boots(settings, root) -> str:
+    """The instance files/gunicorn-generator.sh.j2 has multi-user.target want ("" none)."""
+    import shutil
+
+    generated = root / "generator"
+    shutil.rmtree(generated, ignore_errors=True)
+    generated.mkdir()
+    run_here(render("gunicorn-generator.sh.j2", settings), root, str(generated))
+    wants = generated / "multi-user.target.wants"
+    links = list(wants.iterdir()) if wants.exists() else []
+    assert all(link.readlink() == root / "ratemyderp@.service" for link in links), links
+    return " ".join(link.name for link in links)
+
+
+def test_the_generator_wants_no_instance_before_the_first_release(settings, tmp_path):
+    (tmp_path / "nginx/conf.d").mkdir(parents=True)
+    (tmp_path / "nginx/conf.d/fabstack-ratemyderp-upstream.conf").write_text(
+        render("nginx-upstream.conf.j2", settings, color="blue"))
+    assert boots(settings, tmp_path) == ""  # names blue, which runs no release yet
+
+
 def start_and_switch(settings, root, release: str) -> str:
     """deploy-start.sh.j2, then deploy-switch.sh.j2 for ``release``; the instance's color."""
     from tasks.deploy import _instance_script
@@ -376,18 +398,20 @@ def test_the_switch_moves_both_links_and_keeps_a_shared_virtualenv_as_the_legacy
     assert (root / "venvs/legacy/pyvenv.cfg").read_text() == "version = 3.11.2\n"
     log = (root / "systemctl.log").read_text()
     assert "start -- ratemyderp@blue.service" in log
-    assert ("enable --no-reload --quiet -- ratemyderp@blue.service\n"
-            "disable --now --no-reload --quiet -- ratemyderp.socket ratemyderp.service\n"
-            "daemon-reload\n") in log
+    assert log.endswith("reload nginx.service\n"
+                        "disable --now --quiet -- ratemyderp.socket ratemyderp.service\n"
+                        "daemon-reload\n"), log
+    assert boots(settings, root) == "ratemyderp@blue.service"
     # rollback to a release of the shared virtualenv, in the other instance
     assert start_and_switch(settings, root, "r1") == "green"
     assert os.readlink(root / "releases/r1/.fabstack-venv") == f"{root}/venvs/legacy"
     assert os.readlink(root / "app") == "releases/r1"
     assert os.readlink(root / "venv") == f"{root}/venvs/legacy"
     assert f"server unix:{root}/run/green/gunicorn.sock;" in upstream.read_text()
-    assert ("enable --no-reload --quiet -- ratemyderp@green.service\n"
-            "disable --no-reload --quiet -- ratemyderp@blue.service\ndaemon-reload\n"
-            "stop --no-block -- ratemyderp@blue.service\n") in (root / "systemctl.log").read_text()
+    # the instance that served is told to stop, and that is all the switch asks of systemd
+    log = (root / "systemctl.log").read_text()
+    assert log.endswith("reload nginx.service\nstop --no-block -- ratemyderp@blue.service\n"), log
+    assert boots(settings, root) == "ratemyderp@green.service"
     assert start_and_switch(settings, root, "r2") == "blue"
     assert os.readlink(root / "venv") == f"{root}/venvs/0123456789abcdef"
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []

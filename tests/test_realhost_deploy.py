@@ -109,6 +109,19 @@ def test_provision_right_after_a_deploy_changes_nothing(target, deployed, app_re
         assert changed_count(res.stdout) == 0, res.stdout
 
 
+def test_provision_removes_the_instance_links_of_before(target, deployed):
+    """A host of a fabstack that enabled the serving instance at each switch: the generator
+    starts it now, and provision takes the links away (once)."""
+    wants = "/etc/systemd/system/multi-user.target.wants"
+    target.sh(f"ln -s /etc/systemd/system/{APP}@.service {wants}/{APP}@blue.service && "
+              f"ln -s /etc/systemd/system/{APP}@.service {wants}/{APP}@green.service && "
+              "systemctl daemon-reload")
+    res = target.fab("provision")
+    assert "changed      enabled gunicorn instances: removed" in res.stdout, res.stdout
+    assert target.sh(f"ls {wants}").stdout.count(f"{APP}@") == 0
+    assert changed_count(target.fab("provision").stdout) == 0
+
+
 def test_deploy_check_changes_nothing_on_the_host(target, deployed, app_repo):
     """--check of a new commit: says what it would deploy; the host's fingerprint is the same."""
     commit(app_repo, "a release only checked", {"example/demo/static/demo/checked.txt": "1"})
@@ -317,6 +330,12 @@ def test_everything_comes_back_after_a_reboot(target, deployed, sandbox):
             time.sleep(2)
     status = target.fab("status", check=False)
     assert status.returncode == 0, status.stdout
+    # the generator started the instance the upstream file names, and only that one
+    live = live_unit(target)
+    other = live.replace("@blue", "@green") if "@blue" in live else live.replace("@green",
+                                                                                 "@blue")
+    assert target.sh(f"systemctl is-active {live}").stdout.strip() == "active"
+    assert target.sh(f"systemctl is-active {other}", check=False).stdout.strip() == "inactive"
     before = heartbeats(target, release)
     deadline = time.monotonic() + 60
     while heartbeats(target, release) == before:
