@@ -67,18 +67,17 @@ def test_units_read_both_environment_files_and_run_the_release(name):
     assert service["Nice"] == ["5"]  # the site's requests first
 
 
-def test_worker_unit_is_the_forking_celery_multi_unit():
+def test_worker_unit_runs_the_worker_in_the_foreground():
     service = unit_sections(rendered("celery.service.j2"))["Service"]
-    assert service["Type"] == ["forking"]
-    [start], [reload] = service["ExecStart"], service["ExecReload"]
-    assert re.fullmatch(r"/bin/sh -c '\$\{CELERY_BIN\} -A \$CELERY_APP multi start "
-                        r"\$CELERYD_NODES +--pidfile=\$\{CELERYD_PID_FILE\} +"
-                        r"--logfile=\$\{CELERYD_LOG_FILE\} +--loglevel=\"\$\{CELERYD_LOG_LEVEL\}\""
-                        r" \$CELERYD_OPTS'", start), start
+    assert service["Type"] == ["simple"] and "PIDFile" not in service
+    [start] = service["ExecStart"]
+    assert " ".join(start.split()) == (
+        "/bin/sh -c 'exec ${CELERY_BIN} -A ${CELERY_APP} worker --hostname=${CELERYD_NODES}@%%h "
+        "--logfile=${CELERYD_LOG_FILE} --loglevel=${CELERYD_LOG_LEVEL} ${CELERYD_OPTS}'"), start
     # a stop is SIGTERM to the worker alone: Celery's warm shutdown (no `multi stopwait`, which
     # polls every 2 s)
     assert "ExecStop" not in service and service["KillMode"] == ["mixed"]
-    assert " multi restart $CELERYD_NODES " in reload
+    assert "ExecReload" not in service
     assert service["TimeoutStopSec"] == ["330"]  # the task time limit, and some
 
 
@@ -112,7 +111,7 @@ def test_sandboxing_leaves_writable_exactly_what_celery_writes(name):
     writable = set(service["ReadWritePaths"][0].split())
     conf = parse_env_file(rendered("celery.conf.j2"))
     written = {posixpath.dirname(conf[k]) for k in (
-        "CELERYD_PID_FILE", "CELERYD_LOG_FILE", "CELERYBEAT_PID_FILE", "CELERYBEAT_LOG_FILE",
+        "CELERYD_LOG_FILE", "CELERYBEAT_PID_FILE", "CELERYBEAT_LOG_FILE",
         "CELERYBEAT_SCHEDULE_FILE")}
     assert written == writable == {celery.RUN_DIR, celery.LOG_DIR, db.CELERY_HOME}
 

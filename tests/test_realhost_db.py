@@ -107,7 +107,7 @@ def test_systemd_and_the_shell_read_every_value_as_in_env(runs, target):
         assert shell.get(name) == value, name
     systemd, shell = both_views(target, CELERY_CONF)
     assert systemd["CELERYD_OPTS"] == shell["CELERYD_OPTS"] == "--time-limit=300 --concurrency=2"
-    assert systemd["CELERYD_PID_FILE"] == shell["CELERYD_PID_FILE"] == "/run/celery/%n.pid"
+    assert systemd["CELERYD_LOG_FILE"] == shell["CELERYD_LOG_FILE"] == "/var/log/celery/%n%I.log"
 
 
 def test_files_and_who_may_read_them(runs, target):

@@ -98,10 +98,10 @@ def test_redeploy_of_the_same_commit_changes_nothing(target, deployed):
 
 
 def test_provision_right_after_a_deploy_changes_nothing(target, deployed, app_repo):
-    """Twice, so that each instance has been switched to (the switch enables one and
-    disables the other), while Celery's restart, which the deploy queued, is still under way.
-    (A switch that left systemd without a daemon-reload made Debian 13's systemd call every
-    unit's files changed: provision then reloaded them.)"""
+    """Twice, so that each instance has been switched to, while Celery's restart, which the
+    deploy queued, is still under way. (A switch that enabled an instance without a
+    daemon-reload made Debian 13's systemd call every unit's files changed: provision then
+    reloaded them.)"""
     for n in range(2):
         commit(app_repo, f"provision after deploy {n}", {"example/demo/static/demo/p.txt": str(n)})
         target.fab("deploy")
