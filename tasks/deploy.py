@@ -83,9 +83,9 @@ def resolve_local(repo: str, ref: str, subdir: str) -> Source:
 class LiveInstance(Resource):
     """The gunicorn instance that serves (the one the upstream file names) running once a
     release is deployed; at boot the generator (files/gunicorn-generator.sh.j2) starts it, so
-    no instance is enabled. A change of gunicorn's unit
-    restarts it the way a deploy switches (files/app-restart.sh.j2): the release started in
-    the other instance, checked there, then given the requests.
+    no instance is enabled. A change of gunicorn's unit restarts it the way a deploy switches
+    (files/app-restart.sh.j2): the release started in the other instance, checked there, then
+    given the requests.
     """
 
     def __init__(self, s):

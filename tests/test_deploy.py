@@ -543,8 +543,6 @@ class FakeWorker:
 def gunicorn_conf(settings, tmp_path, monkeypatch, release_conf: str = "") -> dict:
     """The configuration gunicorn reads (files/gunicorn.conf.py.j2) run as gunicorn runs it,
     in a release's folder with ``release_conf`` as its own gunicorn.conf.py."""
-    from tasks.primitives import render
-
     monkeypatch.chdir(tmp_path)
     if release_conf:
         (tmp_path / "gunicorn.conf.py").write_text(release_conf)

@@ -332,8 +332,7 @@ def test_everything_comes_back_after_a_reboot(target, deployed, sandbox):
     assert status.returncode == 0, status.stdout
     # the generator started the instance the upstream file names, and only that one
     live = live_unit(target)
-    other = live.replace("@blue", "@green") if "@blue" in live else live.replace("@green",
-                                                                                 "@blue")
+    other = f"{APP}@{'green' if live == f'{APP}@blue.service' else 'blue'}.service"
     assert target.sh(f"systemctl is-active {live}").stdout.strip() == "active"
     assert target.sh(f"systemctl is-active {other}", check=False).stdout.strip() == "inactive"
     before = heartbeats(target, release)
