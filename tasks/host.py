@@ -5,10 +5,11 @@
 sudo as another user, its password, when one is needed, on the same stdin), so nothing in
 it, secrets included, appears in a process's arguments; and under coreutils ``timeout``
 (``fabstack.command_timeout``, probes ``fabstack.probe_timeout``), which stops it with
-everything it started. A run that changes the host holds its lock (:data:`LOCK_FILE`: a
-``flock`` held by a shell on an SSH channel of its own, so it goes with the connection) from
-its first command, which waits on the host until the lock is held, to its end. The host
-counts SSH round trips, masks secrets in everything it prints and collects a
+everything it started; at ``primitives.BACKGROUND_NICE`` (its SSH session's autogroup too), so
+that the site's requests come first. A run that changes the host holds its lock
+(:data:`LOCK_FILE`: a ``flock`` held by a shell on an SSH channel of its own, so it goes with
+the connection) from its first command, which waits on the host until the lock is held, to its
+end. The host counts SSH round trips, masks secrets in everything it prints and collects a
 :class:`Report`; tasks open one with :func:`session`. The interactive sessions (``db.psql``,
 ``db.redis-cli``), ``manage``'s command and ``fab logs``'s stream do not go through
 :meth:`~Host.run`: they have no timeout, and their command lines hold no secret.
@@ -50,6 +51,9 @@ LOCK_FILE = "/run/fabstack.lock"  # flock-ed by the run that holds the host; say
 # (LOCK_FILE.refused: the last run refused, so that its first command stops waiting)
 LOCK_WAIT = 10  # seconds a run waits for another to release the host lock
 LOCK_GATE_EXIT = 75  # the first command's exit status when the lock was not taken
+# Every command runs at primitives.BACKGROUND_NICE, the site's requests first; its script's
+# first line sets its SSH session's autogroup to it (tasks/primitives/templates.py).
+BACKGROUND = f"{{ echo {primitives.BACKGROUND_NICE} > /proc/self/autogroup; }} 2>/dev/null\n"
 
 
 class ChannelTimeout(TimeoutError):
@@ -251,7 +255,8 @@ class Host:
 
     def run(self, script: str, what: str = "command", check: bool = True,
             timeout: int | None = None) -> Result:
-        """Run ``script`` as root with ``/bin/sh``; raise StepFailed if it fails and ``check``.
+        """Run ``script`` as root with ``/bin/sh``, at ``primitives.BACKGROUND_NICE``; raise
+        StepFailed if it fails and ``check``.
 
         ``what`` names the step in the report, and in the error if the connection drops or
         the script outlives ``timeout`` seconds (default: the host's ``command_timeout``).
@@ -262,8 +267,9 @@ class Host:
         if first:
             self._lock = self._hold(*self._root_command("/bin/sh -s", self._lock_script()))
             script = self._lock_gate() + script
-        res = self._raw(*self._root_command(f"timeout -k {KILL_AFTER} {timeout} /bin/sh -s",
-                                            script), timeout)
+        res = self._raw(*self._root_command(
+            f"timeout -k {KILL_AFTER} {timeout} nice -n {primitives.BACKGROUND_NICE} /bin/sh -s",
+            BACKGROUND + script), timeout)
         if first:
             self._confirm_lock()
         if check and not res.ok:

@@ -237,11 +237,13 @@ while os.path.exists(sys.argv[2]):
     for pid in os.listdir("/proc"):
         try:
             args = open(f"/proc/{pid}/cmdline", "rb").read()
+            group = open(f"/proc/{pid}/autogroup").read().split()[-1]
         except OSError:
             continue
         if args and args not in seen:
             seen.add(args)
-            out.write(args.replace(b"\0", b" ").decode(errors="replace") + "\n")
+            out.write(args.replace(b"\0", b" ").decode(errors="replace")
+                      + f" [autogroup nice {group}]\n")
             out.flush()
 """
 
@@ -251,7 +253,8 @@ class ProcessSampler:
     """A context manager: the arguments of every process on the host while it is open.
 
     A transient unit polls /proc without pause; on exit it stops and is removed, and
-    ``text`` holds every distinct command line it saw.
+    ``text`` holds every distinct command line it saw, a line each, each followed by its
+    process's autogroup niceness (``[autogroup nice N]``).
     """
 
     target: "Target"

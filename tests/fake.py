@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 from tasks.db import JointPsql
-from tasks.host import PROBE_MARK, Result
+from tasks.host import BACKGROUND, PROBE_MARK, Result
 from tasks.primitives import OWNED
 
 # Host.apply's script: the change (as "set -e" and its script) in a subshell, then the probe.
@@ -67,6 +67,8 @@ class FakeConnection:
 
     def exec_script(self, command: str, script: str, wait: float = 0) -> Result:
         self.commands.append(command)
+        # the line Host.run starts every script with, the session's priority, is the host's
+        script = script.removeprefix(BACKGROUND)
         self.scripts.append(script)
         if folded := APPLY_THEN_PROBE.search(script):  # Host.apply: a change, then a probe
             script, probe = folded.groups()

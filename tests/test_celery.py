@@ -64,7 +64,10 @@ def test_units_read_both_environment_files_and_run_the_release(name):
     assert unit_sections(text)["Unit"]["ConditionPathExists"] == ["/opt/shop/app"]
     assert "ratemyderp" not in text
     assert service["Restart"] == ["always"]
-    assert service["Nice"] == ["5"]  # the site's requests first
+    # the site's requests first: the processes' niceness, and their autogroup's set by root
+    assert service["Nice"] == ["10"]
+    assert service["ExecStartPost"] == [
+        "+/bin/sh -c '{ echo 10 > /proc/$$MAINPID/autogroup; } 2>/dev/null; exit 0'"]
 
 
 def test_worker_unit_runs_the_worker_in_the_foreground():

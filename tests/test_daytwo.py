@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from tasks import logs, maintenance, manage, media, nginx, status, upgrade
-from tasks.host import Result, StepFailed
+from tasks.host import BACKGROUND, Result, StepFailed
 from tasks.primitives import Change, File, Ok, render
 
 
@@ -77,7 +77,7 @@ def test_stage_writes_variables_on_stdin_only(make_host):
                            False)
     assert "s3cr3t" not in command and "/root/.f1" in command
     lines = "DJANGO_SUPERUSER_PASSWORD='s3cr3t pw'\n"  # on the script's stdin only
-    assert scripts[-1].startswith(f"variables={shlex.quote(lines)}\n")
+    assert scripts[-1].startswith(f"{BACKGROUND}variables={shlex.quote(lines)}\n")
 
 
 def test_stage_refuses_a_host_without_a_release(make_host):

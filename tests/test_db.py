@@ -292,7 +292,8 @@ def test_fresh_host_order_secrets_and_one_redis_restart(make_host, capsys):
     conn.answers.insert(0, (r"redis-server\.service", "LoadState=loaded\nUnitFileState="
                             "enabled\nActiveState=active\npending=restart\n"))
     ensure(host, *resources)
-    assert set(conn.commands) == {"timeout -k 5 300 /bin/sh -s", "timeout -k 5 1800 /bin/sh -s"}
+    assert set(conn.commands) == {"timeout -k 5 300 nice -n 10 /bin/sh -s",
+                                 "timeout -k 5 1800 nice -n 10 /bin/sh -s"}
     applied = "\n".join(conn.applied)
     assert applied.count("systemctl restart -- redis-server.service") == 1
     assert "apt-get -q -y" in applied and "install -- postgresql redis-server" in applied

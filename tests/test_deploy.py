@@ -33,19 +33,20 @@ def boot_script(conn) -> str:
 @pytest.mark.parametrize("action, niced", [("collectstatic", True), ("migrate", False)])
 def test_building_a_release_yields_the_cpu_and_migrating_does_not(settings, tmp_path, action,
                                                                   niced):
-    """The script run by sh with a stub renice; it stops at the environment file, which is not
-    on this machine (before it changes anything)."""
+    """Every command runs at the background niceness (Host.run); a migration takes full
+    priority back. The script run by sh (in a session of its own) with a stub renice; it stops
+    at the environment file, which is not on this machine (before it changes anything)."""
     stubs, log = tmp_path / "bin", tmp_path / "log"
     stubs.mkdir()
     (stubs / "renice").write_text('#!/bin/sh\necho "renice $*" >> "$LOG"\n')
     (stubs / "renice").chmod(0o755)
     res = subprocess.run(["sh", "-s"], input=script("deploy-release.sh.j2", settings,
                                                     release=RELEASE, action=action),
-                         text=True, capture_output=True,
+                         text=True, capture_output=True, start_new_session=True,
                          env={"PATH": f"{stubs}:/usr/bin:/bin", "LOG": str(log)})
     assert "ratemyderp.conf" in res.stderr and res.returncode != 0
     calls = log.read_text().splitlines() if log.exists() else []
-    assert calls == ([f"renice -n 10 -p {calls[0].split()[-1]}"] if niced else []), calls
+    assert calls == ([] if niced else [f"renice -n 0 -p {calls[0].split()[-1]}"]), calls
 
 
 def test_the_release_must_load_before_anything_else(make_host, capsys):
@@ -408,9 +409,12 @@ def test_the_switch_moves_both_links_and_keeps_a_shared_virtualenv_as_the_legacy
     assert os.readlink(root / "app") == "releases/r1"
     assert os.readlink(root / "venv") == f"{root}/venvs/legacy"
     assert f"server unix:{root}/run/green/gunicorn.sock;" in upstream.read_text()
-    # the instance that served is told to stop, and that is all the switch asks of systemd
+    # the instance that served yields the CPU (its main process asked for its autogroup) and
+    # is told to stop, and that is all the switch asks of systemd
     log = (root / "systemctl.log").read_text()
-    assert log.endswith("reload nginx.service\nstop --no-block -- ratemyderp@blue.service\n"), log
+    assert log.endswith("reload nginx.service\n"
+                        "show -p MainPID --value -- ratemyderp@blue.service\n"
+                        "stop --no-block -- ratemyderp@blue.service\n"), log
     assert boots(settings, root) == "ratemyderp@green.service"
     assert start_and_switch(settings, root, "r2") == "blue"
     assert os.readlink(root / "venv") == f"{root}/venvs/0123456789abcdef"

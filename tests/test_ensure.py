@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from tasks.host import Host, Result, StepFailed
+from tasks.host import BACKGROUND, Host, Result, StepFailed
 from tasks.primitives import (
     Command,
     Directory,
@@ -145,7 +145,8 @@ def test_failed_change_raises_with_step_name(make_host):
 def test_scripts_go_on_stdin_never_in_the_command_line(make_host):
     host, conn = make_host([(r"-- /etc/secret ", "missing\n")])
     ensure(host, File("/etc/secret", "PASSWORD=hunter2-xyz\n", mode=0o600, secret=True))
-    assert set(conn.commands) == {"timeout -k 5 300 /bin/sh -s", "timeout -k 5 1800 /bin/sh -s"}
+    assert set(conn.commands) == {"timeout -k 5 300 nice -n 10 /bin/sh -s",
+                                 "timeout -k 5 1800 nice -n 10 /bin/sh -s"}
     assert not any("hunter2" in c for c in conn.commands)
 
 
@@ -177,7 +178,8 @@ def test_sudo_password_goes_on_stdin(settings):
     host = Host(FakeConnection(user="deploy"), settings, sudo_password="s3cret-pw",
                 executor=execute)
     host.run("echo hi")
-    assert seen[-1] == ("sudo -k -S -p '' timeout -k 5 1800 /bin/sh -s", "s3cret-pw\necho hi")
+    assert seen[-1] == ("sudo -k -S -p '' timeout -k 5 1800 nice -n 10 /bin/sh -s",
+                        f"s3cret-pw\n{BACKGROUND}echo hi")
     assert all("s3cret" not in command for command, _ in seen)
 
 

@@ -11,7 +11,7 @@ from invoke.exceptions import Exit
 
 from tasks import host as host_mod
 from tasks.host import ConnectionLost, Host, Result, StepFailed, session, ssh_exec
-from tasks.primitives import Directory, ensure
+from tasks.primitives import BACKGROUND_NICE, Directory, ensure
 from tests.conftest import VALID
 from tests.fake import FakeConnection
 
@@ -207,11 +207,25 @@ def test_every_script_runs_under_timeout_and_says_so_when_it_expires(settings):
     h = Host(FakeConnection(host="web1"), settings, executor=hang, command_timeout=600)
     with pytest.raises(StepFailed) as err:
         h.run("psql -c 'select pg_sleep(9999)'", what="row counts", timeout=1)
-    assert seen == [("timeout -k 5 1 /bin/sh -s", 1 + 5 + 30)]
+    assert seen == [("timeout -k 5 1 nice -n 10 /bin/sh -s", 1 + 5 + 30)]
     assert err.value.what == "row counts"
     assert err.value.message.startswith("timed out after 1 s on web1 (stopped with everything")
     h.run("true", check=False)
-    assert seen[-1][0] == "timeout -k 5 600 /bin/sh -s"
+    assert seen[-1][0] == "timeout -k 5 600 nice -n 10 /bin/sh -s"
+
+
+def test_every_script_first_lowers_its_sessions_cpu_priority(settings):
+    seen = []
+    h = Host(FakeConnection(), settings,
+             executor=lambda command, stdin, wait: seen.append(stdin) or Result("", "", 0))
+    h.run("echo hi")
+    assert seen == [f"{host_mod.BACKGROUND}echo hi"]
+    # as the host's sh runs it, in a session of its own (the autogroup of this test's run is
+    # not touched): quietly, and the script goes on
+    res = subprocess.run(["sh", "-s"], input=seen[0].replace("echo hi", "cat /proc/self/autogroup"),
+                         capture_output=True, text=True, start_new_session=True)
+    assert (res.returncode, res.stderr) == (0, "")
+    assert res.stdout.endswith(f" nice {BACKGROUND_NICE}\n")
 
 
 def test_a_quick_exit_124_is_the_scripts_own_failure(settings):

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tasks.primitives import BACKGROUND_NICE
 from tests.conftest import (
     MARKERS,
     SECRETS,
@@ -118,6 +119,19 @@ def test_the_audited_runs_did_their_work(secret_runs):
     samples = secret_runs["samples"]
     for command in ("/bin/sh -s", "pip install", "manage.py migrate", "pg_dump"):
         assert command in samples, f"the sampler missed {command!r}"
+
+
+def test_fabs_work_on_the_host_yields_the_cpu_to_the_services(secret_runs):
+    """What a run starts in its SSH sessions (pip, collectstatic, pg_dump) runs in an autogroup
+    at BACKGROUND_NICE, but a migration (its locks hold the app's requests); the site's
+    services (NGINX, gunicorn) stay at 0."""
+    lines = secret_runs["samples"].splitlines()
+    for command, nice in (("pip install", BACKGROUND_NICE),
+                          ("manage.py collectstatic", BACKGROUND_NICE),
+                          ("pg_dump", BACKGROUND_NICE), ("manage.py migrate", 0),
+                          ("nginx: worker process", 0), ("bin/gunicorn --chdir", 0)):
+        seen = {line.rsplit(" [", 1)[1] for line in lines if command in line}
+        assert seen == {f"autogroup nice {nice}]"}, (command, seen)
 
 
 def test_no_secret_in_process_arguments_output_or_journal(target, secret_runs):

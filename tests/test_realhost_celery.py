@@ -137,7 +137,10 @@ def test_files_directories_and_users(runs, target):
     assert "w1.log" in target.sh("ls /var/log/celery").stdout.split()
     pid = worker_pid(target)
     assert pid != "0"
-    assert target.sh(f"ps -o user=,ni= -p {pid}").stdout.split() == ["celery", "5"]
+    assert target.sh(f"ps -o user=,ni= -p {pid}").stdout.split() == ["celery", "10"]
+    beat = target.sh("systemctl show -p MainPID --value celerybeat.service").stdout.strip()
+    for p in (pid, beat):  # their autogroup too (each is a session of its own)
+        assert target.sh(f"cat /proc/{p}/autogroup").stdout.endswith(" nice 10\n")
     assert "worker" in target.sh(f"tr '\\0' ' ' < /proc/{pid}/cmdline").stdout
 
 

@@ -153,6 +153,10 @@ def test_new_release_under_load_drops_no_request(target, deployed, app_repo):
     log = target.sh(f"cat /var/log/{APP}/gunicorn.log").stdout
     for pid in workers:
         assert f"[{pid}] [INFO] warm-up: /health/ answered 200 OK" in log, (pid, log[-2000:])
+    # it warmed up at background priority, and serves at full priority (app-instance.sh.j2:
+    # instance_nice)
+    master = target.sh(f"systemctl show -p MainPID --value {unit}").stdout.strip()
+    assert target.sh(f"cat /proc/{master}/autogroup").stdout.endswith(" nice 0\n")
 
 
 def venv_fingerprint(target, venv: str) -> str:

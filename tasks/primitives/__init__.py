@@ -48,13 +48,13 @@ from .engine import (
 from .files import DIFF_LIMIT, Directory, File
 from .firewall import Firewall
 from .services import ReleaseService, Service
-from .templates import FILES_DIR, TemplateError, prerender, render
+from .templates import BACKGROUND_NICE, FILES_DIR, TemplateError, prerender, render
 from .users import Group, User
 
 __all__ = [
-    "APT_GET", "APT_STAMP", "DIFF_LIMIT", "DPKG_INTERRUPTED", "DPKG_PROBE", "DPKG_RECOVER",
-    "DPKG_RECOVERED", "FILES_DIR", "OWNED", "PENDING_DIR", "STATE_DIR", "UPGRADE_STAMP",
-    "AptUpdate", "Change",
+    "APT_GET", "APT_STAMP", "BACKGROUND_NICE", "DIFF_LIMIT", "DPKG_INTERRUPTED", "DPKG_PROBE",
+    "DPKG_RECOVER", "DPKG_RECOVERED", "FILES_DIR", "OWNED", "PENDING_DIR", "STATE_DIR",
+    "UPGRADE_STAMP", "AptUpdate", "Change",
     "Command", "Directory", "DistUpgrade", "File", "Firewall", "Group", "Note", "Ok",
     "Packages", "ReleaseService", "Resource", "Service", "TemplateError", "User",
     "apt_repository", "claim_script", "ensure", "host_notified", "one_apt_run", "prerender", "q",

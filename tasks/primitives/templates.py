@@ -62,6 +62,13 @@ def _bytecode_cache() -> _BytecodeCache | None:
         return None
 
 
+# The niceness of work that is not the site's serving (fab's commands on the host: tasks/host.py;
+# Celery's units), in templates as {{ background_nice }}. Debian's and Ubuntu's kernels group
+# processes by session ("autogroups": each SSH session and each service is one), and a group
+# weighs as much as any other whatever the niceness of its processes: so it is set on the
+# group too. Where cgroups share the CPU instead, neither changes anything.
+BACKGROUND_NICE = 10
+
 _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(str(FILES_DIR)),
                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                             autoescape=False, bytecode_cache=_bytecode_cache())
@@ -69,6 +76,7 @@ _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(str(FILES_DIR)),
 # and {{ value | q }}: one shell word, quoted
 _jinja.filters.update(env_quote=env_quote, toml_quote=toml_quote, conninfo_quote=conninfo_quote,
                       q=shlex.quote)
+_jinja.globals["background_nice"] = BACKGROUND_NICE
 
 
 def render(name: str, settings, **extra) -> str:
