@@ -146,3 +146,19 @@ def test_ansible_check_counts_handlers_beside_tasks(manifest):
     assert ansible_peer.check(handler, manifest) == 2
     with pytest.raises(ValueError, match="ok=2 for a play of 2 tasks"):
         ansible_peer.check(handler.replace("ok=3", "ok=2"), manifest)
+
+
+def test_the_worst_request_is_shown_beside_the_controls_worst():
+    """A deploy section's figures: the verdict is the issue's (the worst against 3x the
+    controls' median), with the worst of as many requests with no deploy beside it."""
+    spread = {"sent": 2500, "failed": 0, "p99": 0.012}
+    section = {"rate": 50, "date": "today", "machine": "m",
+               "during": {**spread, "median": 0.004, "worst": 0.030},
+               "quiet": {**spread, "median": 0.004, "worst": 0.016},
+               "deploy": {"median": 3.4, "min": 3.2, "max": 3.5, "round_trips": [11], "runs": 3}}
+    lines = run.targets({"deploy": section})
+    assert ("worst request during them <= 3x the median with no deploy: 30 ms vs 4.0 ms = x7.5:"
+            " NOT met (the worst of as many requests with no deploy: 16 ms = x4.0)") in lines
+    table = run.table({"deploy": section})
+    assert "| requests during them | 4.0 ms | | 30 ms | | | 2500 sent, 0 failed" in table
+    assert "| as many requests with no deploy (the controls) | 4.0 ms | | 16 ms |" in table
