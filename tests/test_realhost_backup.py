@@ -6,6 +6,9 @@ import time
 
 import pytest
 
+from tasks.primitives import BACKGROUND_NICE
+from tests.conftest import ProcessSampler
+
 APP = "ratemyderp"
 DOMAIN = "ratemyderp.test"
 BACKUP = f"/opt/{APP}/backup"
@@ -65,6 +68,19 @@ def test_layout_and_timer(target, deployed):
                     f"systemctl is-active {APP}-backup.timer").stdout.split("\n")
     assert out[:3] == ["root:backups 750", "backups:backups 750", "backups:backups 600"]
     assert out[3:6] == ["0", "enabled", "active"]
+
+
+def test_the_timers_backup_yields_the_cpu_to_the_site(target, deployed):
+    """The daily job (its unit, as the timer starts it) runs its dump at background priority,
+    its processes and their autogroup."""
+    with ProcessSampler(target) as sampler:
+        target.sh(f"systemctl start {APP}-backup.service")
+    dumps_seen = [line for line in sampler.text.splitlines() if "bin/pg_dump -Fc" in line]
+    assert dumps_seen, sampler.text
+    assert all(line.endswith(f"[autogroup nice {BACKGROUND_NICE}]") for line in dumps_seen), \
+        dumps_seen
+    assert target.sh(f"systemctl show -p Nice --value {APP}-backup.service").stdout.strip() \
+        == str(BACKGROUND_NICE)
 
 
 def test_backup_db_then_restore_gives_back_the_rows_of_its_moment(target, deployed):
