@@ -63,10 +63,11 @@ def _bytecode_cache() -> _BytecodeCache | None:
 
 
 # The niceness of work that is not the site's serving (fab's commands on the host: tasks/host.py;
-# Celery's units), in templates as {{ background_nice }}. Debian's and Ubuntu's kernels group
-# processes by session ("autogroups": each SSH session and each service is one), and a group
-# weighs as much as any other whatever the niceness of its processes: so it is set on the
-# group too. Where cgroups share the CPU instead, neither changes anything.
+# Celery's units: background-unit.j2; the daily backup: backup.py.j2; a gunicorn instance that
+# does not serve: app-instance.sh.j2), in templates as {{ background_nice }}. Debian's and
+# Ubuntu's kernels group processes by session ("autogroups": each SSH session and each service
+# is one), and a group weighs as much as any other whatever the niceness of its processes: so it
+# is set on the group too. Where cgroups share the CPU instead, neither changes anything.
 BACKGROUND_NICE = 10
 
 _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(str(FILES_DIR)),
