@@ -18,17 +18,22 @@ noop    A converged sandbox: RUNS rounds, each timing one whole no-op converge o
         units.
 deploy  On the same host, each under a steady request stream through NGINX (RATE per second, from a
         second process at niceness -10, as a client on another machine would not wait for this
-        machine's fab; from a second before the command to a second after it, the latencies counted
-        from the command's start): DEPLOYS new commits of the example app with the same
-        requirements, REQ_DEPLOYS new commits that each add one requirement (a new virtualenv: six,
-        then idna, then pyparsing...), and ROLLBACKS rollbacks; for each kind how long fab took and
-        its SSH round trips, and over all of them the requests sent, failed, the 99th percentile and
-        the worst latency. Each command is paired with a control: SETTLE seconds after it (Celery's
-        warm restart is over), the same stream for as long again with no command, so that the
-        median, 99th percentile and worst of as many requests with no deploy stand beside those
+        machine's fab; from a second before the command to TAIL seconds after it, the latencies
+        counted from the command's start to the end: what a deploy sets going on the host after fab
+        returns, the old instance's stop and Celery's warm restart, counts): DEPLOYS new commits of
+        the example app with the same requirements, REQ_DEPLOYS new commits that each add one
+        requirement (a new virtualenv: six, then idna, then pyparsing...), and ROLLBACKS rollbacks;
+        for each kind how long fab took and its SSH round trips, and over all of them the requests
+        sent, failed, the 99th percentile and the worst latency. Each command is paired with a
+        control: SETTLE seconds after it, the same stream for as long again with no command, so that
+        the median, 99th percentile and worst of as many requests with no deploy stand beside those
         figures: a worst request during deploys is judged against the machine's own spread, not
-        against a quiet sample a fifth of the size. The stream's client spends about 0.5 ms of CPU
-        per request (tests/load.py), so what it measures is the site's latency.
+        against a quiet sample a fifth of the size. Each pair starts 1.5 s after a minute's turn:
+        this machine's own agent (its PID 1, at niceness -10) takes about 40 ms of CPU at each
+        minute's turn, and a stream with no deploy at all has its worst requests then (12 to 18 ms
+        against a 4 ms median, 2026-11-30), a burst a real server does not have. The stream's client
+        spends about 0.5 ms of CPU per request (tests/load.py), so what it measures is the site's
+        latency.
 fresh   FRESH_RUNS times: a new sandbox, `fab provision` timed (the settings a user starts
         with); another new sandbox, the same packages installed by one `apt-get update &&
         apt-get install` (the floor: downloads and dpkg, nothing else); their ratio (target:
@@ -42,7 +47,7 @@ The peers come from the `bench` extra of pyproject.toml (`make bench` installs i
 go to bench/results.json (each section with its date, machine and the load average as it
 began and ended) and the README's block between its bench markers is written anew from it.
 Environment: RUNS (default 7), DEPLOYS (5), REQ_DEPLOYS (2), ROLLBACKS (2), RATE (50),
-SETTLE (5), FRESH_RUNS (5),
+TAIL (4), SETTLE (5), FRESH_RUNS (5),
 FABSTACK_BENCH_SANDBOX=NAME:SUBNET (the one sandbox the bench
 boots, default bench:10.213.48; the fresh section recreates it for each new host).
 """
@@ -87,6 +92,7 @@ DEPLOYS = int(os.environ.get("DEPLOYS", "5"))
 REQ_DEPLOYS = int(os.environ.get("REQ_DEPLOYS", "2"))
 ROLLBACKS = int(os.environ.get("ROLLBACKS", "2"))
 RATE = float(os.environ.get("RATE", "50"))
+TAIL = float(os.environ.get("TAIL", "4"))
 SETTLE = float(os.environ.get("SETTLE", "5"))
 KINDS = {"deploy": "`fab deploy` of a new commit, same requirements",
          "requirement": "`fab deploy` of a new commit adding a requirement",
@@ -111,7 +117,7 @@ NOOP_TARGET, PYINFRA_TARGET, ANSIBLE_TARGET, REDEPLOY_TARGET = 1.0, 3, 10, 5.0
 FRESH_TARGET = 1.15
 DEPLOY_TARGET, REQ_DEPLOY_TARGET, ROLLBACK_TARGET, LATENCY_TARGET = 5.0, 15.0, 2.0, 3
 # Of each section of bench/results.json: one of another format is dropped, not merged.
-FORMATS = {"noop": 2, "deploy": 5, "fresh": 3}
+FORMATS = {"noop": 2, "deploy": 6, "fresh": 3}
 
 
 # -- running things ----------------------------------------------------------------------
@@ -359,7 +365,8 @@ def p99(latencies: list[float]) -> float:
 def under_stream(ip: str, action: Callable[[], tuple[float, str]] | None,
                  seconds: float = 0.0) -> dict:
     """``action`` (or ``seconds`` of nothing) under the request stream, which starts a second
-    before and ends a second after it: its figures (latencies from the action's start on)."""
+    before it and ends TAIL seconds after it: its figures (latencies from the action's start
+    on)."""
     measure, stop, out = (multiprocessing.Event(), multiprocessing.Event(),
                           multiprocessing.Queue())
     stream = multiprocessing.Process(target=load_stream, args=(ip, RATE, measure, stop, out))
@@ -367,7 +374,7 @@ def under_stream(ip: str, action: Callable[[], tuple[float, str]] | None,
     time.sleep(1)
     measure.set()
     wall, output = action() if action else (time.sleep(seconds), "")
-    time.sleep(1)
+    time.sleep(TAIL)
     stop.set()
     figures = {**out.get(timeout=60), "wall": wall or 0.0,
                "round_trips": fab_summary(output)[3] if output else 0}
@@ -408,6 +415,7 @@ def deploy(target: Target) -> dict:
                for n in range(REQ_DEPLOYS)]
             + [("rollback", lambda: run(aside(target.fab("rollback")), target.env))] * ROLLBACKS)
     for kind, action in plan:
+        time.sleep(-(time.time() - 1.5) % 60)  # to 1.5 s past a minute's turn (the docstring)
         figures = under_stream(ip, action)
         kinds[kind].append(figures)
         time.sleep(SETTLE)
