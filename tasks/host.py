@@ -53,7 +53,7 @@ LOCK_WAIT = 10  # seconds a run waits for another to release the host lock
 LOCK_GATE_EXIT = 75  # the first command's exit status when the lock was not taken
 # Every command runs at primitives.BACKGROUND_NICE, the site's requests first; its script's
 # first line sets its SSH session's autogroup to it (tasks/primitives/templates.py).
-BACKGROUND = f"{{ echo {primitives.BACKGROUND_NICE} > /proc/self/autogroup; }} 2>/dev/null\n"
+BACKGROUND = primitives.autogroup_nice("self", primitives.BACKGROUND_NICE) + "\n"
 
 
 class ChannelTimeout(TimeoutError):

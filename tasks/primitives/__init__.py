@@ -48,7 +48,14 @@ from .engine import (
 from .files import DIFF_LIMIT, Directory, File
 from .firewall import Firewall
 from .services import ReleaseService, Service
-from .templates import BACKGROUND_NICE, FILES_DIR, TemplateError, prerender, render
+from .templates import (
+    BACKGROUND_NICE,
+    FILES_DIR,
+    TemplateError,
+    autogroup_nice,
+    prerender,
+    render,
+)
 from .users import Group, User
 
 __all__ = [
@@ -57,6 +64,6 @@ __all__ = [
     "UPGRADE_STAMP", "AptUpdate", "Change",
     "Command", "Directory", "DistUpgrade", "File", "Firewall", "Group", "Note", "Ok",
     "Packages", "ReleaseService", "Resource", "Service", "TemplateError", "User",
-    "apt_repository", "claim_script", "ensure", "host_notified", "one_apt_run", "prerender", "q",
-    "refuse_conflicts", "render",
+    "apt_repository", "autogroup_nice", "claim_script", "ensure", "host_notified", "one_apt_run",
+    "prerender", "q", "refuse_conflicts", "render",
 ]

@@ -67,8 +67,18 @@ def _bytecode_cache() -> _BytecodeCache | None:
 # does not serve: app-instance.sh.j2), in templates as {{ background_nice }}. Debian's and
 # Ubuntu's kernels group processes by session ("autogroups": each SSH session and each service
 # is one), and a group weighs as much as any other whatever the niceness of its processes: so it
-# is set on the group too. Where cgroups share the CPU instead, neither changes anything.
+# is set on the group too (autogroup_nice). Where cgroups share the CPU instead, neither changes
+# anything.
 BACKGROUND_NICE = 10
+
+
+def autogroup_nice(pid: str, nice: int | str) -> str:
+    """The shell line that sets process ``pid``'s autogroup (its session's) to niceness ``nice``
+    (both shell words: ``self``, ``"$2"``...), in templates as {{ autogroup_nice(pid, nice) }}.
+    It says nothing and fails nothing where the kernel has no autogroups, nor where it refuses
+    the change (another group's was set less than 0.1 s before, and the writer is not root)."""
+    return f"{{ echo {nice} > /proc/{pid}/autogroup; }} 2>/dev/null"
+
 
 _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(str(FILES_DIR)),
                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
@@ -77,7 +87,7 @@ _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(str(FILES_DIR)),
 # and {{ value | q }}: one shell word, quoted
 _jinja.filters.update(env_quote=env_quote, toml_quote=toml_quote, conninfo_quote=conninfo_quote,
                       q=shlex.quote)
-_jinja.globals["background_nice"] = BACKGROUND_NICE
+_jinja.globals.update(background_nice=BACKGROUND_NICE, autogroup_nice=autogroup_nice)
 
 
 def render(name: str, settings, **extra) -> str:
