@@ -237,9 +237,11 @@ while os.path.exists(sys.argv[2]):
     for pid in os.listdir("/proc"):
         try:
             args = open(f"/proc/{pid}/cmdline", "rb").read()
-            group = open(f"/proc/{pid}/autogroup").read().split()[-1]
+            group = open(f"/proc/{pid}/autogroup").read().split()
         except OSError:
             continue
+        # Empty for a process in the kernel's default group (never in a session of its own).
+        group = group[-1] if group else "none"
         if args and args not in seen:
             seen.add(args)
             out.write(args.replace(b"\0", b" ").decode(errors="replace")
@@ -267,9 +269,13 @@ class ProcessSampler:
         return self
 
     def __exit__(self, *exc) -> None:
+        health = self.target.sh("systemctl is-active -q fabstack-ps-sampler && echo alive || "
+                                "journalctl -q -o cat -u fabstack-ps-sampler | tail -20").stdout
         self.target.sh(f"rm -f {SAMPLER}.on; sleep 1; systemctl stop fabstack-ps-sampler "
-                       "2>/dev/null; true")
+                       "2>/dev/null; systemctl reset-failed fabstack-ps-sampler 2>/dev/null; true")
         self.text = self.target.sh(f"cat {SAMPLER}.out; rm -f {SAMPLER}.py {SAMPLER}.out").stdout
+        # A sampler that died early would pass every "no secret seen" check: it must have lived.
+        assert health == "alive\n", f"the process sampler died before the end:\n{health}"
 
 
 SUDO_USER, SUDO_PASSWORD = "deploy", "Pa ss$#1"
