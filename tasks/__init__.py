@@ -7,7 +7,8 @@ defaults live in the ``fabstack`` config section and can be overridden in
 - ``env_file``: the settings file to read (default ``.env``);
 - ``check``: plan only, change nothing (the same as each task's ``--check``);
 - ``command_timeout``, ``probe_timeout``: seconds a command that changes the host, or one
-  that reads its state, may run before it is stopped and its step fails (1800, 300).
+  that reads its state, may run before it is stopped and its step fails (1800, 300);
+- ``hosts``: the inventory, the hosts fab acts on without ``-H`` (tasks/inventory.py).
 """
 
 from invoke import Collection

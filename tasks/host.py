@@ -35,7 +35,7 @@ from fabric import task
 from invoke.exceptions import Exit
 from paramiko import RejectPolicy, SSHException
 
-from . import primitives
+from . import inventory, primitives
 from . import settings as settings_mod
 from .scripts import script
 
@@ -54,6 +54,14 @@ LOCK_GATE_EXIT = 75  # the first command's exit status when the lock was not tak
 # Every command runs at primitives.BACKGROUND_NICE, the site's requests first; its script's
 # first line sets its SSH session's autogroup to it (tasks/primitives/templates.py).
 BACKGROUND = primitives.autogroup_nice("self", primitives.BACKGROUND_NICE) + "\n"
+
+
+def say(text: str, out=None) -> None:
+    """Print ``text`` and a newline on ``out`` (default: sys.stdout then) in one write: the
+    lines of hosts run in parallel never interleave."""
+    out = out or sys.stdout
+    out.write(text + "\n")
+    out.flush()
 
 
 class ChannelTimeout(TimeoutError):
@@ -99,13 +107,13 @@ class Report:
     def add(self, status: str, what: str, message: str, diff: str = "") -> None:
         self.lines.append((status, what, message))
         shown = "would change" if (self.check and status == "changed") else status
-        out = self.out or sys.stdout
-        print(f"[{self.host}] {shown:<12} {what}: {message}", file=out, flush=True)
+        text = f"[{self.host}] {shown:<12} {what}: {message}"
         if diff:
             lines = diff.splitlines()
             if len(lines) > DIFF_LINES:
                 lines = lines[:DIFF_LINES] + [f"... ({len(lines) - DIFF_LINES} more lines)"]
-            print("".join(f"    {line}\n" for line in lines), end="", file=out, flush=True)
+            text += "".join(f"\n    {line}" for line in lines)
+        say(text, self.out)
 
     def count(self, status: str) -> int:
         return sum(1 for line in self.lines if line[0] == status)
@@ -127,7 +135,7 @@ class Host:
     def __init__(self, conn, settings: settings_mod.Settings, check: bool = False,
                  sudo_password: str | None = None, out=None, executor=None,
                  command_timeout: int = COMMAND_TIMEOUT, probe_timeout: int = PROBE_TIMEOUT,
-                 lock: str | None = None, holder=None):
+                 lock: str | None = None, holder=None, name: str | None = None):
         self.conn = conn
         self._exec = executor or (lambda command, stdin, wait: ssh_exec(conn, command, stdin,
                                                                         wait))
@@ -141,7 +149,8 @@ class Host:
         self.settings = settings
         self.check = check
         self.sudo_password = sudo_password
-        self.name = getattr(conn, "original_host", None) or conn.host
+        # the host's name in the report: its inventory name, else the host fab was given
+        self.name = name or getattr(conn, "original_host", None) or conn.host
         self.report = Report(self.name, check=check, out=out)
         self.round_trips = 0
         self._sudo: str | None = None  # "root", "nopasswd" or "password"
@@ -440,7 +449,7 @@ def _secret_forms(secrets: list[str]) -> set[str]:
     return forms
 
 
-def _check_host_keys(c) -> None:
+def check_host_keys(c) -> None:
     """Make ``c`` verify the server's host key (Fabric alone accepts any key).
 
     Known keys come from ~/.ssh/known_hosts and the ``UserKnownHostsFile`` of the
@@ -457,6 +466,39 @@ def _check_host_keys(c) -> None:
             client.load_host_keys(path)
 
 
+@dataclass(frozen=True)
+class Summary:
+    """What a :func:`session` did to its host, in figures (a parallel run's table row)."""
+
+    changed: int
+    ok: int
+    failed: int
+    seconds: float
+    round_trips: int
+
+
+_last = threading.local()  # .summary: the Summary of the thread's last session
+
+
+def last_summary() -> Summary | None:
+    """The :class:`Summary` of the last :func:`session` this thread ended (None: none)."""
+    return getattr(_last, "summary", None)
+
+
+def load_config(config) -> tuple[settings_mod.Settings, dict[str, inventory.HostEntry]]:
+    """The settings (every template rendered with them once) and the inventory of Fabric
+    configuration ``config``; a clear error (exit 2) if either is unusable."""
+    cfg = config.get("fabstack", {})
+    try:
+        settings = settings_mod.load(cfg.get("env_file", ".env"))
+        primitives.prerender(settings)
+        hosts = inventory.load(config)
+    except (settings_mod.SettingsError, primitives.TemplateError,
+            inventory.InventoryError) as exc:
+        raise Exit(f"error: {exc}\nNothing was changed on any host.", code=2) from None
+    return settings, hosts
+
+
 @contextmanager
 def session(c, title: str, check: bool = False, lock: bool = True):
     """Open a :class:`Host` for task ``title`` on connection ``c`` and print its report.
@@ -464,21 +506,22 @@ def session(c, title: str, check: bool = False, lock: bool = True):
     Settings are loaded and validated first (before any connection is opened);
     failures become a non-zero exit with the step and reason named. Unless ``lock`` is
     false (tasks that only read) or in check mode, the run holds the host lock from its
-    first command on.
+    first command on. The thread's :func:`last_summary` is the run's when it ends.
     """
+    if getattr(c, "host", None) is None:  # fab was given no host: an invoke Context
+        raise Exit("error: no host to act on: give one with -H HOST, or declare the hosts in "
+                   "fabric.yaml (fabstack.hosts)", code=2)
+    _last.summary = None
     cfg = c.config.get("fabstack", {})
     check = check or bool(cfg.get("check", False))
-    try:
-        settings = settings_mod.load(cfg.get("env_file", ".env"))
-        primitives.prerender(settings)
-    except (settings_mod.SettingsError, primitives.TemplateError) as exc:
-        raise Exit(f"error: {exc}\nNothing was changed on any host.", code=2) from None
-    _check_host_keys(c)
+    settings, hosts = load_config(c.config)
+    check_host_keys(c)
     host = Host(c, settings, check=check,
                 sudo_password=c.config.get("sudo", {}).get("password"),
                 command_timeout=int(cfg.get("command_timeout", COMMAND_TIMEOUT)),
                 probe_timeout=int(cfg.get("probe_timeout", PROBE_TIMEOUT)),
-                lock=title if lock and not check else None)
+                lock=title if lock and not check else None,
+                name=inventory.name_of(hosts, c.original_host))
     started = time.monotonic()
     failure = None
     try:
@@ -493,8 +536,11 @@ def session(c, title: str, check: bool = False, lock: bool = True):
         failure = exc
     finally:
         host.release_lock()
-        print(host.report.summary(title, time.monotonic() - started, host.round_trips),
-              flush=True)
+        seconds = time.monotonic() - started
+        report = host.report
+        say(report.summary(title, seconds, host.round_trips))
+        _last.summary = Summary(report.count("changed"), report.count("ok"),
+                                report.count("failed"), seconds, host.round_trips)
     if failure is not None:
         raise Exit(code=1)
 
@@ -509,7 +555,8 @@ def converging_task(title: str, **options):
             return [Packages(["figlet"]), File("/etc/motd", "Hello\\n")]
 
     The function's name and docstring are the task's; ``options`` go to Fabric's ``task``
-    (``name``, ``default``...).
+    (``name``, ``default``...). Given several hosts, it converges them all at once
+    (``tasks.executor.parallel``).
     """
     def make(resources):
         def converge(c, check=False):
@@ -518,6 +565,8 @@ def converging_task(title: str, **options):
 
         converge.__name__ = converge.__qualname__ = resources.__name__
         converge.__doc__, converge.__module__ = resources.__doc__, resources.__module__
-        return task(converge, help={"check": CHECK_HELP}, **options)
+        from .executor import parallel  # (which imports this module)
+
+        return parallel(task(converge, help={"check": CHECK_HELP}, **options))
 
     return make

@@ -11,6 +11,7 @@ from pathlib import Path
 from fabric import task
 
 from . import backup, celery, certbot, db, deploy, monitoring, nginx, python
+from .executor import parallel
 from .host import CHECK_HELP, converging_task, session
 from .primitives import (
     AptUpdate,
@@ -121,6 +122,7 @@ def base_resources(h) -> list:
     ]
 
 
+@parallel
 @task(default=True, help={"check": CHECK_HELP})
 def all(c, check=False):  # noqa: A001 - "provision.all" reads best
     """Provision the whole stack in order, from the base system to monitoring."""

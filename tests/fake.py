@@ -65,6 +65,10 @@ class FakeConnection:
     scripts: list[str] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
 
+    @property
+    def original_host(self) -> str:
+        return self.host
+
     def exec_script(self, command: str, script: str, wait: float = 0) -> Result:
         self.commands.append(command)
         # the line Host.run starts every script with, the session's priority, is the host's

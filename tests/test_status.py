@@ -51,7 +51,7 @@ def run_status(tmp_path, capsys, monkeypatch, env=None, **kw):
         return real_host(c, settings, executor=conn.exec_script, **kwargs)
 
     monkeypatch.setattr("tasks.host.Host", fake_host)
-    monkeypatch.setattr("tasks.host._check_host_keys", lambda c: None)
+    monkeypatch.setattr("tasks.host.check_host_keys", lambda c: None)
     try:
         status.status.body(conn)
         code = 0
