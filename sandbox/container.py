@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,6 +60,10 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,10}")  # "fsh-" + name must fit IFNAM
 
 class SandboxError(RuntimeError):
     """A sandbox operation failed; the message says what (with a failed command's output)."""
+
+
+class BootCancelled(SandboxError):
+    """A boot was stopped from another thread (:attr:`Sandbox.cancel`)."""
 
 
 def _run(*cmd: object, check: bool = True, timeout: float | None = None
@@ -176,6 +181,76 @@ def _extra_ca_bundle(dest: Path) -> Path | None:
     return dest
 
 
+def _interfaces_with(address: str) -> list[str]:
+    """The interfaces of this machine that have the IPv4 *address*."""
+    return [line.split()[1] for line in
+            _run("ip", "-o", "-4", "addr", "show", "to", address).stdout.splitlines()]
+
+
+def _check_subnet(subnet: str, what: str) -> None:
+    """Raise SandboxError unless *subnet* is the first three octets of a /24."""
+    try:
+        ipaddress.IPv4Network(f"{subnet}.0/24")
+    except ValueError:
+        raise SandboxError(f"{what} subnet {subnet!r}: give the first three octets of a /24, "
+                           "such as 10.213.46") from None
+
+
+def ssh_config_entry(alias: str, ip: str, key: Path, known_hosts: Path) -> str:
+    """The ssh_config block that reaches root@*ip* as *alias*, its host keys pinned."""
+    return (f"Host {alias}\n"
+            f"    HostName {ip}\n"
+            "    User root\n"
+            f"    IdentityFile {key}\n"
+            "    IdentitiesOnly yes\n"
+            f"    UserKnownHostsFile {known_hosts}\n"
+            "    StrictHostKeyChecking yes\n")
+
+
+def _proxy_pids_in(workdir: Path) -> list[int]:
+    """Pids of the tinyproxy started by :func:`_start_proxy` with *workdir*."""
+    return _pids("tinyproxy", str(workdir / "tinyproxy.conf"))
+
+
+def _start_proxy(workdir: Path, listen: str, subnet: str) -> None:
+    """Start tinyproxy on *listen* for ``<subnet>.0/24`` unless it runs, with a config, pid file
+    and logs of its own in *workdir* (no daemon-wide config touched)."""
+    if _proxy_pids_in(workdir):
+        return
+    conf = workdir / "tinyproxy.conf"
+    conf.write_text(
+        f"Port {PROXY_PORT}\nListen {listen}\nAllow {subnet}.0/24\n"
+        "Timeout 600\nMaxClients 50\nDisableViaHeader Yes\nLogLevel Info\n"
+        f"PidFile \"{workdir / 'tinyproxy.pid'}\"\nLogFile \"{workdir / 'tinyproxy.log'}\"\n")
+    # -d: stay in the foreground, so the pid is ours and errors land in our log file.
+    # tinyproxy resolves the name of every request: a resolver that drops a query now and
+    # then costs glibc's 5 s timeout each time (seen here: 1 lookup in 20, 10-30 s per
+    # provision); ask again after 1 s instead.
+    with open(workdir / "tinyproxy.out", "w") as out:
+        proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True,
+                                env={**os.environ, "RES_OPTIONS": "timeout:1 attempts:5"})
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection((listen, PROXY_PORT), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log = (workdir / "tinyproxy.out").read_text()[-2000:]
+                raise SandboxError(f"tinyproxy did not start on {listen}:{PROXY_PORT}:"
+                                   f"\n{log}") from None
+            time.sleep(0.1)
+
+
+def _stop_proxy(workdir: Path) -> None:
+    """Stop the tinyproxy of *workdir* (:func:`_start_proxy`)."""
+    _stop(_proxy_pids_in(workdir), 5)
+    (workdir / "tinyproxy.pid").unlink(missing_ok=True)
+
+
 def build_image(image: Path, suite: str) -> None:
     """Debootstrap *suite* into ``<image>.tmp``, fix it up and rename it to *image* when complete.
 
@@ -248,11 +323,7 @@ class Sandbox:
     def __post_init__(self) -> None:
         if not NAME_RE.fullmatch(self.name):
             raise SandboxError(f"sandbox name {self.name!r}: use 1-11 of [a-z0-9-]")
-        try:
-            ipaddress.IPv4Network(f"{self.subnet}.0/24")
-        except ValueError:
-            raise SandboxError(f"sandbox subnet {self.subnet!r}: give the first three octets of "
-                               "a /24, such as 10.213.46") from None
+        _check_subnet(self.subnet, "sandbox")
         self.base_dir = Path(self.base_dir)
         self.dir = self.base_dir / self.name
         self.image = self.base_dir / "images" / self.suite
@@ -265,10 +336,10 @@ class Sandbox:
         self.veth_host = f"fsh-{self.name}"
         self.veth_target = f"fst-{self.name}"  # renamed to eth0 inside the namespace
         self.key = self.dir / "id_ed25519"
-        self.proxy_conf = self.dir / "tinyproxy.conf"
-        self.proxy_pidfile = self.dir / "tinyproxy.pid"
         self.nspawn_pidfile = self.dir / "nspawn.pid"
         self.console_log = self.dir / "console.log"
+        # Set from another thread to stop a boot under way: up() then fails and removes it.
+        self.cancel = threading.Event()
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -419,13 +490,7 @@ class Sandbox:
             f"{self.alias},{self.ip} {' '.join(pub.read_text().split()[:2])}\n"
             for pub in sorted((etc / "ssh").glob("ssh_host_*_key.pub"))))
         info.ssh_config.write_text(
-            f"Host {self.alias}\n"
-            f"    HostName {self.ip}\n"
-            "    User root\n"
-            f"    IdentityFile {self.key}\n"
-            "    IdentitiesOnly yes\n"
-            f"    UserKnownHostsFile {info.known_hosts}\n"
-            "    StrictHostKeyChecking yes\n")
+            ssh_config_entry(self.alias, self.ip, self.key, info.known_hosts))
         _extra_ca_bundle(self.dir / "extra-ca.pem")
 
     def _mount_overlay(self) -> bool:
@@ -450,24 +515,32 @@ class Sandbox:
         return info
 
     def _network_up(self) -> None:
-        """Namespace + veth pair: host_ip/24 here, ip/24 on eth0 inside (kept across reboots)."""
+        """Namespace + veth pair: the host end joined to this machine (:meth:`_join_host_end`),
+        ip/24 on eth0 inside (kept across reboots)."""
         if self._netns_exists() and Path(f"/sys/class/net/{self.veth_host}").exists():
             return
         self._network_down()
-        used = _run("ip", "-o", "-4", "addr", "show", "to", self.host_ip).stdout.split()
-        if used:
-            raise SandboxError(f"{self.host_ip} is already on interface {used[1]}; "
-                               "give this sandbox another subnet")
+        self._check_host_ip()
         ns = ("ip", "-n", self.netns)
         _run("ip", "netns", "add", self.netns)
         _run("ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_target)
         _run("ip", "link", "set", self.veth_target, "netns", self.netns)
         _run(*ns, "link", "set", self.veth_target, "name", "eth0")
-        _run("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.veth_host)
+        self._join_host_end()
         _run("ip", "link", "set", self.veth_host, "up")
         _run(*ns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
         _run(*ns, "link", "set", "eth0", "up")
         _run(*ns, "link", "set", "lo", "up")
+
+    def _check_host_ip(self) -> None:
+        """host_ip must be free here: this sandbox's veth takes it."""
+        if used := _interfaces_with(self.host_ip):
+            raise SandboxError(f"{self.host_ip} is already on interface {used[0]}; "
+                               "give this sandbox another subnet")
+
+    def _join_host_end(self) -> None:
+        """This machine's end of the veth gets host_ip/24."""
+        _run("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.veth_host)
 
     def _netns_exists(self) -> bool:
         return self.netns in _run("ip", "netns", "list").stdout.split()
@@ -483,34 +556,8 @@ class Sandbox:
         _run("ip", "netns", "del", self.netns, check=False)
 
     def _proxy_up(self) -> None:
-        """Start tinyproxy on host_ip with a config of its own (no daemon-wide config touched)."""
-        if self._proxy_pids():
-            return
-        self.proxy_conf.write_text(
-            f"Port {PROXY_PORT}\nListen {self.host_ip}\nAllow {self.subnet}.0/24\n"
-            "Timeout 600\nMaxClients 50\nDisableViaHeader Yes\nLogLevel Info\n"
-            f"PidFile \"{self.proxy_pidfile}\"\nLogFile \"{self.dir / 'tinyproxy.log'}\"\n")
-        # -d: stay in the foreground, so the pid is ours and errors land in our log file.
-        # tinyproxy resolves the name of every request: a resolver that drops a query now and
-        # then costs glibc's 5 s timeout each time (seen here: 1 lookup in 20, 10-30 s per
-        # provision); ask again after 1 s instead.
-        with open(self.dir / "tinyproxy.out", "w") as out:
-            proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(self.proxy_conf)],
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True,
-                                    env={**os.environ, "RES_OPTIONS": "timeout:1 attempts:5"})
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((self.host_ip, PROXY_PORT), timeout=1).close()
-                return
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    log = (self.dir / "tinyproxy.out").read_text()[-2000:]
-                    raise SandboxError(f"tinyproxy did not start on {self.host_ip}:{PROXY_PORT}:"
-                                       f"\n{log}") from None
-                time.sleep(0.1)
+        """Start this sandbox's proxy on host_ip unless it runs."""
+        _start_proxy(self.dir, self.host_ip, self.subnet)
 
     def _start_nspawn(self) -> None:
         cmd = [
@@ -540,6 +587,8 @@ class Sandbox:
         """Wait for sshd, then for systemd to finish booting; raise with the console tail if not."""
         deadline = time.monotonic() + BOOT_TIMEOUT
         while not self._ssh_ok():
+            if self.cancel.is_set():
+                raise BootCancelled(f"booting {self.alias} was cancelled")
             if not self.running():
                 raise SandboxError(f"systemd-nspawn exited while booting {self.alias}\n"
                                    + self._console_tail())
@@ -585,7 +634,7 @@ class Sandbox:
         return _pids("systemd-nspawn", str(self.root))
 
     def _proxy_pids(self) -> list[int]:
-        return _pids("tinyproxy", str(self.proxy_conf))
+        return _proxy_pids_in(self.dir)
 
     def _stop_processes(self) -> None:
         """Stop nspawn (:func:`_stop`: a second to shut the target down, then at once), the
@@ -596,9 +645,8 @@ class Sandbox:
         orphans = self._netns_pids()
         _kill(orphans, signal.SIGKILL)
         _wait_gone(orphans, 5)
-        _stop(self._proxy_pids(), 5)
+        _stop_proxy(self.dir)
         self.nspawn_pidfile.unlink(missing_ok=True)
-        self.proxy_pidfile.unlink(missing_ok=True)
 
     def _teardown(self) -> None:
         """Remove every trace of this sandbox except the client key (and the shared image)."""
