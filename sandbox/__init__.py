@@ -5,6 +5,9 @@ tried on and stands in for the services it would use there:
 
 - ``sandbox.container``: the Debian image, the systemd-nspawn container in its own network
   namespace, its proxy (:class:`~sandbox.container.Sandbox`);
+- ``sandbox.cluster``: several sandboxes on one bridge with one proxy
+  (:class:`~sandbox.cluster.Cluster`), for multi-host trials;
 - ``sandbox.pebble``: a local ACME CA (Pebble) that issues the sandbox's certificates;
-- ``sandbox.tasks``: ``fab sandbox.up|down|status|demo`` and the settings file they write.
+- ``sandbox.tasks``: ``fab sandbox.up|down|status|demo``, ``fab sandbox.cluster-up|down|status``
+  and the settings files they write.
 """
