@@ -1,7 +1,8 @@
-"""The ``fab sandbox.*`` tasks: boot, tear down and show the sandbox; the demo on it.
+"""The ``fab sandbox.*`` tasks: boot, tear down and show the sandbox; the demo on it; the same
+for a cluster of sandboxes (``sandbox.cluster-*``).
 
 ``write_settings`` gives the library a complete ``.env`` for a running sandbox (the demo's,
-the bench's).
+the bench's) or cluster.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from invoke.exceptions import Exit
 from tasks import settings
 
 from . import pebble
+from .cluster import DEFAULT_CLUSTER_MEMBERS, DEFAULT_CLUSTER_SUBNET, Cluster, ClusterInfo
 from .container import DEFAULT_SUBNET, Sandbox, SandboxError, SandboxInfo
 
 # -- settings for the library ---------------------------------------------------------------
@@ -43,10 +45,17 @@ def dotenv_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str) -> Path:
-    """Write a complete .env for the library to provision this sandbox; return its path.
+def cluster_settings_file(info: ClusterInfo) -> Path:
+    """Where ``fab sandbox.cluster-up`` writes the cluster's settings (beside its ssh_config)."""
+    return info.ssh_config.parent / "cluster.env"
 
-    Proxy and CA come from the sandbox; secrets are random (kept when the file exists
+
+def write_settings(info: SandboxInfo | ClusterInfo, path: Path | None = None,
+                   **overrides: str) -> Path:
+    """Write a complete .env for the library to provision this sandbox (or every member of this
+    cluster); return its path (by default :func:`settings_file`'s, for a sandbox).
+
+    Proxy and CA come from the sandbox or cluster; secrets are random (kept when the file exists
     already, so re-running the demo does not rotate them); other keys keep their
     defaults; ``overrides`` win. The file is readable by root only.
     """
@@ -58,7 +67,8 @@ def write_settings(info: SandboxInfo, path: Path | None = None, **overrides: str
         if key.secret and key.name not in values:
             values[key.name] = old.get(key.name) or secrets.token_urlsafe(48)
     path.touch(mode=0o600)
-    path.write_text("# Settings for the sandbox host, written by `fab sandbox.up`.\n"
+    path.write_text("# Settings for the sandbox hosts, written by `fab sandbox.up` or "
+                    "`fab sandbox.cluster-up`.\n"
                     + "".join(f"{name}={dotenv_quote(value)}\n" for name, value in values.items()))
     return path
 
@@ -168,3 +178,80 @@ def demo(c, name="fabstack", suite="bookworm", subnet=DEFAULT_SUBNET):
           f"    curl --cacert {acme.issuing_root} --resolve {domain}:443:{info.ip} "
           f"https://{domain}/\n"
           f"  settings: {env_file}\n  tear down: {_down_command(name)}")
+
+
+# -- a cluster of sandboxes -------------------------------------------------------------------
+
+CLUSTER_NAME_HELP = "cluster name (default: cl): 1-9 of [a-z0-9]; one per subnet"
+MEMBERS_OPTION = ",".join(DEFAULT_CLUSTER_MEMBERS)
+
+
+def _cluster_down_command(name: str) -> str:
+    return "fab sandbox.cluster-down" + ("" if name == "cl" else f" --name {name}")
+
+
+@task(help={"name": CLUSTER_NAME_HELP,
+            "members": "member names, comma-separated, in address order (default: "
+                       f"{MEMBERS_OPTION})",
+            "suite": "Debian suite: bookworm or trixie",
+            "subnet": "first three octets of the members' /24 (default: "
+                      f"{DEFAULT_CLUSTER_SUBNET}); give each cluster and sandbox its own",
+            "fresh": "recreate every member from the image even if the cluster is running"})
+def cluster_up(c, name="cl", members=MEMBERS_OPTION, suite="bookworm",
+               subnet=DEFAULT_CLUSTER_SUBNET, fresh=False):
+    """Boot a cluster of sandbox hosts on one bridge (or reuse it) and print how to reach them."""
+    started = time.monotonic()
+    with _task_errors():
+        cluster = Cluster(name=name, members=tuple(members.split(",")),
+                          suite=suite, subnet=subnet)
+        pids = [box._nspawn_pid() for box in cluster.sandboxes]
+        info = cluster.up(fresh=fresh)
+        reused = None not in pids and [box._nspawn_pid() for box in cluster.sandboxes] == pids
+        env_file = write_settings(info, cluster_settings_file(info))
+    how = ("was up already (--fresh recreates it)" if reused
+           else f"is up (booted in {time.monotonic() - started:.0f} s)")
+    print(f"cluster {name} {how}: {len(info.members)} Debian {info.suite} hosts on "
+          f"{info.bridge} ({info.subnet}.0/24)")
+    width = max(len(member.alias) for member in info.members.values())
+    for member in info.members.values():
+        print(f"  {member.alias:<{width}}  root@{member.ip}")
+    aliases = ",".join(member.alias for member in info.members.values())
+    first = next(iter(info.members.values())).alias
+    print(f"  ssh:   ssh -F {info.ssh_config} {first}")
+    print(f"  fab:   fab -S {info.ssh_config} -H {aliases} <task>")
+    print(f"  proxy: {info.proxy_url} (the members' only way out: HTTP_PROXY)")
+    if info.ca_bundle:
+        print(f"  CA:    {info.ca_bundle} (extra CA certificates the egress needs)")
+    print(f"  info:  {info.ssh_config.parent / 'info.json'}")
+    print(f"  settings for the library: {env_file}; provision a member with:\n"
+          f"    FABRIC_FABSTACK_ENV_FILE={env_file} fab -S {info.ssh_config} -H {first} "
+          "provision")
+    print(f"  tear down: {_cluster_down_command(name)}")
+
+
+@task(help={"name": CLUSTER_NAME_HELP})
+def cluster_down(c, name="cl"):
+    """Stop every host of the cluster and delete their roots, bridge, proxy and files."""
+    with _task_errors():
+        removed = Cluster.named(name).down()
+    print(f"cluster {name} is down "
+          + (f"(removed: {', '.join(removed)})" if removed else "(nothing of it was here)"))
+
+
+@task(help={"name": CLUSTER_NAME_HELP})
+def cluster_status(c, name="cl"):
+    """Say whether the cluster runs, and its hosts' aliases and addresses."""
+    with _task_errors():
+        cluster = Cluster.named(name)
+        if cluster.running():
+            info = cluster.info()
+            print(f"cluster {name} is running on {info.bridge} (proxy {info.proxy_url}), "
+                  f"ssh -F {info.ssh_config} ALIAS:")
+            for member, box in info.members.items():
+                print(f"  {box.alias:<12} {box.ip:<15} {member}")
+        elif traces := cluster.traces():
+            print(f"cluster {name} is not running, but its {', '.join(traces)} are here (an up "
+                  f"still booting, or an interrupted one: {_cluster_down_command(name)} "
+                  "removes them)")
+        else:
+            print(f"cluster {name} is not running")
