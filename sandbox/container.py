@@ -503,7 +503,12 @@ class Sandbox:
 
     # -- boot ---------------------------------------------------------------------------------
 
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise BootCancelled(f"booting {self.alias} was cancelled")
+
     def _boot(self) -> SandboxInfo:
+        self._check_cancel()
         if self.upper.is_dir() and not self._mount_overlay():
             raise SandboxError(f"cannot mount the overlay root {self.root}")
         self._network_up()
@@ -587,8 +592,7 @@ class Sandbox:
         """Wait for sshd, then for systemd to finish booting; raise with the console tail if not."""
         deadline = time.monotonic() + BOOT_TIMEOUT
         while not self._ssh_ok():
-            if self.cancel.is_set():
-                raise BootCancelled(f"booting {self.alias} was cancelled")
+            self._check_cancel()
             if not self.running():
                 raise SandboxError(f"systemd-nspawn exited while booting {self.alias}\n"
                                    + self._console_tail())
