@@ -78,6 +78,16 @@ def smoke_sandbox() -> tuple[str, str]:
     return f"{name}-smoke", f"{first}.{int(second) + 1}.{third}"
 
 
+def cluster_sandbox() -> tuple[str, str]:
+    """The cluster test's own cluster (tests/test_sandbox_cluster.py) as (name, subnet): named
+    NAME (so NAME has no dash) on the suite's subnet with its second octet two up (test on
+    10.215.50 by default): beside the suite's sandbox and its smoke sandbox (one up), and apart
+    from every other suite's, as long as suites differ in their subnet's third octet."""
+    name, subnet = suite_sandbox()
+    first, second, third = subnet.split(".")
+    return name, f"{first}.{int(second) + 2}.{third}"
+
+
 @pytest.fixture(scope="session")
 def sandbox():
     """A fresh sandbox Debian host, booted once per test session and torn down after.
