@@ -61,6 +61,13 @@ TEST_SUITE = os.environ.get("FABSTACK_TEST_SUITE", "bookworm")
 FAB = str(Path(sys.executable).parent / "fab")
 
 
+# For the tests that boot sandboxes of their own (the smoke test's, the cluster test's).
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(tool) for tool in (
+        "systemd-nspawn", "debootstrap", "tinyproxy", "ip", "ssh")),
+    reason="needs root and systemd-nspawn, debootstrap, tinyproxy, iproute2, openssh-client")
+
+
 def suite_sandbox() -> tuple[str, str]:
     """The suite's sandbox as (name, subnet): FABSTACK_TEST_SANDBOX=NAME:SUBNET, default
     test:10.213.50."""

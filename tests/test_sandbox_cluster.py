@@ -17,8 +17,7 @@ import pytest
 
 from sandbox.cluster import FIRST_MEMBER_HOST, Cluster, _each
 from sandbox.container import BootCancelled, SandboxError
-from tests.conftest import TEST_SUITE, cluster_sandbox
-from tests.test_sandbox_smoke import needs_root
+from tests.conftest import TEST_SUITE, cluster_sandbox, needs_root
 
 MEMBERS = ("lb", "web", "db")
 

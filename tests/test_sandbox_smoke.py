@@ -6,7 +6,6 @@ touches the suite's sandbox, the demo's, or another suite's.
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.container import STOP_TIMEOUT, Sandbox, SandboxError, _wait_gone, fix_image
-from tests.conftest import REPO, TEST_SUITE, smoke_sandbox
+from tests.conftest import REPO, TEST_SUITE, needs_root, smoke_sandbox
 
 
 def test_names_must_fit_interface_names():
@@ -67,12 +66,6 @@ def test_fix_image_makes_a_plain_debian_server(tmp_path):
     assert "PermitRootLogin prohibit-password" in (
         tmp_path / "etc/ssh/sshd_config.d/sandbox.conf").read_text()
     assert not list((tmp_path / "var/cache/apt/archives").iterdir())
-
-
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(tool) for tool in (
-        "systemd-nspawn", "debootstrap", "tinyproxy", "ip", "ssh")),
-    reason="needs root and systemd-nspawn, debootstrap, tinyproxy, iproute2, openssh-client")
 
 
 @pytest.mark.realhost

@@ -105,7 +105,7 @@ def test_the_scan_finds_the_programs_it_is_meant_to():
     """A scan that finds nothing proves nothing: the known ones are found where they are."""
     found = programs_started()
     assert "tests/test_realhost_backup.py" in found.get("rsync", set())
-    assert "tests/test_sandbox_smoke.py" in found.get("systemd-nspawn", set())
+    assert "tests/conftest.py" in found.get("systemd-nspawn", set())
     assert "sandbox/pebble.py" in found.get("pebble-challtestsrv", set())
     assert "sandbox/container.py" in found.get("debootstrap", set())
 
