@@ -16,6 +16,9 @@ Python API (pytest, scripts)::
     Sandbox().reboot()           # poweroff inside the target, then boot() the same root again
     Sandbox().down()             # tear everything down (the image and client key stay)
 
+Several sandboxes on one bridge with one proxy are a cluster (``sandbox.cluster``: its members
+are Sandboxes whose veth's host end joins the bridge; :meth:`Sandbox._join_host_end`).
+
 Needs root, systemd-container, debootstrap, tinyproxy, iproute2 and openssh-client.
 """
 
