@@ -142,7 +142,9 @@ class ParallelRun:
     def _table(self, runs: list[HostRun], seconds: float) -> None:
         """Each host's figures (or why it has none), a line each."""
         width = max(len(run.name) for run in runs)
-        lines = [f"{self.title} on {len(runs)} hosts in {seconds:.2f} s:",
+        # the sessions' title (fab provision's is "provision"), else the task's
+        title = next((run.summary.title for run in runs if run.summary), self.title)
+        lines = [f"{title} on {len(runs)} hosts in {seconds:.2f} s:",
                  f"  {'host':<{width}}  changed      ok  failed  seconds  round trips"]
         for run in runs:
             row = run.summary

@@ -470,6 +470,7 @@ def check_host_keys(c) -> None:
 class Summary:
     """What a :func:`session` did to its host, in figures (a parallel run's table row)."""
 
+    title: str
     changed: int
     ok: int
     failed: int
@@ -539,7 +540,7 @@ def session(c, title: str, check: bool = False, lock: bool = True):
         seconds = time.monotonic() - started
         report = host.report
         say(report.summary(title, seconds, host.round_trips))
-        _last.summary = Summary(report.count("changed"), report.count("ok"),
+        _last.summary = Summary(title, report.count("changed"), report.count("ok"),
                                 report.count("failed"), seconds, host.round_trips)
     if failure is not None:
         raise Exit(code=1)
