@@ -68,20 +68,24 @@ def offsite_resources(h) -> list:
 
 def backup_resources(h) -> list:
     """Everything ``backup.setup`` declares, in order."""
-    s = h.settings
+    s, site = h.settings, h.site
     d = s.layout.backup
     unit = f"{s.app}-backup"
+    dumps = site.has("db")
     return [
         Packages(["rsync"]),
         Group(BACKUP_GROUP),
         User(BACKUP_USER, group=BACKUP_GROUP, home=BACKUP_HOME),
         Directory(BACKUP_HOME, BACKUP_USER, BACKUP_GROUP, 0o700),
-        File(f"{BACKUP_HOME}/.pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]),
-             owner=BACKUP_USER, group=BACKUP_GROUP, mode=0o600, secret=True),
+        *([File(f"{BACKUP_HOME}/.pgpass", pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]),
+                owner=BACKUP_USER, group=BACKUP_GROUP, mode=0o600, secret=True)]
+          if dumps else []),
         Directory(d, "root", BACKUP_GROUP, 0o750),
         *[Directory(f"{d}/{name}", BACKUP_USER, BACKUP_GROUP, 0o750) for name in FOLDERS],
-        File(s.layout.backup_script, render("backup.py.j2", s), mode=0o755,
-             validate="python3 -m py_compile %s"),
+        # the database's dumps where it runs, the media's snapshots where they are uploaded
+        File(s.layout.backup_script, render("backup.py.j2", s, dumps=dumps,
+                                            media=site.has("web")),
+             mode=0o755, validate="python3 -m py_compile %s"),
         File(f"/etc/systemd/system/{unit}.service", render("backup.service.j2", s)),
         File(f"/etc/systemd/system/{unit}.timer", render("backup.timer.j2", s),
              notify=[f"{unit}.timer:restart"]),
@@ -257,6 +261,10 @@ def restore_db(c, dump=None, upload=None, yes=False):
         raise Exit("error: give exactly one of --dump NAME or --upload LOCALFILE", code=2)
     with session(c, "restore-db") as h:
         s = h.settings
+        if h.site.spread:  # the app to stop runs on another host than the database
+            raise StepFailed("restore", "not built yet for a site spread over several hosts: "
+                             "nothing was changed (stop the app and Celery on the app host, "
+                             "then pg_restore on the db host by hand)")
         if not yes:
             source = dump or upload
             print(f"Restore {source} into database {s.db_name} on {h.name}? Its current data "

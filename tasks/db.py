@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import stringprep
@@ -260,6 +261,73 @@ class PostgresDatabase(PostgresResource):
         return Ok(f"UTF8, owner {self.owner}")
 
 
+class PgHba(PostgresResource):
+    """Lines of PostgreSQL's pg_hba.conf between fabstack's markers (``what`` names them), at
+    its end: added, changed or removed (no lines: no block) with the rest of the file left as
+    it is; the file is checked by PostgreSQL (pg_hba_file_rules) before the reload that makes
+    it count, and put back as it was if it would not load. The file as it was stays beside it
+    (``.fabstack-old``) until the reload: a run that stopped before it is finished by the next.
+    """
+
+    def __init__(self, what: str, lines: str):
+        self.lines = lines
+        self.what = f"pg_hba.conf lines: {what}"
+        self.begin = f"# BEGIN fabstack: {what} (managed: edits are overwritten)"
+        self.end = f"# END fabstack: {what}"
+
+    @property
+    def sql(self) -> str:
+        return ("SELECT current_setting('hba_file'), pg_stat_file(current_setting('hba_file') "
+                "|| '.fabstack-old', true) IS NOT NULL, pg_read_file(current_setting('hba_file'));")
+
+    def _block(self, text: str) -> str | None:
+        """The lines between the markers in ``text`` (None: no markers)."""
+        lines = text.splitlines(keepends=True)
+        if self.begin + "\n" not in lines:
+            return None
+        start = lines.index(self.begin + "\n") + 1
+        end = next((i for i in range(start, len(lines)) if lines[i].rstrip("\n") == self.end),
+                   len(lines))
+        return "".join(lines[start:end])
+
+    def plan(self, state, host):
+        if not self.exists(state):  # PostgreSQL not running: the path is asked when written
+            return Change("written", self.script(None)) if self.lines else Ok("none")
+        path, unfinished, text = state.split("|", 2)
+        have = self._block(text)
+        count = len(self.lines.splitlines())
+        if unfinished == "t":
+            return Change(f"written again in {path} and reloaded (a run stopped before its "
+                          "reload)", self.script(path))
+        if have == self.lines or (have is None and not self.lines):
+            return Ok(f"{count} in {path}" if count else "none")
+        if not self.lines:
+            return Change(f"removed from {path}", self.script(path))
+        verb = "written" if have is None else "changed"
+        return Change(f"{verb} in {path} ({count} line{'s' if count > 1 else ''})",
+                      self.script(path))
+
+    def script(self, path: str | None) -> str:
+        """Shell: the block replaced in the file, checked, reloaded (or the file put back)."""
+        block = f"{self.begin}\n{self.lines}{self.end}\n" if self.lines else ""
+        hba = (q(path) if path else
+               "\"$(runuser -u postgres -- psql -X -At -d postgres -c 'SHOW hba_file')\"")
+        return (f"f={hba}\ncp -p \"$f\" \"$f.fabstack-old\"\n"
+                f"awk -v b={q(self.begin)} -v e={q(self.end)} "
+                "'$0 == b {skip = 1} !skip {print} $0 == e {skip = 0}' \"$f.fabstack-old\" "
+                "> \"$f.fabstack-new\"\n"
+                f"printf '%s' {q(block)} >> \"$f.fabstack-new\"\n"
+                "cat \"$f.fabstack-new\" > \"$f\"\nrm -f \"$f.fabstack-new\"\n"
+                + "errors=$( " + sql_script("SELECT count(*) FROM pg_hba_file_rules WHERE error "
+                                           "IS NOT NULL;", "-At") + " )\n"
+                "if [ \"$errors\" != 0 ]; then\n"
+                "    cat \"$f.fabstack-old\" > \"$f\"; rm -f \"$f.fabstack-old\"\n"
+                "    echo \"$f would not load ($errors bad lines): put back as it was\" >&2\n"
+                "    exit 1\nfi\nrm -f \"$f.fabstack-old\"\n"
+                + sql_script("SELECT pg_reload_conf();", "-q -At -v ON_ERROR_STOP=1")
+                + " >/dev/null")
+
+
 # -- the step ----------------------------------------------------------------------------
 
 def pgpass_line(user: str, database: str, password: str) -> str:
@@ -270,46 +338,99 @@ def pgpass_line(user: str, database: str, password: str) -> str:
 
 
 def package_resources(h) -> list:
-    """PostgreSQL (the distro's, or POSTGRES_VERSION from PGDG) and Redis packages."""
-    s = h.settings
+    """PostgreSQL for the db role (the distro's, or POSTGRES_VERSION from PGDG) and Redis for
+    the redis role, in one apt run."""
+    s, site = h.settings, h.site
+    redis = ["redis-server"] if site.has("redis") else []
     version = s["POSTGRES_VERSION"]
-    if not version:
-        return [AptUpdate(int(s["APT_CACHE_MAX_AGE"])), Packages(["postgresql", "redis-server"])]
+    if not (site.has("db") and version):
+        names = (["postgresql"] if site.has("db") else []) + redis
+        return [AptUpdate(int(s["APT_CACHE_MAX_AGE"])), Packages(names)] if names else []
     [release] = h.probe(["cat /etc/os-release"])
     codename = os_release(release).get("VERSION_CODENAME", "")
     return [*apt_repository("pgdg", PGDG_URI, f"{codename}-pgdg", "main", PGDG_KEY),
-            Packages([f"postgresql-{version}", "redis-server"])]
+            Packages([f"postgresql-{version}", *redis])]
 
 
-def db_resources(h) -> list:
-    """Everything ``db.setup`` declares, in order (packages first)."""
-    s = h.settings
-    app, conf = s.app, s.layout.conf
+def hba_lines(s, clients: list[str]) -> str:
+    """pg_hba.conf lines that let the app's role into its database from each of ``clients``
+    (addresses), over TLS only, with its SCRAM password."""
+    db, user = (f'"{name}"' for name in (s.db_name, s.db_user))
+    return "".join(f"hostssl {db} {user} {ipaddress.ip_network(client)} scram-sha-256\n"
+                   for client in clients)
+
+
+def postgres_resources(h) -> list:
+    """The db role (its package: :func:`package_resources`): PostgreSQL running, the app's role
+    and database, root's password file for them.
+    On a site spread over hosts (tasks/inventory.py), it listens on its private address too,
+    where only the app's hosts may connect (ufw: tasks/provision.py), over TLS."""
+    s, site = h.settings, h.site
+    clients = site.others("web", "worker")
     return [
-        *package_resources(h),
         Service("postgresql"),
-        PostgresSetting("listen_addresses", "localhost"),
+        PostgresSetting("listen_addresses", ",".join(["localhost", site.me.private])
+                        if clients else "localhost"),
         PostgresRole(s.db_user, s["DB_PASSWORD"]),
         PostgresDatabase(s.db_name, s.db_user),
-        File("/etc/redis/redis.conf", render("redis.conf.j2", s), owner="redis", group="redis",
-             mode=0o640, notify=["redis-server:restart"]),
-        Service("redis-server"),
-        Group("celery"),
-        User("celery", group="celery", home=CELERY_HOME),
-        Directory(CELERY_HOME, "celery", "celery", 0o750),
-        File(s.layout.env_file, render("app.conf.j2", s), group=app, mode=0o640, secret=True,
-             notify=(*CELERY_RESTART, f"{app}.service:restart")),
-        # read by systemd for the units (EnvironmentFile=), not by the celery account
-        File(f"{conf}/celery.conf", render("celery.conf.j2", s), mode=0o600,
-             notify=CELERY_RESTART),
+        *([PgHba("app hosts", hba_lines(s, clients))] if site.spread else []),
         File(s.layout.pgpass, pgpass_line(s.db_user, s.db_name, s["DB_PASSWORD"]), mode=0o600,
              secret=True),
     ]
 
 
+def redis_acl_hash(password: str) -> str:
+    """The SHA-256 of ``password`` that a Redis ACL rule takes instead of the password."""
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def redis_resources(h) -> list:
+    """The redis role (its package: :func:`package_resources`): Redis, on loopback with a memory
+    limit; on a site spread over hosts, on
+    its private address too, where the app's user logs in with REDIS_PASSWORD and the default
+    user is off."""
+    s, site = h.settings, h.site
+    acl = (f"user default off\nuser {s.app} on #{redis_acl_hash(s['REDIS_PASSWORD'])} "
+           "~* &* +@all -@admin") if site.spread else ""
+    private = site.me.private if site.others("web", "worker") else ""
+    return [
+        File("/etc/redis/redis.conf", render("redis.conf.j2", s, private=private, acl=acl),
+             owner="redis", group="redis", mode=0o640, secret=site.spread,
+             notify=["redis-server:restart"]),
+        Service("redis-server"),
+    ]
+
+
+def app_env_resources(h) -> list:
+    """The app's environment file and Celery's, the ``celery`` account: for the app's hosts
+    (web, worker), pointing at the site's database and Redis."""
+    s = h.settings
+    app, conf = s.app, s.layout.conf
+    return [
+        Group("celery"),
+        User("celery", group="celery", home=CELERY_HOME),
+        Directory(CELERY_HOME, "celery", "celery", 0o750),
+        File(s.layout.env_file, render("app.conf.j2", s, site=h.site), group=app, mode=0o640,
+             secret=True, notify=(*CELERY_RESTART, f"{app}.service:restart")),
+        # read by systemd for the units (EnvironmentFile=), not by the celery account
+        File(f"{conf}/celery.conf", render("celery.conf.j2", s), mode=0o600,
+             notify=CELERY_RESTART),
+    ]
+
+
+def db_resources(h) -> list:
+    """Everything ``db.setup`` declares for the host's roles, in order (packages first)."""
+    site = h.site
+    return [*package_resources(h),
+            *(postgres_resources(h) if site.has("db") else []),
+            *(redis_resources(h) if site.has("redis") else []),
+            *(app_env_resources(h) if site.has("web") or site.has("worker") else [])]
+
+
 @converging_task("db", default=True)
 def setup(h):
-    """PostgreSQL, Redis, the app's role and database, and its environment files."""
+    """PostgreSQL, Redis, the app's role and database, and its environment files (those of
+    the host's roles)."""
     return db_resources(h)
 
 

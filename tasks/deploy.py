@@ -26,9 +26,10 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from fabric import task
+from paramiko import SSHException
 
 from .executor import every_host
-from .host import StepFailed, converging_task, session
+from .host import StepFailed, converging_task, peer, session
 from .layout import GENERATORS
 from .nginx import CHECKER, live_color
 from .primitives import (
@@ -260,12 +261,15 @@ def _backup_and_migrate(h, release: str) -> None:
     s = h.settings
     from .backup import dump_database, human
 
-    try:  # the backup script's dump (tasks/backup.py), kept BACKUP_KEEP_DEPLOY times
-        dump, size = dump_database(h, "previous-deploy")
-    except StepFailed as exc:
+    try:  # the backup script's dump (tasks/backup.py), kept BACKUP_KEEP_DEPLOY times, made
+        # where the database runs (the site's db host)
+        with peer(h, "db") as db_host:
+            dump, size = dump_database(db_host, "previous-deploy")
+            where = "" if db_host is h else f" on {db_host.name}"
+    except (StepFailed, OSError, EOFError, SSHException) as exc:
         _abort(h, release, "pre-migration backup",
-               f"pg_dump failed, not migrating: {exc.message[-500:]}")
-    h.changed("pre-migration backup", f"database dumped to {dump} ({human(size)})")
+               f"pg_dump failed, not migrating: {h.mask(getattr(exc, 'message', str(exc)))[-500:]}")
+    h.changed("pre-migration backup", f"database dumped to {dump}{where} ({human(size)})")
     res = h.run(script("deploy-release.sh.j2", s, release=release, action="migrate"),
                 what="migrations", check=False)
     if not res.ok:
@@ -463,14 +467,26 @@ def rollback_release(h) -> None:
 def deploy(c, ref=None, force=False, check=False, maintenance=False):
     """Ship a release: unpack, install requirements, back up, migrate, switch, health-check."""
     with session(c, "deploy", check) as h:
-        deploy_release(h, ref, force, maintenance)
+        if releases_here(h):
+            deploy_release(h, ref, force, maintenance)
+
+
+def releases_here(h) -> bool:
+    """True on a host that serves the app (the web role); elsewhere (a db or redis host of a
+    site spread over hosts) it says there is nothing to do there."""
+    if h.site.has("web"):
+        return True
+    [app] = h.site.holding("web")
+    h.ok("releases", f"none on this host: {app.name} runs the app")
+    return False
 
 
 @task
 def rollback(c):
     """Switch back to the release before the current one (health-checked)."""
     with session(c, "rollback") as h:
-        rollback_release(h)
+        if releases_here(h):
+            rollback_release(h)
 
 
 @every_host
@@ -478,6 +494,8 @@ def rollback(c):
 def releases(c):
     """List the releases on the host, marking the current one."""
     with session(c, "releases", lock=False) as h:
+        if not releases_here(h):
+            return
         state = _state(h)
         current = state.current
         for release in state.releases:

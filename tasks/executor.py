@@ -100,7 +100,7 @@ class ParallelRun:
         runs = []
         for kwargs_ in self.hosts:
             conn = Connection(config=c.config, **kwargs_)
-            runs.append(HostRun(conn, inventory.name_of(entries, conn.original_host)))
+            runs.append(HostRun(conn, inventory.site_of(entries, conn.original_host).me.name))
         opened = threading.Barrier(len(runs))  # every connection is opened before any run
         threads = [threading.Thread(target=self._run, args=(run, opened, args, kwargs))
                    for run in runs]

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from fabric import task
+from fabric import Connection, task
 from invoke.exceptions import Exit
 from paramiko import RejectPolicy, SSHException
 
@@ -135,7 +135,7 @@ class Host:
     def __init__(self, conn, settings: settings_mod.Settings, check: bool = False,
                  sudo_password: str | None = None, out=None, executor=None,
                  command_timeout: int = COMMAND_TIMEOUT, probe_timeout: int = PROBE_TIMEOUT,
-                 lock: str | None = None, holder=None, name: str | None = None):
+                 lock: str | None = None, holder=None, site: inventory.Site | None = None):
         self.conn = conn
         self._exec = executor or (lambda command, stdin, wait: ssh_exec(conn, command, stdin,
                                                                         wait))
@@ -150,7 +150,9 @@ class Host:
         self.check = check
         self.sudo_password = sudo_password
         # the host's name in the report: its inventory name, else the host fab was given
-        self.name = name or getattr(conn, "original_host", None) or conn.host
+        self.name = site.me.name if site else conn.original_host
+        # the hosts of its site and their roles (a whole stack: this host alone)
+        self.site = site or inventory.Site.alone(self.name)
         self.report = Report(self.name, check=check, out=out)
         self.round_trips = 0
         self._sudo: str | None = None  # "root", "nopasswd" or "password"
@@ -494,6 +496,10 @@ def load_config(config) -> tuple[settings_mod.Settings, dict[str, inventory.Host
         settings = settings_mod.load(cfg.get("env_file", ".env"))
         primitives.prerender(settings)
         hosts = inventory.load(config)
+        if any(not entry.whole for entry in hosts.values()) and not settings["REDIS_PASSWORD"]:
+            raise inventory.InventoryError(
+                "REDIS_PASSWORD: missing in the settings; the inventory spreads the site over "
+                "several hosts, where Redis listens on its private address and asks for it")
     except (settings_mod.SettingsError, primitives.TemplateError,
             inventory.InventoryError) as exc:
         raise Exit(f"error: {exc}\nNothing was changed on any host.", code=2) from None
@@ -522,7 +528,7 @@ def session(c, title: str, check: bool = False, lock: bool = True):
                 command_timeout=int(cfg.get("command_timeout", COMMAND_TIMEOUT)),
                 probe_timeout=int(cfg.get("probe_timeout", PROBE_TIMEOUT)),
                 lock=title if lock and not check else None,
-                name=inventory.name_of(hosts, c.original_host))
+                site=inventory.site_of(hosts, c.original_host or c.host))
     started = time.monotonic()
     failure = None
     try:
@@ -544,6 +550,28 @@ def session(c, title: str, check: bool = False, lock: bool = True):
                                 report.count("failed"), seconds, host.round_trips)
     if failure is not None:
         raise Exit(code=1)
+
+
+@contextmanager
+def peer(h: Host, role: str):
+    """A :class:`Host` for a step of ``h``'s run on the site's host with ``role`` (``h``
+    itself when it has the role), opened on a connection of its own with ``h``'s settings and
+    options; its lines are reported under its name, its round trips counted in ``h``'s. It
+    takes no lock: the step must be safe beside another run there (a dump is)."""
+    if h.site.has(role):
+        yield h
+        return
+    [entry] = h.site.holding(role)
+    conn = Connection(entry.ssh, config=h.conn.config)
+    check_host_keys(conn)
+    other = Host(conn, h.settings, check=h.check, sudo_password=h.sudo_password, out=h.report.out,
+                 command_timeout=h.command_timeout, probe_timeout=h.probe_timeout,
+                 site=inventory.Site(entry, h.site.hosts))
+    try:
+        yield other
+    finally:
+        h.round_trips += other.round_trips
+        conn.close()
 
 
 def converging_task(title: str, **options):

@@ -1,4 +1,4 @@
-"""The inventory: the hosts fabstack acts on when fab is given no ``-H``.
+"""The inventory: the hosts fabstack acts on when fab is given no ``-H``, and their roles.
 
 They are declared in Fabric's own configuration (the project's ``fabric.yaml``,
 ``~/.fabric.yaml`` or a file given with ``fab -f``), in the ``fabstack`` section::
@@ -7,23 +7,36 @@ They are declared in Fabric's own configuration (the project's ``fabric.yaml``,
       hosts:
         web1:
           ssh: root@203.0.113.11        # [user@]host[:port], or a Host alias of ~/.ssh/config
-        web2:
+          private: 10.0.0.11            # the address the other hosts reach it on
+          roles: [web, worker]
+        db1:
           ssh: deploy@203.0.113.12:2222
+          private: 10.0.0.12
+          roles: [db, redis]
 
-A host's name is how fab's output and ``-H`` name it (``fab -H web2 provision``); ``ssh``
-defaults to the name itself. The inventory holds no secrets: the settings stay in ``.env``.
-A host not in the inventory (``fab -H 198.51.100.7 provision``) is acted on as before.
+A host's name is how fab's output and ``-H`` name it (``fab -H db1 provision``); ``ssh``
+defaults to the name itself. A host without ``roles`` has every role: a whole stack of its
+own, as a host not in the inventory (``fab -H 198.51.100.7 provision``) is. When some host
+has only some roles, the inventory is one site spread over its hosts (a :class:`Site`): every
+host has ``private``, one host holds each of ``db``, ``redis`` and ``lb``, and at least one
+each of ``web`` and ``worker``; in this version ``lb``, ``web`` and ``worker`` are on one host,
+the app host, and ``db`` and ``redis`` may each have a host of their own. The inventory holds
+no secrets: the settings stay in ``.env``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
+ROLES = ("lb", "web", "worker", "db", "redis")
+SOLE_ROLES = ("lb", "db", "redis")  # exactly one host of a site holds each
+APP_ROLES = ("lb", "web", "worker")  # on one host (the app host) in this version
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # [user@]host[:port]: what Fabric's Connection takes as a host string
 SSH_RE = re.compile(r"(?:[^@\s:]+@)?(?P<host>[^@\s:]+)(?::(?P<port>\d{1,5}))?")
-KEYS = {"ssh"}
+KEYS = {"ssh", "private", "roles"}
 
 
 class InventoryError(ValueError):
@@ -32,15 +45,67 @@ class InventoryError(ValueError):
 
 @dataclass(frozen=True)
 class HostEntry:
-    """One host of the inventory: its name and where SSH reaches it."""
+    """One host of the inventory: its name, where SSH reaches it, where the other hosts
+    reach it, and its roles."""
 
     name: str
     ssh: str
+    private: str | None = None
+    roles: frozenset[str] = frozenset(ROLES)
 
     @property
     def host(self) -> str:
         """The host part of ``ssh`` (what a Connection to it calls its host)."""
         return SSH_RE.fullmatch(self.ssh)["host"]
+
+    @property
+    def whole(self) -> bool:
+        """True for a host with every role (a whole stack)."""
+        return self.roles == frozenset(ROLES)
+
+
+@dataclass(frozen=True)
+class Site:
+    """The hosts one site spans, as one of them (``me``) sees them.
+
+    A whole-stack host's site is that host alone; each role's hosts are reached on
+    ``address``: loopback on the host itself, else its private address.
+    """
+
+    me: HostEntry
+    hosts: tuple[HostEntry, ...]
+
+    @classmethod
+    def alone(cls, name: str) -> Site:
+        """The site of a whole-stack host (one not in the inventory, or with every role)."""
+        me = HostEntry(name, name)
+        return cls(me, (me,))
+
+    @property
+    def spread(self) -> bool:
+        """True when the site spans several hosts."""
+        return len(self.hosts) > 1
+
+    def has(self, role: str) -> bool:
+        return role in self.me.roles
+
+    def holding(self, role: str) -> list[HostEntry]:
+        """The site's hosts with ``role``, in inventory order."""
+        return [entry for entry in self.hosts if role in entry.roles]
+
+    def address(self, entry: HostEntry) -> str:
+        """Where this host reaches ``entry``: ``localhost`` if it is this host."""
+        return "localhost" if entry == self.me else entry.private
+
+    def address_of(self, role: str) -> str:
+        """Where this host reaches the one host that holds ``role`` (db, redis, lb)."""
+        [entry] = self.holding(role)
+        return self.address(entry)
+
+    def others(self, *roles: str) -> list[str]:
+        """The private addresses of the other hosts with any of ``roles``."""
+        return [entry.private for entry in self.hosts
+                if entry != self.me and entry.roles & set(roles)]
 
 
 def load(config) -> dict[str, HostEntry]:
@@ -51,34 +116,71 @@ def load(config) -> dict[str, HostEntry]:
     hosts = (config.get("fabstack") or {}).get("hosts") or {}
     if not isinstance(hosts, dict):
         raise InventoryError("fabstack.hosts: give a mapping of host names to their settings")
-    entries: dict[str, HostEntry] = {}
-    for name, values in hosts.items():
-        where = f"fabstack.hosts.{name}"
-        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            raise InventoryError(f"{where}: a host's name is letters, digits, '.', '_' and '-'")
-        values = values or {}
-        if not isinstance(values, dict):
-            raise InventoryError(f"{where}: give a mapping (ssh: ...)")
-        if unknown := sorted(set(values) - KEYS):
-            raise InventoryError(f"{where}: unknown key {', '.join(map(str, unknown))} "
-                                 f"(known: {', '.join(sorted(KEYS))})")
-        ssh = str(values.get("ssh") or name)
-        match = SSH_RE.fullmatch(ssh)
-        if not match or (match["port"] and not 0 < int(match["port"]) < 65536):
-            raise InventoryError(f"{where}.ssh: {ssh!r} is not [user@]host[:port]")
-        entries[name] = HostEntry(name, ssh)
+    entries = {name: _entry(name, values) for name, values in hosts.items()}
     seen: dict[str, str] = {}
     for entry in entries.values():
-        if entry.host in seen:
-            raise InventoryError(f"fabstack.hosts: {seen[entry.host]} and {entry.name} are the "
-                                 f"same host ({entry.host})")
-        seen[entry.host] = entry.name
+        for address in filter(None, (entry.host, entry.private)):
+            if address in seen and seen[address] != entry.name:
+                raise InventoryError(f"fabstack.hosts: {seen[address]} and {entry.name} are "
+                                     f"the same host ({address})")
+            seen[address] = entry.name
+    if any(not entry.whole for entry in entries.values()):
+        _check_site(list(entries.values()))
     return entries
 
 
-def name_of(inventory: dict[str, HostEntry], host: str) -> str:
-    """The inventory's name for the host a Connection calls ``host`` (``host`` if none)."""
+def _entry(name, values) -> HostEntry:
+    where = f"fabstack.hosts.{name}"
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InventoryError(f"{where}: a host's name is letters, digits, '.', '_' and '-'")
+    values = values or {}
+    if not isinstance(values, dict):
+        raise InventoryError(f"{where}: give a mapping (ssh, private, roles)")
+    if unknown := sorted(map(str, set(values) - KEYS)):
+        raise InventoryError(f"{where}: unknown key {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(KEYS))})")
+    ssh = str(values.get("ssh") or name)
+    match = SSH_RE.fullmatch(ssh)
+    if not match or (match["port"] and not 0 < int(match["port"]) < 65536):
+        raise InventoryError(f"{where}.ssh: {ssh!r} is not [user@]host[:port]")
+    private = values.get("private")
+    if private is not None:
+        try:
+            private = str(ipaddress.ip_address(str(private)))
+        except ValueError:
+            raise InventoryError(f"{where}.private: {private!r} is not an IP address") from None
+    roles = values.get("roles", list(ROLES))
+    if not isinstance(roles, list) or not roles or not all(role in ROLES for role in roles):
+        raise InventoryError(f"{where}.roles: give a list of roles among {', '.join(ROLES)}")
+    return HostEntry(name, ssh, private, frozenset(roles))
+
+
+def _check_site(entries: list[HostEntry]) -> None:
+    """A site spread over several hosts: each reachable on its private address, each sole
+    role on one host, web and worker on at least one."""
+    for entry in entries:
+        if entry.private is None:
+            raise InventoryError(f"fabstack.hosts.{entry.name}.private: the hosts of a site "
+                                 "spread over several hosts each need the address the others "
+                                 "reach them on")
+    for role in ROLES:
+        holders = [entry.name for entry in entries if role in entry.roles]
+        if role in SOLE_ROLES and len(holders) != 1:
+            raise InventoryError(f"fabstack.hosts: one host holds role {role}, not "
+                                 f"{len(holders)}{': ' if holders else ''}{', '.join(holders)}")
+        if not holders:
+            raise InventoryError(f"fabstack.hosts: no host holds role {role}")
+    for entry in entries:
+        if entry.roles & set(APP_ROLES) not in (set(), set(APP_ROLES)):
+            raise InventoryError(
+                f"fabstack.hosts.{entry.name}.roles: lb, web and worker go on one host in "
+                "this version (db and redis may each have a host of their own); web and "
+                "worker hosts of their own are not built yet")
+
+
+def site_of(inventory: dict[str, HostEntry], host: str) -> Site:
+    """The site of the host a Connection calls ``host``, as that host sees it."""
     for entry in inventory.values():
         if entry.host == host:
-            return entry.name
-    return host
+            return Site(entry, (entry,) if entry.whole else tuple(inventory.values()))
+    return Site.alone(host)

@@ -59,9 +59,10 @@ def missing_settings(s) -> list[str]:
 
 
 def role_resources(h) -> list:
-    """The monitoring role (pg_monitor, nothing else), when its password is set."""
+    """The monitoring role (pg_monitor, nothing else), when its password is set, where
+    PostgreSQL runs (the db role)."""
     s = h.settings
-    if not s["MONITORING_DB_PASSWORD"]:
+    if not s["MONITORING_DB_PASSWORD"] or not h.site.has("db"):
         return []
     user = s["MONITORING_DB_USER"]
     if user == s.db_user:
@@ -77,7 +78,8 @@ def telegraf_resources(h) -> list:
     return [
         *apt_repository("influxdata", INFLUX_REPO, "stable", "main", INFLUX_KEY),
         Packages(["telegraf"]),
-        File(TELEGRAF_CONF, render("telegraf.conf.j2", s), owner="root", group="telegraf",
+        File(TELEGRAF_CONF, render("telegraf.conf.j2", s, postgres=h.site.has("db")),
+             owner="root", group="telegraf",
              mode=0o640, secret=True, notify=["telegraf.service:restart"]),
         Service("telegraf"),
     ]

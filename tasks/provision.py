@@ -118,22 +118,41 @@ def base_resources(h) -> list:
         Directory(s.layout.media, app, app, 0o755),
         media_readable(s.layout.media),
         Directory(s.layout.logs, app, app, 0o750),
-        Firewall(["OpenSSH", "80/tcp", "443/tcp"]),
+        Firewall(firewall_rules(h)),
     ]
+
+
+def firewall_rules(h) -> list[str]:
+    """ufw's rules for the host's roles: SSH; HTTP and HTTPS on the lb (a whole stack's too);
+    PostgreSQL and Redis from the app's hosts only, on a site spread over hosts."""
+    site = h.site
+    clients = site.others("web", "worker")
+    return ["OpenSSH", *(["80/tcp", "443/tcp"] if site.has("lb") else []),
+            *([f"5432/tcp from {client}" for client in clients] if site.has("db") else []),
+            *([f"6379/tcp from {client}" for client in clients] if site.has("redis") else [])]
 
 
 @parallel
 @task(default=True, help={"check": CHECK_HELP})
 def all(c, check=False):  # noqa: A001 - "provision.all" reads best
-    """Provision the whole stack in order, from the base system to monitoring."""
+    """Provision the stack in order, from the base system to monitoring (the host's roles')."""
     with session(c, "provision", check) as h:
         release, candidate = python.facts(h, h.settings["PYTHON_VERSION"])
         # Everything is declared (and every setting checked) before anything changes, and
         # read in one probe round trip: the steps' later decisions (the site's switch to
         # HTTPS once certbot has the certificate) are made on the host by the re-probes.
-        rest = [*db.db_resources(h), *celery.celery_resources(h), *nginx.nginx_resources(h),
-                *deploy.app_resources(h), *backup.backup_resources(h),
-                *certbot.certbot_resources(h), *monitoring.monitoring_resources(h)]
+        # The steps of the host's roles (tasks/inventory.py; a whole stack has them all):
+        # the app host has lb, web and worker in this version.
+        app = h.site.has("web")
+        rest = [*db.db_resources(h), *(celery.celery_resources(h) if app else []),
+                *(nginx.nginx_resources(h) if app else []),
+                *(deploy.app_resources(h) if app else []), *backup.backup_resources(h),
+                *(certbot.certbot_resources(h) if app else []),
+                *monitoring.monitoring_resources(h)]
+        if not app:  # no Python of ours on a db or redis host
+            refuse_conflicts(h, [*base_resources(h), *rest])
+            ensure(h, *one_apt_run([*base_resources(h), *rest]))
+            return
         if candidate:
             first = [*base_resources(h), *python.python_resources(h, release, candidate)]
         else:  # no apt lists yet (or a PPA is needed): the base system first, then look again

@@ -66,8 +66,8 @@ MANAGED_ENV = (
     "DATABASE_URL", "CELERY_BROKER_URL", "REDIS_URL", "INFLUX_TOKEN", "INFLUX_BUCKET",
     "INFLUX_ORG", "INFLUX_URL", "MAILGUN_API_KEY", "MAILGUN_DOMAIN",
 )
-REDIS_BROKER_URL = "redis://localhost:6379/0"
-REDIS_CACHE_URL = "redis://localhost:6379/1"
+# Redis's databases: Celery's queues, the Django cache
+REDIS_BROKER_DB, REDIS_CACHE_DB = 0, 1
 
 
 class SettingsError(Exception):
@@ -392,6 +392,9 @@ KEYS: tuple[Key, ...] = (
     Key("DB_PASSWORD", "Password of the app's PostgreSQL role (any characters, at least 16); "
         "changing it changes the role's password on the next provision",
         check=check_min_length(16), secret=True),
+    Key("REDIS_PASSWORD", "Password of the app's Redis user (at least 16 characters): needed, "
+        "and only used, when the inventory spreads the site over several hosts (Redis then "
+        "listens on its private address)", "", check_optional_min_length(16), secret=True),
     Key("REDIS_MAXMEMORY", "Memory limit of Redis, e.g. 256mb or 1gb", "256mb", check_redis_size),
     Key("REDIS_MAXMEMORY_POLICY", "What Redis evicts at the limit: volatile-lru evicts cache keys "
         "(they expire) and keeps Celery's queues (they do not)", "volatile-lru",
@@ -511,12 +514,20 @@ class Settings:
     def db_user(self) -> str:
         return self.values["DB_USER"] or self.app
 
-    @property
-    def database_url(self) -> str:
-        """postgres://USER:PASSWORD@localhost:5432/NAME, each part percent-encoded."""
+    def database_url(self, host: str = "localhost") -> str:
+        """postgres://USER:PASSWORD@HOST:5432/NAME, each part percent-encoded; over TLS
+        (sslmode=require) when the database is on another host."""
         user, password, name = (quote(v, safe="") for v in
                                 (self.db_user, self.values["DB_PASSWORD"], self.db_name))
-        return f"postgres://{user}:{password}@localhost:5432/{name}"
+        tls = "" if host == "localhost" else "?sslmode=require"
+        return f"postgres://{user}:{password}@{host}:5432/{name}{tls}"
+
+    def redis_url(self, database: int, host: str = "localhost", auth: bool = False) -> str:
+        """redis://HOST:6379/DATABASE; with ``auth``, as the app's Redis user (its name and
+        REDIS_PASSWORD, percent-encoded)."""
+        login = (f"{quote(self.app, safe='')}:{quote(self.values['REDIS_PASSWORD'], safe='')}@"
+                 if auth else "")
+        return f"redis://{login}{host}:6379/{database}"
 
     @property
     def monitoring(self) -> bool:
@@ -524,9 +535,13 @@ class Settings:
         mode = self.values["MONITORING"]
         return mode == "telegraf" or (mode == "" and bool(self.values["INFLUX_URL"]))
 
-    def app_environment(self) -> dict[str, str]:
-        """The app's environment (:data:`MANAGED_ENV`, then the operator's extras)."""
+    def app_environment(self, site=None) -> dict[str, str]:
+        """The app's environment (:data:`MANAGED_ENV`, then the operator's extras), on a host
+        of ``site`` (an inventory.Site; None: a whole stack on one host)."""
         v = self.values
+        db, redis = ((site.address_of("db"), site.address_of("redis")) if site
+                     else ("localhost", "localhost"))
+        auth = bool(site and site.spread)
         env = {
             "PYTHONPATH": self.layout.current,
             "DJANGO_SETTINGS_MODULE": v["DJANGO_SETTINGS_MODULE"],
@@ -536,9 +551,9 @@ class Settings:
             "DJANGO_SECRET_KEY": v["DJANGO_SECRET_KEY"],
             "DJANGO_ADMIN_URL": v["DJANGO_ADMIN_URL"],
             "DJANGO_ALLOWED_HOSTS": f"{v['DOMAIN']},www.{v['DOMAIN']}",
-            "DATABASE_URL": self.database_url,
-            "CELERY_BROKER_URL": REDIS_BROKER_URL,
-            "REDIS_URL": REDIS_CACHE_URL,
+            "DATABASE_URL": self.database_url(db),
+            "CELERY_BROKER_URL": self.redis_url(REDIS_BROKER_DB, redis, auth),
+            "REDIS_URL": self.redis_url(REDIS_CACHE_DB, redis, auth),
             **{name: v[name] for name in MANAGED_ENV if name.startswith(("INFLUX_", "MAILGUN_"))},
         }
         return env | self.extras

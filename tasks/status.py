@@ -29,18 +29,21 @@ BACKUP_MAX_AGE = 48 * 3600  # seconds: an older newest dump is a problem
 DISK_MAX_USE = 90  # percent of a filesystem in use that is a problem
 
 
-def services(s) -> list[tuple[str, str]]:
-    """(unit, what it is) for every service the host should run but gunicorn (the instance
-    that serves is read on the host: :func:`snippets`)."""
-    units = [("celery.service", "Celery worker"),
-             ("celerybeat.service", "Celery beat"), ("nginx.service", "web server"),
-             ("postgresql.service", "database"), ("redis-server.service", "broker and cache")]
+def services(s, site) -> list[tuple[str, str]]:
+    """(unit, what it is) for every service the host should run for its roles (``site``: an
+    inventory.Site) but gunicorn (the instance that serves is read on the host:
+    :func:`snippets`)."""
+    units = [(unit, what) for role, unit, what in (
+        ("worker", "celery.service", "Celery worker"), ("worker", "celerybeat.service",
+                                                        "Celery beat"),
+        ("lb", "nginx.service", "web server"), ("db", "postgresql.service", "database"),
+        ("redis", "redis-server.service", "broker and cache")) if site.has(role)]
     if s.monitoring:
         units.append(("telegraf.service", "metrics"))
     return units
 
 
-def snippets(s) -> list[str]:
+def snippets(s, site) -> list[str]:
     """The read-only probe, one snippet per part of the report."""
     current = s.layout.current
     cert = f"/etc/letsencrypt/live/{s['DOMAIN']}/fullchain.pem"
@@ -53,7 +56,7 @@ def snippets(s) -> list[str]:
         f"{q(s.app)}@$c.service 2>/dev/null)\n"
         + "".join(f"echo {q(unit)} $(systemctl is-active -- {q(unit)} 2>/dev/null) "
                   f"$(systemctl list-jobs --no-legend -- {q(unit)} | awk '{{print $3}}')\n"
-                  for unit, _ in services(s)) + "true",
+                  for unit, _ in services(s, site)) + "true",
         "ss -ltnH 2>/dev/null | awk '{print $4}'",
         f"if [ -L {q(current)} ]; then readlink -- {q(current)}; "
         f"stat -c %Y -- {q(current)}; fi",
@@ -104,8 +107,9 @@ class Line:
     message: str
 
 
-def assess(s, answers: list[str]) -> list[Line]:
-    """The report's lines from the probe's ``answers`` (see :func:`snippets`)."""
+def assess(s, site, answers: list[str]) -> list[Line]:
+    """The report's lines for the host's roles from the probe's ``answers`` (see
+    :func:`snippets`)."""
     now_s, units, ss_out, release, dump, cert, du, df, maintenance = answers
     now = int(now_s.strip() or time.time())
     lines: list[Line] = []
@@ -120,7 +124,7 @@ def assess(s, answers: list[str]) -> list[Line]:
         lines.append(Line("ok" if active.strip() == "active" else "failed",
                           f"service {app_unit}",
                           f"{active.strip() or 'unknown'} (gunicorn, the instance that serves)"))
-    for unit, role in services(s):
+    for unit, role in services(s, site):
         active, _, job = (state.get(unit, "").strip() or "unknown").partition(" ")
         if active != "active" and job in STARTING_JOBS:  # e.g. a deploy's restart of Celery
             lines.append(Line("warning", f"service {unit}", f"{active}: systemd's {job} job "
@@ -177,7 +181,14 @@ def assess(s, answers: list[str]) -> list[Line]:
             full = int(use.rstrip("%"))
             lines.append(Line("ok" if full < DISK_MAX_USE else "failed", f"filesystem {mount}",
                               f"{use} used"))
-    return lines
+    return [line for line in lines if (role := role_of(s, line.what)) is None or site.has(role)]
+
+
+def role_of(s, what: str) -> str | None:
+    """The role whose host reports the line ``what`` (None: every host reports it)."""
+    if what in ("gunicorn", "release") or what.startswith(f"service {s.app}@"):
+        return "web"
+    return {"last backup": "db", "certificate": "lb"}.get(what)
 
 
 @every_host
@@ -187,8 +198,8 @@ def status(c):
     problems: list[str] = []
     with session(c, "status", lock=False) as h:
         s = h.settings
-        answers = h.probe(snippets(s))
-        for line in assess(s, answers):
+        answers = h.probe(snippets(s, h.site))
+        for line in assess(s, h.site, answers):
             h.report.add(line.status, line.what, h.mask(line.message))
             if line.status == "failed":
                 problems.append(f"{line.what}: {line.message}")

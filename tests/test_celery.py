@@ -11,6 +11,7 @@ import pytest
 from tasks import build_namespace, celery, db, provision
 from tasks import settings as settings_mod
 from tasks.host import StepFailed
+from tasks.inventory import Site
 from tasks.primitives import PENDING_DIR, Change, File, Ok, Service, ensure, render
 from tests.conftest import VALID
 from tests.test_db import converged, host_for, parse_env_file
@@ -312,7 +313,8 @@ def test_check_mode_on_a_fresh_host_plans_and_applies_nothing(make_host, setting
 
 def test_db_step_environment_files_notify_both_units():
     s = make_settings()
-    files = {r.path: r for r in db.db_resources(SimpleNamespace(settings=s))
+    files = {r.path: r for r in db.db_resources(SimpleNamespace(settings=s,
+                                                                site=Site.alone("h")))
              if isinstance(r, File)}
     for path in (s.layout.env_file, f"{s.layout.conf}/celery.conf"):
         assert {"celery.service@restart", "celerybeat.service@restart"} <= set(
@@ -395,7 +397,7 @@ def test_provision_runs_celery_after_the_data_tier(monkeypatch):
     """provision declares the Celery units after the files they read (one ensure, in order)."""
     s = make_settings()
     seen = []
-    host = SimpleNamespace(settings=s, check=False)
+    host = SimpleNamespace(settings=s, check=False, site=Site.alone("h"))
     monkeypatch.setattr(provision, "session", lambda c, title, check: _Nothing(host))
     monkeypatch.setattr(provision.python, "facts", lambda h, v: ({"ID": "debian"}, True))
     monkeypatch.setattr(provision, "ensure", lambda h, *resources: seen.extend(resources))

@@ -15,6 +15,7 @@ import pytest
 
 from tasks import logs, maintenance, manage, media, nginx, status, upgrade
 from tasks.host import BACKGROUND, Result, StepFailed
+from tasks.inventory import Site
 from tasks.primitives import Change, File, Ok, render
 
 
@@ -242,11 +243,12 @@ def test_maintenance_off_puts_the_site_back_before_the_page_goes(make_host, sett
 
 def test_status_says_when_the_page_is_on(settings):
     answers = ["1796014801\n", "", "", "", "", "none\n", "", "", "1796011201\n"]
-    lines = status.assess(settings, answers)
+    lines = status.assess(settings, Site.alone("h"), answers)
     line = next(line for line in lines if line.what == "maintenance")
     assert line.status == "warning" and line.message.startswith("on since 2026-11-30 04:00 UTC")
     answers[-1] = ""
-    assert not any(line.what == "maintenance" for line in status.assess(settings, answers))
+    assert not any(line.what == "maintenance"
+                   for line in status.assess(settings, Site.alone("h"), answers))
 
 
 # -- fab restore-media -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from dotenv import dotenv_values
 
 from sandbox.tasks import dotenv_quote
-from tasks import db
+from tasks import db, inventory
 from tasks import settings as settings_mod
 from tasks.primitives import (
     AptUpdate,
@@ -176,13 +176,36 @@ def test_app_env_file_holds_every_value_as_is():
 
 def test_database_url_percent_encodes_every_part():
     s = make_settings(DB_PASSWORD=NASTY, DB_USER="app_user", DB_NAME="app-db")
-    url = urlsplit(s.database_url)
-    assert (url.scheme, url.hostname, url.port, url.path) == ("postgres", "localhost", 5432,
-                                                              "/app-db")
+    url = urlsplit(s.database_url())
+    assert (url.scheme, url.hostname, url.port, url.path, url.query) == (
+        "postgres", "localhost", 5432, "/app-db", "")
     assert unquote(url.username) == "app_user" and unquote(url.password) == NASTY
-    assert s.database_url.count("@") == 1 and s.database_url.count(":") == 3
+    assert s.database_url().count("@") == 1 and s.database_url().count(":") == 3
     s = make_settings(APP_NAME="shop")
-    assert s.database_url.startswith("postgres://shop:") and s.database_url.endswith("/shop")
+    assert s.database_url().startswith("postgres://shop:") and s.database_url().endswith("/shop")
+    remote = urlsplit(s.database_url("10.0.0.13"))  # another host's: over TLS
+    assert (remote.hostname, remote.query) == ("10.0.0.13", "sslmode=require")
+
+
+def test_redis_urls_carry_the_password_on_a_spread_site():
+    s = make_settings(REDIS_PASSWORD=NASTY, APP_NAME="shop")
+    assert s.redis_url(0) == "redis://localhost:6379/0"
+    url = urlsplit(s.redis_url(1, "10.0.0.13", auth=True))
+    assert (url.hostname, url.port, url.path) == ("10.0.0.13", 6379, "/1")
+    assert (unquote(url.username), unquote(url.password)) == ("shop", NASTY)
+
+
+def test_a_spread_site_points_the_app_at_its_database_and_redis_hosts():
+    entries = inventory.load({"fabstack": {"hosts": {
+        "app": {"ssh": "a", "private": "10.0.0.11", "roles": ["lb", "web", "worker"]},
+        "data": {"ssh": "d", "private": "10.0.0.13", "roles": ["db", "redis"]}}}})
+    s = make_settings(REDIS_PASSWORD="r" * 16)
+    env = s.app_environment(inventory.site_of(entries, "a"))
+    assert env["DATABASE_URL"] == s.database_url("10.0.0.13")
+    assert env["CELERY_BROKER_URL"] == s.redis_url(0, "10.0.0.13", auth=True)
+    assert env["REDIS_URL"] == s.redis_url(1, "10.0.0.13", auth=True)
+    whole = s.app_environment(inventory.Site.alone("a"))
+    assert whole == s.app_environment() and whole["REDIS_URL"] == "redis://localhost:6379/1"
 
 
 def test_dotenv_quote_of_the_sandbox_settings_round_trips():
@@ -372,3 +395,26 @@ def test_joint_psql_reads_unanswered_queries_as_unavailable():
     out = f"{joint.MARK}0\nt|x\n{joint.MARK}1\nunavailable\n"
     assert joint.split(out, 3) == ["t|x\n", "unavailable\n", "unavailable\n"]
     assert joint.split("unavailable\n", 2) == ["unavailable\n"] * 2  # server down
+
+
+def test_pg_hba_lines_live_between_markers_at_the_end():
+    s = make_settings(APP_NAME="shop")
+    lines = db.hba_lines(s, ["10.0.0.11", "10.0.0.12"])
+    assert lines == ('hostssl "shop" "shop" 10.0.0.11/32 scram-sha-256\n'
+                     'hostssl "shop" "shop" 10.0.0.12/32 scram-sha-256\n')
+    hba = db.PgHba("app hosts", lines)
+    path = "/etc/postgresql/15/main/pg_hba.conf"
+    stock = "local all postgres peer\nhost all all 127.0.0.1/32 scram-sha-256\n"
+    ours = f"{stock}{hba.begin}\n{lines}{hba.end}\n"
+    host = SimpleNamespace(check=False)
+    written = hba.plan(f"{path}|f|{stock}", host)
+    assert isinstance(written, Change) and written.message == f"written in {path} (2 lines)"
+    assert "pg_reload_conf()" in written.script and "pg_hba_file_rules" in written.script
+    assert hba.plan(f"{path}|f|{ours}", host).message == f"2 in {path}"
+    assert hba.plan(f"{path}|t|{ours}", host).message.startswith("written again")
+    changed = db.PgHba("app hosts", lines.splitlines(keepends=True)[0]).plan(
+        f"{path}|f|{ours}", host)
+    assert changed.message == f"changed in {path} (1 line)"
+    removed = db.PgHba("app hosts", "").plan(f"{path}|f|{ours}", host)
+    assert removed.message == f"removed from {path}"
+    assert db.PgHba("app hosts", "").plan(f"{path}|f|{stock}", host).message == "none"

@@ -6,6 +6,7 @@ from invoke.exceptions import Exit
 from tasks import settings as settings_mod
 from tasks import status
 from tasks.host import Host
+from tasks.inventory import Site, load, site_of
 from tests.conftest import VALID
 from tests.fake import FakeConnection
 
@@ -136,7 +137,7 @@ def test_fresh_host_warns_without_failing(tmp_path, capsys, monkeypatch):
 
 def test_snippets_follow_the_settings():
     s = settings_mod.parse({**VALID, "APP_NAME": "shop", "DOMAIN": "shop.example.org"})
-    probe = "\n".join(status.snippets(s))
+    probe = "\n".join(status.snippets(s, Site.alone("h")))
     assert "readlink -- /opt/shop/app" in probe
     assert "find /opt/shop/backup -type f -name '*.dump'" in probe
     assert "/etc/letsencrypt/live/shop.example.org/fullchain.pem" in probe
@@ -149,3 +150,20 @@ def test_snippets_follow_the_settings():
 def test_ago():
     assert [status.ago(x) for x in (5, 600, 5 * 3600, 10 * DAY)] == \
         ["5 s", "10 min", "5 h", "10 days"]
+
+
+def test_each_host_of_a_spread_site_reports_its_roles():
+    s = settings_mod.parse(dict(VALID))
+    entries = load({"fabstack": {"hosts": {
+        "app": {"ssh": "a", "private": "10.0.0.11", "roles": ["lb", "web", "worker"]},
+        "data": {"ssh": "d", "private": "10.0.0.12", "roles": ["db", "redis"]}}}})
+    answers = ["1796014801\n", "", "", "", "", "none\n", "", "", ""]
+    whats = {name: {line.what for line in status.assess(s, site_of(entries, host), answers)}
+             for name, host in (("app", "a"), ("data", "d"))}
+    assert {"gunicorn", "release", "certificate", "service nginx.service",
+            "service celery.service"} <= whats["app"]
+    assert not {"last backup", "service postgresql.service"} & whats["app"]
+    assert {"last backup", "service postgresql.service",
+            "service redis-server.service"} <= whats["data"]
+    assert not {"gunicorn", "release", "certificate", "service nginx.service"} & whats["data"]
+    assert {"listening", "disk use"} <= whats["app"] & whats["data"]
