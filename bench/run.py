@@ -1,6 +1,6 @@
 """The benchmark: fabstack beside pyinfra and Ansible, on the same sandbox host, in one run.
 
-    python bench/run.py [noop] [deploy] [fresh]      (all three by default; as root: `make bench`)
+    python bench/run.py [noop] [deploy] [fresh] [cluster]    (all by default; as root: `make bench`)
 
 noop    A converged sandbox: RUNS rounds, each timing one whole no-op converge of every tool
         in turn: fab provision, fab provision with its upgrade check forced (the peers
@@ -42,14 +42,20 @@ fresh   FRESH_RUNS times: a new sandbox, `fab provision` timed (the settings a u
         sandbox installs the packages and the same upgrades (those `apt-get -s dist-upgrade`
         takes from a security archive, as fab's plan does) in one `apt-get install`, the floor
         of the same work, and the ratio is given against it too.
+cluster CLUSTER_RUNS times: a new sandbox, `fab provision` timed; a new cluster of two sandboxes
+        with the site spread over them (app: lb, web, worker; data: db, redis), `fab provision`
+        of both at once timed (no -H: the inventory); then RUNS no-op provisions of each, in
+        turn. Both with the settings a user starts with. Targets (issue 13): the site's fresh
+        provision at most CLUSTER_TARGET times the single host's, its no-op too.
 
 The peers come from the `bench` extra of pyproject.toml (`make bench` installs it). Figures
 go to bench/results.json (each section with its date, machine and the load average as it
 began and ended) and the README's block between its bench markers is written anew from it.
 Environment: RUNS (default 7), DEPLOYS (5), REQ_DEPLOYS (2), ROLLBACKS (2), RATE (50),
-TAIL (4), SETTLE (5), FRESH_RUNS (5),
+TAIL (4), SETTLE (5), FRESH_RUNS (5), CLUSTER_RUNS (3),
 FABSTACK_BENCH_SANDBOX=NAME:SUBNET (the one sandbox the bench
-boots, default bench:10.213.48; the fresh section recreates it for each new host).
+boots, default bench:10.213.48; the fresh and cluster sections recreate it for each new host;
+the cluster's is NAMEc on SUBNET with the second octet three up, 10.216.48).
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from manifest import export  # noqa: E402
 
+from sandbox.cluster import Cluster  # noqa: E402
 from sandbox.container import Sandbox  # noqa: E402
 from sandbox.tasks import write_settings  # noqa: E402
 from tasks.primitives import UPGRADE_STAMP  # noqa: E402
@@ -99,6 +106,7 @@ KINDS = {"deploy": "`fab deploy` of a new commit, same requirements",
          "rollback": "`fab rollback`"}
 ADDED_REQUIREMENTS = ("six==1.17.0", "idna==3.10", "pyparsing==3.2.3", "packaging==25.0")
 FRESH_RUNS = int(os.environ.get("FRESH_RUNS", "5"))
+CLUSTER_RUNS = int(os.environ.get("CLUSTER_RUNS", "3"))
 SANDBOX_NAME, SANDBOX_SUBNET = os.environ.get("FABSTACK_BENCH_SANDBOX",
                                               "bench:10.213.48").split(":")
 WORK = Path("/var/tmp/fabstack-bench") / SANDBOX_NAME
@@ -115,9 +123,10 @@ REDEPLOY = ("deploy", "--ref", subprocess.run(["git", "-C", str(REPO), "rev-pars
 # rollbacks under at least 50 requests/s).
 NOOP_TARGET, PYINFRA_TARGET, ANSIBLE_TARGET, REDEPLOY_TARGET = 1.0, 3, 10, 5.0
 FRESH_TARGET = 1.15
+CLUSTER_TARGET = 1.5  # issue 13: a site spread over hosts beside one host, fresh and no-op
 DEPLOY_TARGET, REQ_DEPLOY_TARGET, ROLLBACK_TARGET, LATENCY_TARGET = 5.0, 15.0, 2.0, 3
 # Of each section of bench/results.json: one of another format is dropped, not merged.
-FORMATS = {"noop": 2, "deploy": 6, "fresh": 3}
+FORMATS = {"noop": 2, "deploy": 6, "fresh": 3, "cluster": 1}
 
 
 # -- running things ----------------------------------------------------------------------
@@ -510,6 +519,55 @@ def fresh() -> dict:
     return result
 
 
+def spread_site(info) -> tuple[list[str], dict]:
+    """The fab command line (and environment) that acts on the site spread over the cluster
+    ``info``: its inventory in a runtime configuration file, the settings a user starts with."""
+    app, data = info.members.values()
+    inventory = WORK / "cluster.yaml"
+    inventory.write_text(json.dumps({"fabstack": {"hosts": {  # JSON is YAML
+        "app": {"ssh": app.alias, "private": app.ip, "roles": ["lb", "web", "worker"]},
+        "data": {"ssh": data.alias, "private": data.ip, "roles": ["db", "redis"]}}}}))
+    env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(write_settings(info,
+                                                                      WORK / "cluster.env")))
+    return [FAB, "-S", str(info.ssh_config), "-f", str(inventory)], env
+
+
+def cluster() -> dict:
+    box = sandbox()
+    first, second, third = SANDBOX_SUBNET.split(".")
+    site = Cluster(name=f"{SANDBOX_NAME}c"[:9], members=("app", "data"),
+                   subnet=f"{first}.{int(second) + 3}.{third}")
+    singles, sites, noop_singles, noop_sites = [], [], [], []
+    print(f"\nfresh provision of a site spread over 2 hosts vs one host, {CLUSTER_RUNS} each:")
+    try:
+        for n in range(CLUSTER_RUNS):
+            target = Target(box.up(fresh=True))
+            wall, _ = run(target.fab("provision"), target.env)
+            singles.append(wall)
+            fab, env = spread_site(site.up(fresh=True))
+            wall_site, out = run([*fab, "provision"], env)
+            sites.append(wall_site)
+            print(f"  run {n + 1}: one host {wall:6.1f} s, the site on two hosts at once "
+                  f"{wall_site:6.1f} s, ratio {wall_site / wall:.2f}", flush=True)
+        for _ in range(RUNS):
+            noop_singles.append(run(target.fab("provision"), target.env)[0])
+            noop_sites.append(run([*fab, "provision"], env)[0])
+    finally:
+        box.down()
+        site.down()
+    result = {"single": stats(singles), "site": stats(sites),
+              "ratio": statistics.median(sites) / statistics.median(singles),
+              "noop_single": stats(noop_singles), "noop_site": stats(noop_sites),
+              "noop_ratio": statistics.median(noop_sites) / statistics.median(noop_singles)}
+    print(line("fab provision of a fresh host", result["single"]))
+    print(line("fab provision of a fresh site on 2 hosts", result["site"]))
+    print(line("no-op fab provision of the host", result["noop_single"]))
+    print(line("no-op fab provision of the site", result["noop_site"]))
+    print(f"  site / host, medians of this run: fresh {result['ratio']:.2f}x, no-op "
+          f"{result['noop_ratio']:.2f}x (targets: at most {CLUSTER_TARGET}x)")
+    return result
+
+
 # -- the README's block ------------------------------------------------------------------
 
 def targets(results: dict) -> list[str]:
@@ -563,6 +621,14 @@ def targets(results: dict) -> list[str]:
                    "`apt-get install` of its packages and the security upgrades it installs: "
                    f"{f['provision']['median']:.1f} s / "
                    f"{f['apt_get_upgrades']['median']:.1f} s = {f['ratio_upgrades']:.2f}x)")
+    if "cluster" in results:
+        k = results["cluster"]
+        for what, ratio, site, single in (
+                ("fresh", k["ratio"], k["site"], k["single"]),
+                ("no-op", k["noop_ratio"], k["noop_site"], k["noop_single"])):
+            out.append(f"{what} `fab provision` of a site on 2 hosts <= {CLUSTER_TARGET}x one "
+                       f"host's: {site['median']:.2f} s / {single['median']:.2f} s = "
+                       f"{ratio:.2f}x: {verdict(ratio <= CLUSTER_TARGET)}")
     return out
 
 
@@ -628,6 +694,15 @@ def table(results: dict) -> str:
             "the same work as a first provision's apt runs: security upgrades named: "
             + ", ".join(map(str, sorted(set(f["floor_upgrades"])))))
         notes.append(f"fresh: {f['provision']['runs']} hosts each, {f['date']}{load(f)}")
+    if "cluster" in results:
+        k = results["cluster"]
+        row("`fab provision` of a fresh host", k["single"], "1", "beside the site below")
+        row("`fab provision` of a fresh site on 2 hosts at once (app: lb, web, worker; data: "
+            "db, redis)", k["site"], f"x{k['ratio']:.2f}")
+        row("no-op `fab provision` of that host", k["noop_single"], "1")
+        row("no-op `fab provision` of that site", k["noop_site"], f"x{k['noop_ratio']:.2f}")
+        notes.append(f"cluster: {k['single']['runs']} hosts and sites, {k['noop_site']['runs']} "
+                     f"no-op runs each, {k['date']}{load(k)}")
     machines = sorted({r["machine"] for r in results.values()})
     text = "\n".join(rows) + "\n\n"
     if "noop" in results:
@@ -643,9 +718,10 @@ def table(results: dict) -> str:
         text += f"`systemd-analyze security` exposure (lower is safer): {exposure}.\n\n"
     lines = targets(results)
     if lines:
-        text += "Targets (issues 6, 11 and 12):\n\n" + "".join(f"- {t}\n" for t in lines) + "\n"
+        text += "Targets (issues 6, 11, 12 and 13):\n\n" + "".join(f"- {t}\n" for t in lines) + "\n"
     text += (f"Measured on {'; '.join(machines)}; {'; '.join(notes)}. Regenerate with "
-             "`make bench` (`python bench/run.py noop|deploy|fresh` for one section).\n")
+             "`make bench` (`python bench/run.py noop|deploy|fresh|cluster` for one "
+             "section).\n")
     return text
 
 
@@ -656,10 +732,10 @@ def write_readme(results: dict) -> None:
 
 
 def main(sections: list[str]) -> None:
-    unknown = set(sections) - {"noop", "deploy", "fresh"}
+    unknown = set(sections) - set(FORMATS)
     if unknown:
-        sys.exit(f"unknown section(s): {', '.join(sorted(unknown))} (noop, deploy, fresh)")
-    sections = sections or ["noop", "deploy", "fresh"]
+        sys.exit(f"unknown section(s): {', '.join(sorted(unknown))} ({', '.join(FORMATS)})")
+    sections = sections or list(FORMATS)
     WORK.mkdir(parents=True, exist_ok=True)
     kept = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     # sections measured by a bench that counted otherwise are not shown beside this run's
@@ -669,7 +745,7 @@ def main(sections: list[str]) -> None:
     for name in sections:
         before = os.getloadavg()[0]
         result = {"noop": lambda: noop(target), "deploy": lambda: deploy(target),
-                  "fresh": fresh}[name]()
+                  "fresh": fresh, "cluster": cluster}[name]()
         load = [round(before, 2), round(os.getloadavg()[0], 2)]
         results[name] = {**result, **stamp, "load": load, "format": FORMATS[name]}
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
