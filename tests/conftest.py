@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from invoke.util import yaml
 
 from sandbox.container import Sandbox
 from sandbox.pebble import Pebble
@@ -85,14 +86,50 @@ def smoke_sandbox() -> tuple[str, str]:
     return f"{name}-smoke", f"{first}.{int(second) + 1}.{third}"
 
 
-def cluster_sandbox() -> tuple[str, str]:
-    """The cluster test's own cluster (tests/test_sandbox_cluster.py) as (name, subnet): named
-    NAME (so NAME has no dash) on the suite's subnet with its second octet two up (test on
-    10.215.50 by default): beside the suite's sandbox and its smoke sandbox (one up), and apart
-    from every other suite's, as long as suites differ in their subnet's third octet."""
+def cluster_sandbox(suffix: str = "", up: int = 2) -> tuple[str, str]:
+    """A test module's own cluster as (name, subnet): named NAME (so NAME has no dash) and
+    ``suffix``, on the suite's subnet with its second octet ``up`` up. The cluster test's
+    (tests/test_sandbox_cluster.py) is two up (test on 10.215.50 by default), the spread site's
+    three (tests on 10.216.50): beside the suite's sandbox and its smoke sandbox (one up), and
+    apart from every other suite's, as long as suites differ in their subnet's third octet."""
     name, subnet = suite_sandbox()
     first, second, third = subnet.split(".")
-    return name, f"{first}.{int(second) + 2}.{third}"
+    return name + suffix, f"{first}.{int(second) + up}.{third}"
+
+
+@dataclass
+class Fleet:
+    """A booted cluster as a test drives it: fab on an inventory (a runtime configuration file
+    given with fab -f), shell commands on a member, a .env."""
+
+    info: object  # sandbox.cluster.ClusterInfo
+    work: Path
+
+    @property
+    def env_file(self) -> Path:
+        return self.work / ".env"
+
+    def write_env(self, **overrides) -> Path:
+        return Target(self.info, self.env_file).write_env(**overrides)
+
+    def fab(self, hosts: dict, *args) -> subprocess.CompletedProcess:
+        """fab ARGS with the inventory ``hosts`` (fabstack.hosts)."""
+        config = self.work / "fabric.yaml"
+        config.write_text(yaml.safe_dump({"fabstack": {"env_file": str(self.env_file),
+                                                       "hosts": hosts}}))
+        return subprocess.run([FAB, "-S", str(self.info.ssh_config), "-f", str(config), *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=1800)
+
+    def sh(self, member: str, command: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run(["ssh", "-F", str(self.info.ssh_config),
+                               self.info.members[member].alias, command], input=stdin,
+                              capture_output=True, text=True, timeout=300)
+
+
+def table(out: str) -> dict[str, list[str]]:
+    """The rows of the table a parallel run ends with, by host."""
+    head = out.rindex("  host ")
+    return {line.split()[0]: line.split()[1:] for line in out[head:].splitlines()[1:]}
 
 
 @pytest.fixture(scope="session")
