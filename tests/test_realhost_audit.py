@@ -88,6 +88,9 @@ ACTIONS = {
     "sandbox.down": "runs on this machine, not the target",
     "sandbox.status": "runs on this machine, not the target",
     "sandbox.up": "runs on this machine, not the target",
+    "sandbox.cluster-down": "runs on this machine, not the target",
+    "sandbox.cluster-status": "runs on this machine, not the target",
+    "sandbox.cluster-up": "runs on this machine, not the target",
 }
 READ_ONLY = ("releases", "status", "logs")
 
