@@ -47,6 +47,22 @@ def settings():
     return settings_mod.parse(dict(VALID))
 
 
+def provision_declares(monkeypatch, host) -> list:
+    """Every resource ``fab provision`` declares on ``host`` (a stand-in with ``settings``,
+    ``site`` and ``check``), in order, over no connection."""
+    from contextlib import nullcontext
+
+    from tasks import provision
+
+    seen: list = []
+    monkeypatch.setattr(provision, "session", lambda c, title, check: nullcontext(host))
+    monkeypatch.setattr(provision.python, "facts", lambda h, v: ({"ID": "debian"}, True))
+    monkeypatch.setattr(provision, "ensure", lambda h, *resources: seen.extend(resources))
+    monkeypatch.setattr(provision, "refuse_conflicts", lambda h, resources: None)
+    provision.all.body(None)
+    return seen
+
+
 @pytest.fixture
 def make_host(settings, capsys):
     def make(answers=(), failing=(), check=False, user="root", **kw):

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks import build_namespace, celery, db, provision
+from tasks import build_namespace, celery, db
 from tasks import settings as settings_mod
 from tasks.host import StepFailed
 from tasks.inventory import Site
 from tasks.primitives import PENDING_DIR, Change, File, Ok, Service, ensure, render
-from tests.conftest import VALID
+from tests.conftest import VALID, provision_declares
 from tests.test_db import converged, host_for, parse_env_file
 
 UNITS = ("celery.service", "celerybeat.service")
@@ -396,23 +396,7 @@ def test_tasks_are_in_the_namespace():
 def test_provision_runs_celery_after_the_data_tier(monkeypatch):
     """provision declares the Celery units after the files they read (one ensure, in order)."""
     s = make_settings()
-    seen = []
     host = SimpleNamespace(settings=s, check=False, site=Site.alone("h"))
-    monkeypatch.setattr(provision, "session", lambda c, title, check: _Nothing(host))
-    monkeypatch.setattr(provision.python, "facts", lambda h, v: ({"ID": "debian"}, True))
-    monkeypatch.setattr(provision, "ensure", lambda h, *resources: seen.extend(resources))
-    provision.all.body(None)
-    whats = [r.what for r in seen]
+    whats = [r.what for r in provision_declares(monkeypatch, host)]
     assert whats.index(f"file {s.layout.env_file}") < whats.index(
         "file /etc/systemd/system/celery.service") < whats.index("service celery.service")
-
-
-class _Nothing:
-    def __init__(self, host):
-        self.host = host
-
-    def __enter__(self):
-        return self.host
-
-    def __exit__(self, *exc):
-        return False

@@ -8,34 +8,17 @@ import pytest
 from tasks import provision
 from tasks import settings as settings_mod
 from tasks.inventory import Site, load, site_of
-from tests.conftest import VALID
+from tests.conftest import VALID, provision_declares
 
 HOSTS = {"app": {"ssh": "a", "private": "10.0.0.11", "roles": ["lb", "web", "worker"]},
          "data": {"ssh": "d", "private": "10.0.0.12", "roles": ["db", "redis"]}}
-
-
-class _Session:
-    def __init__(self, host):
-        self.host = host
-
-    def __enter__(self):
-        return self.host
-
-    def __exit__(self, *exc):
-        return False
 
 
 def declared(monkeypatch, site) -> list[str]:
     """The ``what`` of every resource ``provision`` declares on the host of ``site``."""
     s = settings_mod.parse({**VALID, "REDIS_PASSWORD": "r" * 16})
     host = SimpleNamespace(settings=s, check=False, site=site)
-    seen = []
-    monkeypatch.setattr(provision, "session", lambda c, title, check: _Session(host))
-    monkeypatch.setattr(provision.python, "facts", lambda h, v: ({"ID": "debian"}, True))
-    monkeypatch.setattr(provision, "ensure", lambda h, *resources: seen.extend(resources))
-    monkeypatch.setattr(provision, "refuse_conflicts", lambda h, resources: None)
-    provision.all.body(None)
-    return [r.what for r in seen]
+    return [r.what for r in provision_declares(monkeypatch, host)]
 
 
 @pytest.fixture
