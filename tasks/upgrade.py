@@ -319,12 +319,13 @@ def reboot_and_wait(h, why: str, timeout: int = REBOOT_TIMEOUT) -> None:
         time.sleep(2)
         try:
             h.conn.close()
-            identity, nr, *answers = h.probe([BOOT_IDENTITY, NEEDRESTART, *status.snippets(s)])
+            identity, nr, *answers = h.probe([BOOT_IDENTITY, NEEDRESTART,
+                                              *status.snippets(s, h.site)])
         except (OSError, EOFError, SSHException, StepFailed):
             continue
         if identity == before:
             continue  # not down yet
-        lines = status.assess(s, answers)
+        lines = status.assess(s, h.site, answers)
         failed = [f"{line.what}: {line.message}" for line in lines if line.status == "failed"]
         if not failed:
             for line in lines:

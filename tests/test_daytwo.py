@@ -427,3 +427,28 @@ def test_the_upgrade_scripts_are_valid_shell(settings, tmp_path, name):
     path = tmp_path / "script.sh"
     path.write_text(render(name, settings))
     assert subprocess.run(["sh", "-n", str(path)]).returncode == 0
+
+
+@pytest.mark.parametrize("roles, missing", [(None, "gunicorn"),
+                                            (["db", "redis"], "service postgresql.service")])
+def test_a_reboot_waits_for_fab_status_of_the_hosts_roles(make_host, monkeypatch, roles,
+                                                          missing):
+    """After the reboot, fab status's checks of the host's roles (all, or a data host's) must
+    pass; here the host comes back with nothing running, so the wait ends naming them."""
+    from tasks.inventory import load, site_of
+
+    h, conn = make_host()
+    if roles:
+        entries = load({"fabstack": {"hosts": {
+            "app": {"ssh": "a", "private": "10.0.0.11", "roles": ["lb", "web", "worker"]},
+            "data": {"ssh": "fakehost", "private": "10.0.0.12", "roles": roles}}}})
+        h.site = site_of(entries, "fakehost")
+    monkeypatch.setattr(upgrade.time, "sleep", lambda seconds: None)
+    conn.close = lambda: None
+    h.run = lambda script, what="", **kw: Result("this boot\n", "", 0)
+    h.probe = lambda snippets: ["another boot\n", "", "1796014801\n", "", "", "", "", "none\n",
+                                "", "", ""][:len(snippets)]
+    with pytest.raises(StepFailed) as failed:
+        upgrade.reboot_and_wait(h, "a test", timeout=0.2)
+    assert "fab status names" in failed.value.message and missing in failed.value.message
+    assert ("gunicorn" in failed.value.message) is (roles is None)
