@@ -179,8 +179,9 @@ def _check_site(entries: list[HostEntry]) -> None:
 
 
 def site_of(inventory: dict[str, HostEntry], host: str) -> Site:
-    """The site of the host a Connection calls ``host``, as that host sees it."""
+    """The site of the host a Connection calls ``host`` (its ``ssh`` host, or its private
+    address: the same machine), as that host sees it."""
     for entry in inventory.values():
-        if entry.host == host:
+        if host in (entry.host, entry.private):
             return Site(entry, (entry,) if entry.whole else tuple(inventory.values()))
     return Site.alone(host)

@@ -37,6 +37,7 @@ def test_a_site_spread_over_hosts_as_each_host_sees_it():
     assert app.spread and app.has("worker") and not app.has("db")
     assert [entry.name for entry in app.holding("web")] == ["app"]
     assert (app.address_of("db"), app.address_of("redis")) == ("10.0.0.13", "10.0.0.12")
+    assert site_of(entries, "10.0.0.11") == app  # by its private address: the same host
     data = site_of(entries, "203.0.113.13")
     assert data.address_of("db") == "localhost" and data.address_of("redis") == "10.0.0.12"
     assert data.others("web", "worker") == ["10.0.0.11"]
