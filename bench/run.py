@@ -696,11 +696,12 @@ def table(results: dict) -> str:
         notes.append(f"fresh: {f['provision']['runs']} hosts each, {f['date']}{load(f)}")
     if "cluster" in results:
         k = results["cluster"]
-        row("`fab provision` of a fresh host", k["single"], "1", "beside the site below")
-        row("`fab provision` of a fresh site on 2 hosts at once (app: lb, web, worker; data: "
-            "db, redis)", k["site"], f"x{k['ratio']:.2f}")
-        row("no-op `fab provision` of that host", k["noop_single"], "1")
-        row("no-op `fab provision` of that site", k["noop_site"], f"x{k['noop_ratio']:.2f}")
+        row("cluster: `fab provision` of a fresh host", k["single"], "1", "beside the site")
+        row("cluster: `fab provision` of a fresh site on 2 hosts at once (app: lb, web, "
+            "worker; data: db, redis)", k["site"], f"x{k['ratio']:.2f}")
+        row("cluster: no-op `fab provision` of that host", k["noop_single"], "1")
+        row("cluster: no-op `fab provision` of that site", k["noop_site"],
+            f"x{k['noop_ratio']:.2f}")
         notes.append(f"cluster: {k['single']['runs']} hosts and sites, {k['noop_site']['runs']} "
                      f"no-op runs each, {k['date']}{load(k)}")
     machines = sorted({r["machine"] for r in results.values()})
