@@ -137,7 +137,6 @@ def firewall_rules(h) -> list[str]:
 def all(c, check=False):  # noqa: A001 - "provision.all" reads best
     """Provision the stack in order, from the base system to monitoring (the host's roles')."""
     with session(c, "provision", check) as h:
-        release, candidate = python.facts(h, h.settings["PYTHON_VERSION"])
         # Everything is declared (and every setting checked) before anything changes, and
         # read in one probe round trip: the steps' later decisions (the site's switch to
         # HTTPS once certbot has the certificate) are made on the host by the re-probes.
@@ -149,10 +148,10 @@ def all(c, check=False):  # noqa: A001 - "provision.all" reads best
                 *(deploy.app_resources(h) if app else []), *backup.backup_resources(h),
                 *(certbot.certbot_resources(h) if app else []),
                 *monitoring.monitoring_resources(h)]
-        if not app:  # no Python of ours on a db or redis host
-            refuse_conflicts(h, [*base_resources(h), *rest])
+        if not app:  # no Python of ours on a db or redis host: one ensure, one apt run
             ensure(h, *one_apt_run([*base_resources(h), *rest]))
             return
+        release, candidate = python.facts(h, h.settings["PYTHON_VERSION"])
         if candidate:
             first = [*base_resources(h), *python.python_resources(h, release, candidate)]
         else:  # no apt lists yet (or a PPA is needed): the base system first, then look again
