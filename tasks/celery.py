@@ -11,6 +11,10 @@ installed and enabled but left stopped. Once a release exists they are started, 
 once when a unit file, celery.conf or the app's environment changed. ``fab celery.restart``
 restarts both and waits for them; a deploy, once it switched releases, queues their restart.
 A stop is Celery's warm shutdown: running tasks finish first.
+
+On a site spread over hosts (tasks/inventory.py) the worker runs on every worker host and beat
+on one of them (the first in the inventory): a beat a host ran before it lost that place is
+stopped and its unit removed, or two would schedule every periodic task twice.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .layout import CELERY_RUN as RUN_DIR
 from .primitives import (
     PENDING_DIR,
     Change,
+    Command,
     File,
     Ok,
     ReleaseService,
@@ -33,7 +38,8 @@ from .primitives import (
 )
 from .scripts import script
 
-UNITS = ("celery.service", "celerybeat.service")
+WORKER, BEAT = "celery.service", "celerybeat.service"
+BEAT_UNIT = f"/etc/systemd/system/{BEAT}"
 TMPFILES = "/etc/tmpfiles.d/celery.conf"
 TMPFILES_MARKER = "celery-tmpfiles@create"
 # The directories tmpfiles.d makes, as `stat -c '%U:%G %a'` shows them when right.
@@ -77,20 +83,32 @@ class TmpfilesApplied(Resource):
                       f"rm -f {PENDING_DIR}/{q(self.marker)}")
 
 
+def units(site) -> tuple[str, ...]:
+    """The Celery units a host of ``site`` (an inventory.Site) runs: the worker on a worker
+    host, and beat too on the one that runs it."""
+    if not site.has("worker"):
+        return ()
+    return (WORKER, BEAT) if site.beat == site.me else (WORKER,)
+
+
 def celery_resources(h) -> list:
     """Everything ``celery.setup`` declares, in order."""
     s = h.settings
     release = s.layout.current
+    beat = BEAT in units(h.site)
     return [
         File(TMPFILES, render("celery-tmpfiles.conf.j2", s),
              notify=[TMPFILES_MARKER.replace("@", ":")]),
         TmpfilesApplied(TMPFILES, TMPFILES_DIRS, TMPFILES_MARKER, "celery"),
-        File("/etc/systemd/system/celery.service", render("celery.service.j2", s),
-             notify=["celery.service:restart"]),
-        File("/etc/systemd/system/celerybeat.service", render("celerybeat.service.j2", s),
-             notify=["celerybeat.service:restart"]),
-        ReleaseService("celery.service", release),
-        ReleaseService("celerybeat.service", release),
+        File(f"/etc/systemd/system/{WORKER}", render("celery.service.j2", s),
+             notify=[f"{WORKER}:restart"]),
+        File(BEAT_UNIT, render("celerybeat.service.j2", s), notify=[f"{BEAT}:restart"])
+        if beat else Command(f"service {BEAT}", f"systemctl disable --now --quiet {BEAT}\n"
+                             f"rm -f -- {BEAT_UNIT} {PENDING_DIR}/{BEAT}@*\n"
+                             "systemctl daemon-reload", unless=f"test ! -e {BEAT_UNIT}",
+                             message=f"stopped and removed: beat runs on {h.site.beat.name}"),
+        ReleaseService(WORKER, release),
+        *([ReleaseService(BEAT, release)] if beat else []),
     ]
 
 
@@ -104,12 +122,12 @@ def restart_celery(h, reason: str = "(asked for)", wait: bool = True) -> None:
     time limit, and a deploy does not sit through that; ``fab status`` shows the units.
     """
     if not h.check:
-        h.run(script("celery-restart.sh.j2", h.settings, *UNITS, pending=PENDING_DIR,
+        h.run(script("celery-restart.sh.j2", h.settings, *units(h.site), pending=PENDING_DIR,
                      wait=RESTART_WAIT if wait else 0), what="restart celery")
-    for unit in UNITS:
+    for unit in units(h.site):
         h.changed(f"service {unit}", f"restarted {reason}" if wait else
                   f"restart queued {reason}" + ("; its running tasks finish first" * (
-                      unit == "celery.service")))
+                      unit == WORKER)))
 
 
 @converging_task("celery", default=True)

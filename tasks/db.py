@@ -23,6 +23,7 @@ import unicodedata
 
 from fabric import task
 
+from .celery import units as celery_units
 from .host import converging_task, session
 from .layout import CELERY_HOME
 from .primitives import (
@@ -46,8 +47,6 @@ from .python import os_release
 PGDG_URI = "https://apt.postgresql.org/pub/repos/apt"
 PGDG_KEY = "https://www.postgresql.org/media/keys/ACCC4CF8.asc"
 SCRAM_ITERATIONS = 4096
-# The Celery units (tasks/celery.py) read both environment files: restarted when one changes.
-CELERY_RESTART = ("celery.service:restart", "celerybeat.service:restart")
 
 
 # -- SQL over stdin ----------------------------------------------------------------------
@@ -406,15 +405,17 @@ def app_env_resources(h) -> list:
     (web, worker), pointing at the site's database and Redis."""
     s = h.settings
     app, conf = s.app, s.layout.conf
+    # the Celery units here (tasks/celery.py) read both files: restarted when one changes
+    celery_restart = tuple(f"{unit}:restart" for unit in celery_units(h.site))
     return [
         Group("celery"),
         User("celery", group="celery", home=CELERY_HOME),
         Directory(CELERY_HOME, "celery", "celery", 0o750),
         File(s.layout.env_file, render("app.conf.j2", s, site=h.site), group=app, mode=0o640,
-             secret=True, notify=(*CELERY_RESTART, f"{app}.service:restart")),
+             secret=True, notify=(*celery_restart, f"{app}.service:restart")),
         # read by systemd for the units (EnvironmentFile=), not by the celery account
         File(f"{conf}/celery.conf", render("celery.conf.j2", s), mode=0o600,
-             notify=CELERY_RESTART),
+             notify=celery_restart),
     ]
 
 

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 from fabric import task
 from paramiko import SSHException
 
-from .executor import every_host
+from .executor import every_host, site_wide
 from .host import StepFailed, converging_task, peer, session
 from .layout import GENERATORS
 from .nginx import CHECKER, live_color
@@ -139,19 +139,23 @@ def app_resources(h) -> list:
 
 # -- the deploy --------------------------------------------------------------------------
 
-def prerequisites(s) -> dict[str, str]:
-    """What a deploy needs that ``fab provision`` makes: path on the host -> what it is."""
+def prerequisites(h) -> dict[str, str]:
+    """What a deploy needs that ``fab provision`` makes on the host (its roles'): path on the
+    host -> what it is."""
     from .nginx import site_path
 
-    return {f"{s.layout.venv}/bin/python": "the virtualenv",
-            f"/usr/bin/{interpreter(s['PYTHON_VERSION'])}":
-                "the interpreter of PYTHON_VERSION, which builds the release's virtualenv",
-            s.layout.env_file: "the app's environment file",
-            f"/etc/systemd/system/{s.app}@.service": "gunicorn's unit",
-            s.layout.boot_generator: "the generator that starts gunicorn's instance at boot",
-            s.layout.upstream: "NGINX's upstream file",
-            site_path(s): "the NGINX site",
-            s.layout.backup_script: "the backup script"}
+    s = h.settings
+    needed = {f"{s.layout.venv}/bin/python": "the virtualenv",
+              f"/usr/bin/{interpreter(s['PYTHON_VERSION'])}":
+                  "the interpreter of PYTHON_VERSION, which builds the release's virtualenv",
+              s.layout.env_file: "the app's environment file"}
+    if h.site.has("web"):
+        needed |= {f"/etc/systemd/system/{s.app}@.service": "gunicorn's unit",
+                   s.layout.boot_generator: "the generator that starts gunicorn's instance "
+                                            "at boot",
+                   s.layout.upstream: "NGINX's upstream file",
+                   site_path(s): "the NGINX site"}
+    return needed | {s.layout.backup_script: "the backup script"}
 
 
 @dataclass
@@ -168,7 +172,7 @@ def _state(h) -> State:
     """Read the host's releases (one round trip)."""
     s = h.settings
     layout = s.layout
-    needed = prerequisites(s)
+    needed = prerequisites(h)
     python = interpreter(s["PYTHON_VERSION"])
     current, listing, missing, stale = h.probe([
         f"readlink {q(layout.current)} 2>/dev/null | xargs -r basename",
@@ -280,6 +284,10 @@ def _backup_and_migrate(h, release: str) -> None:
         h.changed("migrations", f"applied {', '.join(applied)}")
     else:
         h.ok("migrations", "none to apply")
+
+
+def _collect_static(h, release: str) -> None:
+    s = h.settings
     res = h.run(script("deploy-release.sh.j2", s, release=release, action="collectstatic"),
                 what="static files", check=False)
     if not res.ok:
@@ -361,9 +369,16 @@ def health_check(h, release: str, timeout: int = 60) -> tuple[bool, str]:
 
 
 def _restart_workers(h, reason: str) -> None:
-    from .celery import restart_celery
+    from .celery import restart_celery, units
 
-    restart_celery(h, reason, wait=False)
+    if units(h.site):
+        restart_celery(h, reason, wait=False)
+
+
+def _link(h, release: str) -> None:
+    """On a worker host without the web role: the app's links name ``release``
+    (files/deploy-links.sh.j2), which Celery runs once restarted."""
+    h.run(script("deploy-links.sh.j2", h.settings, release=release), what=f"release {release}")
 
 
 def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
@@ -390,36 +405,64 @@ def _prune(h, releases: list[str], keep: int, protect: set[str]) -> None:
         h.ok("old releases", f"{len(releases)} kept (at most {keep})")
 
 
-def deploy_release(h, ref: str | None = None, force: bool = False,
-                   maintenance: bool = False) -> None:
+def release_name(commit: str) -> str:
+    """The name of a release of ``commit`` made now: UTC time and the commit's first 12."""
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + f"-{commit[:12]}"
+
+
+def read_host(h, ref: str | None, source: Source | None = None
+              ) -> tuple[State, Source | None]:
+    """The host's releases and the source to deploy (``ref``, default DEPLOY_REF): ``source``
+    when given (a local repository's, archived once for several hosts), else resolved; None
+    in check mode when a remote repository was never mirrored on the host. Fails when the
+    host is not provisioned for a deploy."""
     s = h.settings
     if not s["DEPLOY_REPO"]:
         raise StepFailed("release source", "DEPLOY_REPO is not set in the settings")
     ref = ref or s["DEPLOY_REF"]
     remote = is_remote(s["DEPLOY_REPO"])
-    source = None if remote else resolve_local(s["DEPLOY_REPO"], ref, s["DEPLOY_SUBDIR"])
+    if source is None and not remote:
+        source = resolve_local(s["DEPLOY_REPO"], ref, s["DEPLOY_SUBDIR"])
     state = _state(h)
-    current, releases, missing = state.current, state.releases, state.missing
-    if missing:
+    if state.missing:
         raise StepFailed("provisioned", f"the host is not fully provisioned, missing "
-                         f"{', '.join(missing)}: run `fab provision` first (a provision "
+                         f"{', '.join(state.missing)}: run `fab provision` first (a provision "
                          "that stopped part-way is finished by running it again)")
     if remote:
         source = _resolve_remote(h, ref)
-        if source is None:
-            return
-    if current.endswith(f"-{source.commit[:12]}") and state.venv_stale and not force:
+    return state, source
+
+
+def wanted(h, state: State, source: Source, force: bool) -> bool:
+    """Whether ``source`` is to be deployed on the host; when it is current already, says so
+    (after asking a web host's health: a current release that is not healthy fails)."""
+    current = state.current
+    if not current.endswith(f"-{source.commit[:12]}") or force:
+        return True
+    if state.venv_stale:
         h.changed(f"release {current}", f"{source.commit[:12]} is current but does not run "
                   "from the virtualenv its requirements and PYTHON_VERSION's interpreter "
                   "give: deploying it again")
-    elif current.endswith(f"-{source.commit[:12]}") and not force:
-        healthy, detail = health_check(h, current, timeout=10)
-        if not healthy:
-            raise StepFailed("health check", f"release {current} is current but not "
-                             f"healthy: {detail} (use --force to deploy it again)")
-        h.ok(f"release {current}", f"{source.commit[:12]} is already current; {detail}")
+        return True
+    if not h.site.has("web"):
+        h.ok(f"release {current}", f"{source.commit[:12]} is already current")
+        return False
+    healthy, detail = health_check(h, current, timeout=10)
+    if not healthy:
+        raise StepFailed("health check", f"release {current} is current but not "
+                         f"healthy: {detail} (use --force to deploy it again)")
+    h.ok(f"release {current}", f"{source.commit[:12]} is already current; {detail}")
+    return False
+
+
+def deploy_release(h, ref: str | None = None, force: bool = False,
+                   maintenance: bool = False) -> None:
+    s = h.settings
+    state, source = read_host(h, ref)
+    current, releases = state.current, state.releases
+    if source is None or not wanted(h, state, source, force):
         return
-    release = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + f"-{source.commit[:12]}"
+    release = release_name(source.commit)
     if h.check:
         h.changed(f"release {release}", f"would deploy {source.label} "
                   f"({source.commit[:12]}) over {current or 'nothing'}")
@@ -431,12 +474,17 @@ def deploy_release(h, ref: str | None = None, force: bool = False,
             from .maintenance import page_on_during_deploy
             page_on = page_on_during_deploy(h)
         _backup_and_migrate(h, release)
-        color = _start_beside(h, release)
-        try:
-            detail = _switch(h, release, color, current)
-        except StepFailed as failed:
-            _abort(h, release, failed.what, failed.message)
-        h.changed(f"release {release}", f"serving from {s.app}@{color} ({detail})")
+        if h.site.has("web"):
+            _collect_static(h, release)
+            color = _start_beside(h, release)
+            try:
+                detail = _switch(h, release, color, current)
+            except StepFailed as failed:
+                _abort(h, release, failed.what, failed.message)
+            h.changed(f"release {release}", f"serving from {s.app}@{color} ({detail})")
+        else:
+            _link(h, release)
+            h.changed(f"release {release}", "current (for Celery: no web role here)")
         _restart_workers(h, "(new release)")
         _prune(h, releases + [release], int(s["RELEASES_KEEP"]), {release, current})
     finally:
@@ -452,32 +500,48 @@ def rollback_release(h) -> None:
         raise StepFailed("rollback", f"no release before {current or 'the current one'} "
                          f"(releases: {', '.join(releases) or 'none'})")
     previous = releases[releases.index(current) - 1]
-    color = _start_beside(h, previous, rollback=True)
-    detail = _switch(h, previous, color, current)
-    h.changed("rollback", f"serving {previous} instead of {current} from {h.settings.app}@"
-              f"{color} ({detail})")
+    if h.site.has("web"):
+        color = _start_beside(h, previous, rollback=True)
+        detail = _switch(h, previous, color, current)
+        h.changed("rollback", f"serving {previous} instead of {current} from "
+                  f"{h.settings.app}@{color} ({detail})")
+    else:
+        _link(h, previous)
+        h.changed("rollback", f"{previous} current instead of {current} (for Celery)")
     _restart_workers(h, f"(to {previous})")
 
 
+def _rolling(c, hosts, *args, **kwargs):
+    from .rollout import rolling_deploy  # (which imports this module)
+
+    return rolling_deploy(c, hosts, *args, **kwargs)
+
+
+@site_wide(_rolling)
 @task(help={"ref": "Git ref to deploy (default: DEPLOY_REF)",
             "force": "Deploy even if the commit is already current",
             "maintenance": "Show the maintenance page from the migration to the deploy's "
                            "end (fab maintenance)",
-            "check": "Show what would be deployed and change nothing."})
-def deploy(c, ref=None, force=False, check=False, maintenance=False):
-    """Ship a release: unpack, install requirements, back up, migrate, switch, health-check."""
+            "check": "Show what would be deployed and change nothing.",
+            "batch": "Web hosts switched at once in a rolling deploy of a site spread over "
+                     "hosts (default 1)"})
+def deploy(c, ref=None, force=False, check=False, maintenance=False, batch=1):
+    """Ship a release: unpack, install requirements, back up, migrate, switch, health-check
+    (several hosts of a site: a rolling deploy, tasks/rollout.py)."""
     with session(c, "deploy", check) as h:
         if releases_here(h):
             deploy_release(h, ref, force, maintenance)
 
 
 def releases_here(h) -> bool:
-    """True on a host that serves the app (the web role); elsewhere (a db or redis host of a
-    site spread over hosts) it says there is nothing to do there."""
-    if h.site.has("web"):
+    """True on a host that runs the app (the web or worker role); elsewhere (an lb, db or
+    redis host of a site spread over hosts) it says there is nothing to do there."""
+    site = h.site
+    if site.has("web") or site.has("worker"):
         return True
-    [app] = h.site.holding("web")
-    h.ok("releases", f"none on this host: {app.name} runs the app")
+    apps = [entry.name for entry in site.hosts if entry.roles & {"web", "worker"}]
+    h.ok("releases", f"none on this host: {', '.join(apps)} run{'s' * (len(apps) == 1)} "
+         "the app")
     return False
 
 

@@ -11,6 +11,9 @@
   one connection per host, every connection opened first); every host is attempted even when
   one fails, then a table says how each went, and fab exits non-zero if any failed. On one
   host it runs exactly as Fabric runs it.
+- :func:`site_wide`: given several hosts of one site spread over hosts (tasks/inventory.py),
+  the task runs once for them all, as the function the mark names (``fab deploy``: a rolling
+  deploy, tasks/rollout.py); on one host, or on hosts of no such site, as Fabric runs it.
 
 Without ``-H``, every task acts on the hosts of the inventory (``fabstack.hosts``,
 tasks/inventory.py), as if they were given with ``-H``; an inventory name given with ``-H``
@@ -53,6 +56,16 @@ def parallel(task):
     """Mark ``task`` to run on all its hosts at once (see the module's doc)."""
     task.parallel = True
     return task
+
+
+def site_wide(run):
+    """Mark a task to run once for several hosts of a site as ``run(c, hosts, *args,
+    **kwargs)`` (``c``: fab's Context; ``hosts``: each host's Connection arguments; see the
+    module's doc)."""
+    def mark(task):
+        task.site_wide = run
+        return task
+    return mark
 
 
 class EveryHostCall:
@@ -190,7 +203,17 @@ class Executor(FabricExecutor):
         if apply_hosts and not hosts.value and (entries := self._inventory()):
             hosts.value = ",".join(entries)  # no -H: the inventory's hosts
         expanded = []
+        entries = self._inventory() if apply_hosts else {}
         for call in super().expand_calls(calls, apply_hosts):
+            if (isinstance(call, ConnectionCall) and getattr(call.task, "site_wide", None)
+                    and inventory.site_of(entries, inventory.host_part(
+                        call.init_kwargs["host"])).spread):
+                last = expanded[-1] if expanded else None
+                if isinstance(last, SiteCall) and last.same(call):
+                    last.add(call)
+                    continue
+                expanded.append(SiteCall(call))
+                continue
             if isinstance(call, ConnectionCall) and getattr(call.task, "every_host", False):
                 call.task = EveryHostCall(call.task, call.init_kwargs["host"], self.failures)
                 self.every_host_calls += 1
@@ -201,7 +224,7 @@ class Executor(FabricExecutor):
                     continue
                 call = ParallelCall(call)
             expanded.append(call)
-        # a parallel task given one host runs as Fabric runs it
+        # a parallel or site-wide task given one host runs as Fabric runs it
         return [call.single if isinstance(call, ParallelCall) and len(call.hosts) == 1
                 else call for call in expanded]
 
@@ -212,8 +235,11 @@ class ParallelCall(Call):
     def __init__(self, single: ConnectionCall):
         self.single, self.hosts = single, [single.init_kwargs]
         title = single.called_as or single.task.name
-        super().__init__(ParallelRun(single.task, self.hosts, title), called_as=single.called_as,
+        super().__init__(self.runner(single.task, title), called_as=single.called_as,
                          args=single.args, kwargs=single.kwargs)
+
+    def runner(self, task, title: str):
+        return ParallelRun(task, self.hosts, title)
 
     def same(self, call: ConnectionCall) -> bool:
         """True when ``call`` is this task, with the same arguments, on a host not in it yet."""
@@ -222,3 +248,23 @@ class ParallelCall(Call):
 
     def add(self, call: ConnectionCall) -> None:
         self.hosts.append(call.init_kwargs)
+
+
+class SiteCall(ParallelCall):
+    """The calls of one :func:`site_wide` task on hosts of a site, run by a :class:`SiteRun`."""
+
+    def runner(self, task, title: str):
+        return SiteRun(task, self.hosts)
+
+
+class SiteRun:
+    """A :func:`site_wide` task on several hosts (Connection arguments ``hosts``) of a site."""
+
+    def __init__(self, task, hosts: list[dict]):
+        self.task, self.hosts = task, hosts
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def __call__(self, c, *args, **kwargs):
+        return self.task.site_wide(c, self.hosts, *args, **kwargs)

@@ -19,9 +19,10 @@ defaults to the name itself. A host without ``roles`` has every role: a whole st
 own, as a host not in the inventory (``fab -H 198.51.100.7 provision``) is. When some host
 has only some roles, the inventory is one site spread over its hosts (a :class:`Site`): every
 host has ``private``, one host holds each of ``db``, ``redis`` and ``lb``, and at least one
-each of ``web`` and ``worker``; in this version ``lb``, ``web`` and ``worker`` are on one host,
-the app host, and ``db`` and ``redis`` may each have a host of their own. The inventory holds
-no secrets: the settings stay in ``.env``.
+each of ``web`` and ``worker``. The lb host may hold ``web`` too when it is the site's only
+web host; with several, it holds no ``web`` (it proxies to every web host alike). The first
+worker host in the inventory's order runs Celery's beat, the others workers only. The
+inventory holds no secrets: the settings stay in ``.env``.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ from dataclasses import dataclass
 
 ROLES = ("lb", "web", "worker", "db", "redis")
 SOLE_ROLES = ("lb", "db", "redis")  # exactly one host of a site holds each
-APP_ROLES = ("lb", "web", "worker")  # on one host (the app host) in this version
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # [user@]host[:port]: what Fabric's Connection takes as a host string
 SSH_RE = re.compile(r"(?:[^@\s:]+@)?(?P<host>[^@\s:]+)(?::(?P<port>\d{1,5}))?")
 KEYS = {"ssh", "private", "roles"}
+
+
+def host_part(ssh: str) -> str:
+    """The host of an ``[user@]host[:port]`` string."""
+    match = SSH_RE.fullmatch(ssh)
+    return match["host"] if match else ssh
 
 
 class InventoryError(ValueError):
@@ -56,7 +62,7 @@ class HostEntry:
     @property
     def host(self) -> str:
         """The host part of ``ssh`` (what a Connection to it calls its host)."""
-        return SSH_RE.fullmatch(self.ssh)["host"]
+        return host_part(self.ssh)
 
     @property
     def whole(self) -> bool:
@@ -101,6 +107,16 @@ class Site:
         """Where this host reaches the one host that holds ``role`` (db, redis, lb)."""
         [entry] = self.holding(role)
         return self.address(entry)
+
+    @property
+    def beat(self) -> HostEntry:
+        """The host that runs Celery's beat: the first worker host in inventory order."""
+        return self.holding("worker")[0]
+
+    @property
+    def fronted(self) -> bool:
+        """True on a web host behind a load balancer of its own (the lb proxies to it)."""
+        return self.has("web") and not self.has("lb")
 
     def others(self, *roles: str) -> list[str]:
         """The private addresses of the other hosts with any of ``roles``."""
@@ -157,7 +173,8 @@ def _entry(name, values) -> HostEntry:
 
 def _check_site(entries: list[HostEntry]) -> None:
     """A site spread over several hosts: each reachable on its private address, each sole
-    role on one host, web and worker on at least one."""
+    role on one host, web and worker on at least one, the lb with web only as the one web
+    host."""
     for entry in entries:
         if entry.private is None:
             raise InventoryError(f"fabstack.hosts.{entry.name}.private: the hosts of a site "
@@ -170,12 +187,13 @@ def _check_site(entries: list[HostEntry]) -> None:
                                  f"{len(holders)}{': ' if holders else ''}{', '.join(holders)}")
         if not holders:
             raise InventoryError(f"fabstack.hosts: no host holds role {role}")
+    webs = [entry.name for entry in entries if "web" in entry.roles]
     for entry in entries:
-        if entry.roles & set(APP_ROLES) not in (set(), set(APP_ROLES)):
+        if {"lb", "web"} <= entry.roles and len(webs) > 1:
             raise InventoryError(
-                f"fabstack.hosts.{entry.name}.roles: lb, web and worker go on one host in "
-                "this version (db and redis may each have a host of their own); web and "
-                "worker hosts of their own are not built yet")
+                f"fabstack.hosts.{entry.name}.roles: the lb holds web only as the site's one "
+                f"web host; with several ({', '.join(webs)}) it proxies to them all: give it "
+                "a host without web")
 
 
 def site_of(inventory: dict[str, HostEntry], host: str) -> Site:

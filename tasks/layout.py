@@ -30,6 +30,8 @@ files/ gets as ``layout``::
     /run/APP/COLOR/gunicorn.sock        app_socket(COLOR): instance COLOR's socket (run: /run/APP)
     /etc/nginx/conf.d/fabstack-APP-upstream.conf  upstream: NGINX's upstream APP_live, the
                                         instance that serves
+    /etc/nginx/conf.d/fabstack-APP-web.conf  web_upstream: the lb's upstream APP_web, the
+                                        web hosts (on an lb host of its own)
     /etc/systemd/system-generators/fabstack-APP  boot_generator: the one that starts at boot
     /var/www/fabstack-maintenance/APP/  maintenance: the maintenance page while it is on
     /var/lib/backups                    backups_home (the backups account's, its .pgpass)
@@ -81,6 +83,7 @@ class Layout:
     maintenance: str
     run: str
     upstream: str
+    web_upstream: str
     boot_generator: str
     celery_run: str = CELERY_RUN
     celery_logs: str = CELERY_LOGS
@@ -105,6 +108,7 @@ class Layout:
                    backup_script=f"/usr/local/sbin/{app}-backup",
                    maintenance=f"/var/www/fabstack-maintenance/{app}", run=f"/run/{app}",
                    upstream=f"/etc/nginx/conf.d/fabstack-{app}-upstream.conf",
+                   web_upstream=f"/etc/nginx/conf.d/fabstack-{app}-web.conf",
                    boot_generator=f"{GENERATORS}/fabstack-{app}")
 
     def release(self, release_id: str) -> str:

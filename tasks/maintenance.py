@@ -16,7 +16,7 @@ import os
 from fabric import task
 
 from .host import StepFailed, session
-from .nginx import Site, maintenance_page, site_resources
+from .nginx import Site, maintenance_page, place, site_resources
 from .primitives import Directory, File, Service, ensure, q, render
 from .scripts import script
 
@@ -46,7 +46,7 @@ def maintenance_resources(h, on: bool, message: str | None) -> list:
     s = h.settings
     page = maintenance_page(s)
     if not on:
-        return [Site(s, maintenance=False), Service("nginx")]
+        return [Site(s, maintenance=False, **place(h)), Service("nginx")]
     return [Directory(os.path.dirname(s.layout.maintenance), "root", "root", 0o755),
             Directory(s.layout.maintenance, "root", "root", 0o755),
             File(page, render("maintenance.html.j2", s, **({"message": message}
@@ -90,6 +90,10 @@ def maintenance(c, state, message=None, check=False):
         if message is not None and len(message) > MESSAGE_MAX:
             raise StepFailed("maintenance", f"--message is {len(message)} characters long; "
                              f"at most {MESSAGE_MAX}")
+        if not h.site.has("web"):  # an lb host of its own passes the web hosts' page on
+            h.ok("maintenance page", "none on this host: the web hosts "
+                 f"({', '.join(web.name for web in h.site.holding('web'))}) show it")
+            return
         if state == "off":
             turn_off(h)
             return

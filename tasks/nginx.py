@@ -13,6 +13,12 @@ Every file is tested *in context* before it goes live: ``fabstack-nginx-check`` 
 the host) runs ``nginx -t`` on a copy of nginx.conf that includes the candidate file in place
 of the live one, so a broken file never lands, never reaches a reload, and the running
 configuration keeps serving. NGINX reloads only when a file changed.
+
+On a site spread over hosts (tasks/inventory.py), an lb host without the web role proxies
+everything to the web hosts (upstream ``APP_web`` in ``/etc/nginx/conf.d/fabstack-APP-web.conf``,
+each on its private address, the next one tried when one fails), holds the certificate and
+serves no file itself; a web host behind it serves HTTP to it alone, takes the client's
+address from its X-Forwarded-For and hands its X-Forwarded-Proto to the app.
 """
 
 from __future__ import annotations
@@ -60,19 +66,20 @@ class Site(Resource):
     for the maintenance page (``fab maintenance``): while it exists, each version shows it.
     """
 
-    def __init__(self, s, maintenance: bool | None = None):
+    def __init__(self, s, maintenance: bool | None = None, **place):
         self.page = maintenance_page(s)
         self.forced = maintenance  # None: follow the page; fab maintenance off says False
 
         def version(template: str, maintenance: bool) -> File:
-            return config_file(site_path(s), render(template, s, maintenance=maintenance))
+            return config_file(site_path(s), render(template, s, maintenance=maintenance,
+                                                    **place))
 
         self.http = version("nginx-site.conf.j2", False)
         self.tls = version("nginx-site-tls.conf.j2", False)
         # While the maintenance page exists (fab maintenance on), the site shows it.
         self.http_maintenance = version("nginx-site.conf.j2", True)
         self.tls_maintenance = version("nginx-site-tls.conf.j2", True)
-        self.wanted = https_wanted(s)
+        self.wanted = https_wanted(s) and "lb" not in place  # behind an lb: HTTP to it
         self.files = certificate_files(s)
         self.what = self.http.what
 
@@ -150,9 +157,41 @@ class Upstream(Resource):
         return outcome
 
 
+def place(h) -> dict:
+    """What the site's files say of the host's place in its site (tasks/inventory.py): on an
+    lb host of its own, the web hosts it proxies to (``webs``); on a web host behind it, the
+    lb's address (``lb``) and the scheme it serves the site over (``proto``); nothing on a
+    host that is both (a whole stack)."""
+    site = h.site
+    if site.has("lb") and not site.has("web"):
+        return {"webs": [f"[{web.private}]" if ":" in web.private else web.private
+                         for web in site.holding("web")]}
+    if site.fronted:
+        return {"lb": site.address_of("lb"),
+                "proto": "https" if https_wanted(h.settings) else "http"}
+    return {}
+
+
 def site_resources(h) -> list:
     """The app's site and NGINX's reload: also planned again by certbot's step."""
-    return [Site(h.settings), Service("nginx")]
+    return [Site(h.settings, **place(h)), Service("nginx")]
+
+
+def web_upstream(h, down: tuple[str, ...] = ()) -> File:
+    """On an lb host of its own: the upstream of the web hosts, those named in ``down``
+    (inventory names) marked down (a rolling deploy's, while it switches them)."""
+    s, site = h.settings, h.site
+    out = [address for entry, address in zip(site.holding("web"), place(h)["webs"],
+                                                         strict=True)
+           if entry.name in down]
+    return config_file(s.layout.web_upstream, render("nginx-web-upstream.conf.j2", s,
+                                                     down=out, **place(h)))
+
+
+def upstream_resources(h) -> list:
+    """Where the site sends the app's requests: the gunicorn instance that serves, on a web
+    host; the web hosts, on an lb host of its own."""
+    return [Upstream(h.settings)] if h.site.has("web") else [web_upstream(h)]
 
 
 def nginx_resources(h) -> list:
@@ -165,7 +204,7 @@ def nginx_resources(h) -> list:
         File(f"{SITES}/default", present=False, notify=["nginx:reload"]),
         Directory(ACME_WEBROOT, "root", "root", 0o755),
         config_file(DEFAULT_SITE, render("nginx-default.conf.j2", s)),
-        Upstream(s),  # before the site, which names it
+        *upstream_resources(h),  # before the site, which names it
         *site_resources(h),
     ]
 

@@ -124,10 +124,12 @@ def base_resources(h) -> list:
 
 def firewall_rules(h) -> list[str]:
     """ufw's rules for the host's roles: SSH; HTTP and HTTPS on the lb (a whole stack's too);
-    PostgreSQL and Redis from the app's hosts only, on a site spread over hosts."""
+    on a site spread over hosts, HTTP on a web host from the lb only, PostgreSQL and Redis from
+    the app's hosts only."""
     site = h.site
     clients = site.others("web", "worker")
     return ["OpenSSH", *(["80/tcp", "443/tcp"] if site.has("lb") else []),
+            *([f"80/tcp from {site.address_of('lb')}"] if site.fronted else []),
             *([f"5432/tcp from {client}" for client in clients] if site.has("db") else []),
             *([f"6379/tcp from {client}" for client in clients] if site.has("redis") else [])]
 
@@ -140,15 +142,17 @@ def all(c, check=False):  # noqa: A001 - "provision.all" reads best
         # Everything is declared (and every setting checked) before anything changes, and
         # read in one probe round trip: the steps' later decisions (the site's switch to
         # HTTPS once certbot has the certificate) are made on the host by the re-probes.
-        # The steps of the host's roles (tasks/inventory.py; a whole stack has them all):
-        # the app host has lb, web and worker in this version.
-        app = h.site.has("web")
-        rest = [*db.db_resources(h), *(celery.celery_resources(h) if app else []),
-                *(nginx.nginx_resources(h) if app else []),
-                *(deploy.app_resources(h) if app else []), *backup.backup_resources(h),
-                *(certbot.certbot_resources(h) if app else []),
+        # The steps of the host's roles (tasks/inventory.py; a whole stack has them all).
+        site = h.site
+        app = site.has("web") or site.has("worker")  # the app's code runs here
+        rest = [*db.db_resources(h),
+                *(celery.celery_resources(h) if site.has("worker") else []),
+                *(nginx.nginx_resources(h) if site.has("lb") or site.has("web") else []),
+                *(deploy.app_resources(h) if site.has("web") else []),
+                *backup.backup_resources(h),
+                *(certbot.certbot_resources(h) if site.has("lb") else []),
                 *monitoring.monitoring_resources(h)]
-        if not app:  # no Python of ours on a db or redis host: one ensure, one apt run
+        if not app:  # no Python of ours on an lb, db or redis host: one ensure, one apt run
             ensure(h, *one_apt_run([*base_resources(h), *rest]))
             return
         release, candidate = python.facts(h, h.settings["PYTHON_VERSION"])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fabric import task
 from invoke.exceptions import Exit
 
+from . import celery
 from .executor import every_host
 from .host import session
 from .nginx import live_color, maintenance_page
@@ -33,11 +34,13 @@ def services(s, site) -> list[tuple[str, str]]:
     """(unit, what it is) for every service the host should run for its roles (``site``: an
     inventory.Site) but gunicorn (the instance that serves is read on the host:
     :func:`snippets`)."""
-    units = [(unit, what) for role, unit, what in (
-        ("worker", "celery.service", "Celery worker"), ("worker", "celerybeat.service",
-                                                        "Celery beat"),
-        ("lb", "nginx.service", "web server"), ("db", "postgresql.service", "database"),
-        ("redis", "redis-server.service", "broker and cache")) if site.has(role)]
+    units = [(unit, what) for unit, what in (
+        (celery.WORKER, "Celery worker"), (celery.BEAT, "Celery beat"))
+        if unit in celery.units(site)]
+    units += [(unit, what) for roles, unit, what in (
+        (("lb", "web"), "nginx.service", "web server"), (("db",), "postgresql.service", "database"),
+        (("redis",), "redis-server.service", "broker and cache"))
+        if any(site.has(role) for role in roles)]
     if s.monitoring:
         units.append(("telegraf.service", "metrics"))
     return units
@@ -181,14 +184,16 @@ def assess(s, site, answers: list[str]) -> list[Line]:
             full = int(use.rstrip("%"))
             lines.append(Line("ok" if full < DISK_MAX_USE else "failed", f"filesystem {mount}",
                               f"{use} used"))
-    return [line for line in lines if (role := role_of(s, line.what)) is None or site.has(role)]
+    return [line for line in lines
+            if not (roles := roles_of(s, line.what)) or any(site.has(r) for r in roles)]
 
 
-def role_of(s, what: str) -> str | None:
-    """The role whose host reports the line ``what`` (None: every host reports it)."""
-    if what in ("gunicorn", "release") or what.startswith(f"service {s.app}@"):
-        return "web"
-    return {"last backup": "db", "certificate": "lb"}.get(what)
+def roles_of(s, what: str) -> tuple[str, ...]:
+    """The roles whose hosts report the line ``what`` (none: every host reports it)."""
+    if what == "gunicorn" or what.startswith(f"service {s.app}@"):
+        return ("web",)
+    return {"release": ("web", "worker"), "last backup": ("db",),
+            "certificate": ("lb",)}.get(what, ())
 
 
 @every_host

@@ -210,7 +210,8 @@ def step_answers(release=True, **states):
     """Fake answers for each resource's probe: converged (running when ``release``), unless
     ``states`` gives another."""
     answers = []
-    for r in celery.celery_resources(SimpleNamespace(settings=make_settings())):
+    for r in celery.celery_resources(SimpleNamespace(settings=make_settings(),
+                                                         site=Site.alone("h"))):
         if isinstance(r, celery.TmpfilesApplied):
             right = RIGHT
         elif isinstance(r, Service):

@@ -2,11 +2,13 @@
 boot check; and the pruning of releases and virtualenvs after it."""
 
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
 from tasks import deploy
 from tasks.host import Result, StepFailed
+from tasks.inventory import Site
 from tasks.primitives import render
 from tasks.scripts import script
 
@@ -272,9 +274,12 @@ def test_a_deploy_needs_the_interpreter_of_python_version(settings):
     from tasks import settings as settings_mod
     from tests.conftest import VALID
 
-    assert deploy.prerequisites(settings)["/usr/bin/python3"].startswith("the interpreter")
+    def host(s):
+        return SimpleNamespace(settings=s, site=Site.alone("h"))
+
+    assert deploy.prerequisites(host(settings))["/usr/bin/python3"].startswith("the interpreter")
     other = settings_mod.parse({**VALID, "PYTHON_VERSION": "3.12"})
-    assert "/usr/bin/python3.12" in deploy.prerequisites(other)
+    assert "/usr/bin/python3.12" in deploy.prerequisites(host(other))
 
 
 @pytest.mark.parametrize("link, stale", [("right", False), ("other", True), (None, True)])
@@ -505,7 +510,7 @@ def test_a_failed_switch_abandons_the_release_and_the_one_before_serves(make_hos
     host, conn = make_host(failing=[r"switch_to \"\$color\""])
     monkeypatch.setattr(deploy, "_state", lambda h: deploy.State("r1", ["r1"], [], False))
     monkeypatch.setattr(deploy, "resolve_local", lambda *args: SOURCE)
-    for step in ("_prepare", "_backup_and_migrate"):
+    for step in ("_prepare", "_backup_and_migrate", "_collect_static"):
         monkeypatch.setattr(deploy, step, lambda *args: None)
     monkeypatch.setattr(deploy, "_start_beside", lambda *args: "green")
     host.settings.values["DEPLOY_REPO"] = "/srv/app"

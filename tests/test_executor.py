@@ -20,7 +20,18 @@ FABFILE = '''
 from fabric import task
 from invoke.exceptions import Exit
 
-from tasks.executor import every_host, parallel
+from tasks.executor import every_host, parallel, site_wide
+
+
+def across(c, hosts, *args, **kwargs):
+    print(f"once for {','.join(h['host'] for h in hosts)} {kwargs}", flush=True)
+
+
+@site_wide(across)
+@task
+def roll(c, batch=1):
+    """Site-wide: once for several hosts of a spread site."""
+    print(f"rolled {c.host}", flush=True)
 
 
 @every_host
@@ -121,6 +132,19 @@ def test_without_hosts_every_task_acts_on_the_inventory(project):
     assert "failed on 2 of 2 hosts: a, b" in res.stderr
     serial = fab(project, "-H", "b,a", "change")  # an inventory name: its ssh address
     assert serial.stdout == "changed 127.0.0.2\nchanged 127.0.0.1\n", serial
+
+
+def test_a_site_wide_task_runs_once_for_hosts_of_a_spread_site_alone(project):
+    site = {"a": {"ssh": CLOSED[0], "private": "10.0.0.1", "roles": ["lb", "web", "worker"]},
+            "b": {"ssh": CLOSED[1], "private": "10.0.0.2", "roles": ["db", "redis"]}}
+    with_inventory(project, site)
+    res = fab(project, "roll", "--batch", "2")
+    assert (res.returncode, res.stdout) == (0, "once for 127.0.0.1:1,127.0.0.2:1 {'batch': 2}\n")
+    one = fab(project, "-H", "b", "roll")  # one host of the site: as Fabric runs it
+    assert one.stdout == "rolled 127.0.0.2\n", one
+    with_inventory(project, {"a": {"ssh": CLOSED[0]}, "b": {"ssh": CLOSED[1]}})
+    whole = fab(project, "roll")  # whole stacks: host by host
+    assert whole.stdout == "rolled 127.0.0.1\nrolled 127.0.0.2\n", whole
 
 
 def test_a_malformed_inventory_stops_fab_before_any_host(project):

@@ -43,6 +43,20 @@ def test_a_site_spread_over_hosts_as_each_host_sees_it():
     assert data.others("web", "worker") == ["10.0.0.11"]
 
 
+def test_lb_web_and_worker_hosts_of_their_own_and_beat_on_the_first_worker():
+    entries = inventory({
+        "lb": {"ssh": "l", "private": "10.0.0.10", "roles": ["lb"]},
+        "web1": {"ssh": "w1", "private": "10.0.0.11", "roles": ["web"]},
+        "web2": {"ssh": "w2", "private": "10.0.0.12", "roles": ["web", "worker"]},
+        "worker": {"ssh": "k", "private": "10.0.0.13", "roles": ["worker"]},
+        "data": {"ssh": "d", "private": "10.0.0.14", "roles": ["db", "redis"]}})
+    web1, web2, lb = (site_of(entries, host) for host in ("w1", "w2", "l"))
+    assert web1.fronted and web2.fronted and not lb.fronted
+    assert web1.beat.name == web2.beat.name == "web2"  # the first worker host, web or not
+    assert [entry.private for entry in lb.holding("web")] == ["10.0.0.11", "10.0.0.12"]
+    assert not site_of(inventory(SITE), "203.0.113.11").fronted  # lb and web on one host
+
+
 @pytest.mark.parametrize("hosts, error", [
     (["web1"], "fabstack.hosts: give a mapping"),
     ({"web 1": {}}, "fabstack.hosts.web 1: a host's name"),
@@ -64,8 +78,9 @@ def test_a_site_spread_over_hosts_as_each_host_sees_it():
     ({**SITE, "app": {**SITE["app"], "roles": ["web", "worker"]}},
      "one host holds role lb, not 0$"),
     ({**SITE, "app": {**SITE["app"], "roles": ["lb", "web"]}}, "no host holds role worker"),
-    ({**SITE, "cache": {**SITE["cache"], "roles": ["redis", "worker"]}},
-     "fabstack.hosts.cache.roles: lb, web and worker go on one host"),
+    ({**SITE, "cache": {**SITE["cache"], "roles": ["redis", "web"]}},
+     r"fabstack.hosts.app.roles: the lb holds web only as the site's one web host; with "
+     r"several \(app, cache\)"),
     ({**SITE, "extra": {"ssh": "root@203.0.113.14", "private": "10.0.0.14"}},
      "one host holds role lb, not 2: app, extra"),  # a whole stack cannot join a site
 ])

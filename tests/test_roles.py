@@ -1,6 +1,7 @@
 """What provision declares on each host of a site spread over hosts (tasks/inventory.py's
 roles), over no connection: the app host's steps, the data host's, and their firewalls."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -61,3 +62,87 @@ def test_firewalls_open_each_service_to_whom_needs_it(entries):
     assert rules("d") == ["OpenSSH", "5432/tcp from 10.0.0.11", "6379/tcp from 10.0.0.11"]
     assert provision.firewall_rules(SimpleNamespace(site=Site.alone("h"))) == [
         "OpenSSH", "80/tcp", "443/tcp"]
+
+
+SPREAD = {"lb": {"ssh": "l", "private": "10.0.0.10", "roles": ["lb"]},
+          "web1": {"ssh": "w1", "private": "10.0.0.11", "roles": ["web"]},
+          "web2": {"ssh": "w2", "private": "10.0.0.12", "roles": ["web"]},
+          "worker": {"ssh": "k", "private": "10.0.0.13", "roles": ["worker"]},
+          "worker2": {"ssh": "k2", "private": "10.0.0.15", "roles": ["worker"]},
+          "data": {"ssh": "d", "private": "10.0.0.14", "roles": ["db", "redis"]}}
+
+
+@pytest.fixture
+def spread():
+    return load({"fabstack": {"hosts": SPREAD}})
+
+
+def files(monkeypatch, site) -> dict[str, str]:
+    """The content of every file ``provision`` declares on the host of ``site``, by path."""
+    s = settings_mod.parse({**VALID, "REDIS_PASSWORD": "r" * 16,
+                            "ACME_SERVER": "https://acme.example/dir"})
+    host = SimpleNamespace(settings=s, check=False, site=site)
+    found = {}
+    for r in provision_declares(monkeypatch, host):
+        for f in ([r.http, r.tls] if hasattr(r, "tls") else [r]):
+            if getattr(f, "present", False) and getattr(f, "content", None) is not None:
+                content = f.content
+                found.setdefault(f.path, content.decode() if isinstance(content, bytes)
+                                 else content)
+    return found
+
+
+def test_an_lb_of_its_own_proxies_to_every_web_host_and_serves_no_file(monkeypatch, spread):
+    whats = declared(monkeypatch, site_of(spread, "l"))
+    assert "service nginx.service" in whats and any(w.startswith("certificate ") for w in whats)
+    for absent in ("file /etc/systemd/system/celery.service", "virtualenv ",
+                   "file /etc/systemd/system/ratemyderp@.service", "gunicorn instance",
+                   "file /opt/ratemyderp/conf/ratemyderp.conf"):
+        assert not any(what.startswith(absent) for what in whats), absent
+    found = files(monkeypatch, site_of(spread, "l"))
+    upstream = found["/etc/nginx/conf.d/fabstack-ratemyderp-web.conf"]
+    assert re.findall(r"server (\S+) max_fails=1 fail_timeout=10s;", upstream) == [
+        "10.0.0.11:80", "10.0.0.12:80"]
+    site = found["/etc/nginx/sites-enabled/ratemyderp.conf"]
+    assert "proxy_pass http://ratemyderp_web;" in site and "alias " not in site
+    assert "proxy_next_upstream error timeout http_502 http_503;" in site
+    assert "/etc/nginx/conf.d/fabstack-ratemyderp-upstream.conf" not in found
+    assert provision.firewall_rules(SimpleNamespace(site=site_of(spread, "l"))) == [
+        "OpenSSH", "80/tcp", "443/tcp"]
+
+
+def test_a_web_host_behind_the_lb_serves_it_alone_over_http(monkeypatch, spread):
+    whats = declared(monkeypatch, site_of(spread, "w1"))
+    assert "gunicorn instance" in whats and not any(w.startswith("certificate ") for w in whats)
+    assert "file /etc/systemd/system/celery.service" not in whats
+    found = files(monkeypatch, site_of(spread, "w1"))
+    site = found["/etc/nginx/sites-enabled/ratemyderp.conf"]
+    assert "listen 443" not in site and "acme-challenge" not in site
+    assert "set_real_ip_from 10.0.0.10;" in site and "    10.0.0.10 1;" in site
+    assert "proxy_set_header X-Forwarded-Proto $http_x_forwarded_proto;" in site
+    assert "\n# X-Forwarded-Proto https\n" in site  # what its own checks say (ask-site.sh.j2)
+    assert "alias /var/opt/ratemyderp/static/;" in site
+    assert provision.firewall_rules(SimpleNamespace(site=site_of(spread, "w1"))) == [
+        "OpenSSH", "80/tcp from 10.0.0.10"]
+    env = found["/opt/ratemyderp/conf/ratemyderp.conf"]
+    assert "@10.0.0.14:5432/" in env and "@10.0.0.14:6379/" in env
+
+
+def test_worker_hosts_run_celery_and_beat_runs_on_the_first_alone(monkeypatch, spread):
+    first, second = (declared(monkeypatch, site_of(spread, host)) for host in ("k", "k2"))
+    for whats in (first, second):
+        assert "service celery.service" in whats and "gunicorn instance" not in whats
+        assert not any(what.startswith(("packages nginx", "file /etc/nginx")) for what in whats)
+    assert "service celerybeat.service" in first and "service celerybeat.service" in second
+    beat = {"k": None, "k2": None}
+    for host in beat:
+        s = settings_mod.parse({**VALID, "REDIS_PASSWORD": "r" * 16})
+        h = SimpleNamespace(settings=s, check=False, site=site_of(spread, host))
+        beat[host] = next(r for r in provision_declares(monkeypatch, h)
+                          if r.what == "service celerybeat.service")
+    assert type(beat["k"]).__name__ == "ReleaseService"
+    assert beat["k2"].message == "stopped and removed: beat runs on worker"
+    assert provision.firewall_rules(SimpleNamespace(site=site_of(spread, "k"))) == ["OpenSSH"]
+    assert provision.firewall_rules(SimpleNamespace(site=site_of(spread, "d"))) == [
+        "OpenSSH", *(f"{port}/tcp from 10.0.0.{n}" for port in (5432, 6379)
+                     for n in (11, 12, 13, 15))]
