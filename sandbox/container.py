@@ -578,6 +578,8 @@ class Sandbox:
             "--resolv-conf=off", "--timezone=off",
             # output only, through a pty of nspawn's own: works without a terminal
             "--console=read-only",
+            # FUSE, as a server has it (sshfs: the shared media folder of a site's hosts)
+            *(["--bind=/dev/fuse"] if Path("/dev/fuse").exists() else []),
         ]
         with open(self.console_log, "w") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -63,6 +64,8 @@ def write_settings(info: SandboxInfo | ClusterInfo, path: Path | None = None,
     old = dotenv_values(path, interpolate=False) if path.exists() else {}
     values = {**SANDBOX_SETTINGS, "HTTP_PROXY": info.proxy_url,
               "EXTRA_CA_CERT": str(info.ca_bundle or ""), **overrides}
+    if isinstance(info, ClusterInfo) and "MEDIA_KEY" not in values:
+        values["MEDIA_KEY"] = str(ssh_key(path.with_name(f"{path.stem}-media_key")))
     for key in settings.KEYS:
         if key.secret and key.name not in values:
             values[key.name] = old.get(key.name) or secrets.token_urlsafe(48)
@@ -70,6 +73,15 @@ def write_settings(info: SandboxInfo | ClusterInfo, path: Path | None = None,
     path.write_text("# Settings for the sandbox hosts, written by `fab sandbox.up` or "
                     "`fab sandbox.cluster-up`.\n"
                     + "".join(f"{name}={dotenv_quote(value)}\n" for name, value in values.items()))
+    return path
+
+
+def ssh_key(path: Path) -> Path:
+    """An SSH private key (ed25519, no passphrase) at ``path``, made by ssh-keygen unless it
+    exists there; readable by its owner only."""
+    if not path.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f",
+                        str(path)], check=True, capture_output=True)
     return path
 
 

@@ -82,9 +82,9 @@ def backup_resources(h) -> list:
           if dumps else []),
         Directory(d, "root", BACKUP_GROUP, 0o750),
         *[Directory(f"{d}/{name}", BACKUP_USER, BACKUP_GROUP, 0o750) for name in FOLDERS],
-        # the database's dumps where it runs, the media's snapshots where they are uploaded
+        # the database's dumps where it runs, the media's snapshots where they are stored
         File(s.layout.backup_script, render("backup.py.j2", s, dumps=dumps,
-                                            media=site.has("web")),
+                                            media=site.media_here),
              mode=0o755, validate="python3 -m py_compile %s"),
         File(f"/etc/systemd/system/{unit}.service", render("backup.service.j2", s)),
         File(f"/etc/systemd/system/{unit}.timer", render("backup.timer.j2", s),

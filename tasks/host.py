@@ -500,6 +500,12 @@ def load_config(config) -> tuple[settings_mod.Settings, dict[str, inventory.Host
             raise inventory.InventoryError(
                 "REDIS_PASSWORD: missing in the settings; the inventory spreads the site over "
                 "several hosts, where Redis listens on its private address and asks for it")
+        if (len([e for e in hosts.values() if not e.whole and e.roles & {"web", "worker"}]) > 1
+                and not settings["MEDIA_KEY"]):
+            raise inventory.InventoryError(
+                "MEDIA_KEY: missing in the settings; the inventory gives the site several web "
+                "or worker hosts, which mount the db host's media folder with it (make one with "
+                "ssh-keygen -t ed25519 -N '' -f PATH)")
     except (settings_mod.SettingsError, primitives.TemplateError,
             inventory.InventoryError) as exc:
         raise Exit(f"error: {exc}\nNothing was changed on any host.", code=2) from None

@@ -118,6 +118,18 @@ class Site:
         """True on a web host behind a load balancer of its own (the lb proxies to it)."""
         return self.has("web") and not self.has("lb")
 
+    @property
+    def shares_media(self) -> bool:
+        """True when several hosts run the app (web, worker): they share the db host's media
+        folder (tasks/media.py)."""
+        return len([e for e in self.hosts if e.roles & {"web", "worker"}]) > 1
+
+    @property
+    def media_here(self) -> bool:
+        """True on the host whose disk holds the media: the db host when they are shared, else
+        the web host."""
+        return self.has("db") if self.shares_media else self.has("web")
+
     def others(self, *roles: str) -> list[str]:
         """The private addresses of the other hosts with any of ``roles``."""
         return [entry.private for entry in self.hosts

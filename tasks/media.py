@@ -1,4 +1,17 @@
-"""``fab restore-media``: put uploads back from a media snapshot of the backup script.
+"""The app's media: shared by a site's hosts, and ``fab restore-media``.
+
+**Shared.** When the inventory gives a site several web or worker hosts (tasks/inventory.py),
+the media folder lives on the db host's disk, which serves it over SFTP: its sshd gives the
+app's account SFTP alone, into that folder, with the key of MEDIA_KEY, usable from the app
+hosts' private addresses only. Each other web and worker host mounts it at the same path with
+sshfs (``APP-media.service``: active once mounted, restarted when the db host is gone), checking
+the db host's SSH key against the one this machine knows (its known_hosts); gunicorn and Celery
+start after it. While nothing is mounted, the folder there is root's 0555: an upload fails
+rather than lands on that host's own disk. Why sshfs: it needs no kernel module on either side
+(an NFS server or client does, and some kernels have none), only sshd, which every host runs,
+and its traffic is SSH's: encrypted and authenticated by keys.
+
+**Restored.** ``fab restore-media`` puts uploads back from a media snapshot of the backup script.
 
 Without ``--snapshot`` the task lists the snapshots (/opt/APP/backup/media/<UTC time>/). With
 one, :data:`RESTORE_PY` on the host plans what would change in the media tree (or the part
@@ -15,11 +28,175 @@ import json
 import posixpath
 import re
 import sys
+from pathlib import Path
 
-from fabric import task
+import paramiko
+from fabric import Connection, task
 
+from . import celery
 from .host import StepFailed, session
-from .primitives import q
+from .primitives import (
+    PENDING_DIR,
+    Change,
+    Command,
+    Directory,
+    File,
+    Ok,
+    Packages,
+    Resource,
+    Service,
+    host_notified,
+    q,
+    render,
+)
+
+# -- the media folder shared by a site's hosts ------------------------------------------------
+
+def key_pair(s) -> tuple[str, str]:
+    """MEDIA_KEY's private key file and its public key's known_hosts-style words."""
+    path = Path(s["MEDIA_KEY"]).expanduser()
+    try:
+        key = paramiko.PKey.from_path(path)
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise StepFailed("media share", f"MEDIA_KEY {path}: not an SSH private key without a "
+                         f"passphrase ({exc})") from None
+    return path.read_text(), f"{key.get_name()} {key.get_base64()}"
+
+
+def served_resources(h) -> list:
+    """On the db host: the media folder served over SFTP to the site's other app hosts."""
+    s, site = h.settings, h.site
+    keys = f"/etc/ssh/fabstack-{s.app}-media.keys"
+    clients = ",".join(site.others("web", "worker"))
+    return [
+        # root's, read by sshd: the account cannot change who may log in as it
+        File(keys, f'restrict,from="{clients}" {key_pair(s)[1]} fabstack-{s.app}-media\n'),
+        File(f"/etc/ssh/sshd_config.d/fabstack-{s.app}-media.conf",
+             render("sshd-media.conf.j2", s, keys=keys), validate="/usr/sbin/sshd -t -f %s",
+             notify=["ssh:reload"]),
+        Service("ssh"),
+    ]
+
+
+def server_keys(h, entry) -> str:
+    """known_hosts lines for the db host ``entry`` at its private address: its SSH host keys
+    as this machine knows them (~/.ssh/known_hosts and the UserKnownHostsFile of the site's
+    hosts' ssh_config entries), the ones fab checks when it connects there."""
+    conn = Connection(entry.ssh, config=h.conn.config)
+    known = paramiko.HostKeys()
+    files = {"~/.ssh/known_hosts"} | {  # and those of the ssh_config entries of the site's hosts
+        path for other in h.site.hosts for path in Connection(
+            other.ssh, config=h.conn.config).ssh_config.get("userknownhostsfile", "").split()}
+    for path in sorted(files):
+        if Path(path).expanduser().is_file():
+            known.load(str(Path(path).expanduser()))
+    # as fab knows it (its port's entry), else the host's on SSH's port (the port given may
+    # be out of reach: a host down, or a forwarded port), else its private address's
+    name = conn.host if conn.port == 22 else f"[{conn.host}]:{conn.port}"
+    found = known.lookup(name) or known.lookup(conn.host) or known.lookup(entry.private)
+    if not found:
+        raise StepFailed("media share", f"{entry.name}'s SSH host key ({name}) is not known "
+                         "on this machine: connect to it once (fab -H "
+                         f"{entry.name} status) before its media are mounted here")
+    return "".join(f"{entry.private} {kind} {key.get_base64()}\n"
+                   for kind, key in sorted(found.items()))
+
+
+def mount_resources(h) -> list:
+    """On a web or worker host other than the db host: the db host's media folder mounted
+    over sshfs where the app's media folder is, before gunicorn and Celery start."""
+    s, site = h.settings, h.site
+    [db] = site.holding("db")
+    media, unit = q(s.layout.media), f"{s.app}-media.service"
+    key, known_hosts = f"{s.layout.conf}/media_key", f"{s.layout.conf}/media_known_hosts"
+    remote = f"[{db.private}]" if ":" in db.private else db.private
+    after = [f"/etc/systemd/system/{name}.d" for name in (
+        *([f"{s.app}@.service"] if site.has("web") else []),
+        *(celery.units(site) if site.has("worker") else []))]
+    return [
+        Packages(["sshfs"]),
+        File(key, key_pair(s)[0], mode=0o600, secret=True),
+        File(known_hosts, server_keys(h, db)),
+        Command(f"mount point {s.layout.media}",
+                f"mkdir -p -- {media} && chown root:root -- {media} && chmod 0555 -- {media}",
+                unless=f"mountpoint -q -- {media} || [ \"$(stat -c %U:%a -- {media} "
+                       "2>/dev/null)\" = root:555 ]",
+                message="root's 0555 while nothing is mounted on it (an upload fails rather "
+                        "than lands on this host's own disk)"),
+        File(f"/etc/systemd/system/{unit}", render("media-mount.service.j2", s, server=db.name,
+                                                  remote=remote, key=key,
+                                                  known_hosts=known_hosts),
+             notify=[f"{unit}:restart"]),
+        *[resource for folder in after for resource in (
+            Directory(folder, "root", "root", 0o755),
+            File(f"{folder}/fabstack-media.conf", render("media-after.conf.j2", s)))],
+        Mount(unit, s.layout.media, db.name),
+    ]
+
+
+MOUNT_WAIT = 10  # seconds provision waits for the media folder to be mounted
+
+
+class Mount(Resource):
+    """The unit that mounts the db host's media folder (files/media-mount.service.j2: active
+    once mounted) enabled, and the folder mounted. It is started without waiting for it
+    (``--no-block``): on a site provisioned at once, the db host may serve the folder only a
+    little later, and the unit retries every 2 s; provision waits up to MOUNT_WAIT s."""
+
+    def __init__(self, unit: str, path: str, server: str):
+        self.unit, self.path, self.server = unit, path, server
+        self.what = f"service {unit}"
+        self.markers = " ".join(f"{PENDING_DIR}/{q(name)}@*"
+                                for name in (unit, unit.removesuffix(".service")))
+
+    def probe(self) -> str:
+        unit, path = q(self.unit), q(self.path)
+        # a retry under way (the db host did not serve the folder yet): its outcome, at most
+        # MOUNT_WAIT s later
+        return (f"systemctl show -p LoadState -p UnitFileState -p NeedDaemonReload -- {unit}\n"
+                f"if ! mountpoint -q -- {path} && [ \"$(systemctl show -p ActiveState --value "
+                f"-- {unit})\" = activating ]; then\n"
+                f"    for i in $(seq {MOUNT_WAIT * 5}); do mountpoint -q -- {path} && break; "
+                "sleep 0.2; done\nfi\n"
+                f"mountpoint -q -- {path} && echo mounted=yes\n"
+                f"for f in {self.markers}; do [ -e \"$f\" ] && echo pending=yes; done; true")
+
+    def plan(self, state, host):
+        props = dict(line.split("=", 1) for line in state.splitlines() if "=" in line)
+        pending = "pending" in props or host_notified(host, f"{self.unit}@restart")
+        cmds = []
+        if props.get("LoadState") == "not-found" or props.get("NeedDaemonReload") == "yes":
+            cmds.append("systemctl daemon-reload")
+        if props.get("UnitFileState") != "enabled":
+            cmds.append(f"systemctl enable --quiet -- {q(self.unit)}")
+        if "mounted" in props and not pending:
+            if not cmds:
+                return Ok(f"enabled, {self.path} mounted from {self.server}")
+            return Change("enabled", "\n".join(cmds))
+        cmds += [f"systemctl {'restart' if pending else 'start'} --no-block -- {q(self.unit)}",
+                 f"rm -f {self.markers}",
+                 f"for i in $(seq {MOUNT_WAIT * 5}); do mountpoint -q -- {q(self.path)} && "
+                 "break; sleep 0.2; done"]
+        return Change(f"{'restarted' if pending else 'started'}: {self.path} mounted from "
+                      f"{self.server} once it serves it (retried every 2 s; fab status says "
+                      "when it is down)", "\n".join(cmds))
+
+
+def mounted(site) -> bool:
+    """True on a host that mounts the db host's media folder (a site's web or worker host
+    other than the db host, when the site has several)."""
+    return (site.shares_media and not site.has("db")
+            and (site.has("web") or site.has("worker")))
+
+
+def share_resources(h) -> list:
+    """The host's part of the shared media folder (none on a site with one app host)."""
+    if h.site.shares_media and h.site.has("db"):
+        return served_resources(h)
+    return mount_resources(h) if mounted(h.site) else []
+
+
+# -- fab restore-media ------------------------------------------------------------------------
 
 SNAPSHOT_RE = re.compile(r"^\d{8}T\d{6}Z$")  # as in files/backup.py.j2
 META_NAME = ".fabstack-media-meta"  # as in files/backup.py.j2

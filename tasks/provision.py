@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fabric import task
 
-from . import backup, celery, certbot, db, deploy, monitoring, nginx, python
+from . import backup, celery, certbot, db, deploy, media, monitoring, nginx, python
 from .executor import parallel
 from .host import CHECK_HELP, converging_task, session
 from .primitives import (
@@ -115,8 +115,9 @@ def base_resources(h) -> list:
         Directory(s.layout.home, app, app, 0o755),
         static_owned(s),
         Directory(s.layout.static, app, app, 0o755),
-        Directory(s.layout.media, app, app, 0o755),
-        media_readable(s.layout.media),
+        # (where the db host's media are mounted, the mount point is tasks/media.py's)
+        *([Directory(s.layout.media, app, app, 0o755), media_readable(s.layout.media)]
+          if not media.mounted(h.site) else []),
         Directory(s.layout.logs, app, app, 0o750),
         Firewall(firewall_rules(h)),
     ]
@@ -145,7 +146,7 @@ def all(c, check=False):  # noqa: A001 - "provision.all" reads best
         # The steps of the host's roles (tasks/inventory.py; a whole stack has them all).
         site = h.site
         app = site.has("web") or site.has("worker")  # the app's code runs here
-        rest = [*db.db_resources(h),
+        rest = [*db.db_resources(h), *media.share_resources(h),
                 *(celery.celery_resources(h) if site.has("worker") else []),
                 *(nginx.nginx_resources(h) if site.has("lb") or site.has("web") else []),
                 *(deploy.app_resources(h) if site.has("web") else []),

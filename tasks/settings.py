@@ -395,6 +395,9 @@ KEYS: tuple[Key, ...] = (
     Key("REDIS_PASSWORD", "Password of the app's Redis user (at least 16 characters): needed, "
         "and only used, when the inventory spreads the site over several hosts (Redis then "
         "listens on its private address)", "", check_optional_min_length(16), secret=True),
+    Key("MEDIA_KEY", "Local path of the SSH private key (no passphrase) with which the web and "
+        "worker hosts mount the db host's media folder (sshfs): needed, and only used, when "
+        "the inventory gives the site several such hosts", "", check_pem_file("PRIVATE KEY")),
     Key("REDIS_MAXMEMORY", "Memory limit of Redis, e.g. 256mb or 1gb", "256mb", check_redis_size),
     Key("REDIS_MAXMEMORY_POLICY", "What Redis evicts at the limit: volatile-lru evicts cache keys "
         "(they expire) and keeps Celery's queues (they do not)", "volatile-lru",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from fabric import task
 from invoke.exceptions import Exit
 
-from . import celery
+from . import celery, media
 from .executor import every_host
 from .host import session
 from .nginx import live_color, maintenance_page
@@ -41,6 +41,8 @@ def services(s, site) -> list[tuple[str, str]]:
         (("lb", "web"), "nginx.service", "web server"), (("db",), "postgresql.service", "database"),
         (("redis",), "redis-server.service", "broker and cache"))
         if any(site.has(role) for role in roles)]
+    if media.mounted(site):
+        units.append((f"{s.app}-media.service", "the db host's media folder, mounted"))
     if s.monitoring:
         units.append(("telegraf.service", "metrics"))
     return units

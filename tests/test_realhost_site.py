@@ -9,8 +9,9 @@ machine), PostgreSQL over TLS only, Redis to the app's user and its password onl
 one: it travels percent-encoded in the URLs, hashed in redis.conf); the web hosts answer HTTP
 from the lb alone. ``fab deploy`` deploys every app host, dumping the database once on the data
 host; the lb spreads requests over both web hosts, which log the client's own address; Celery
-runs on the worker host through the remote Redis into the remote database, over TLS; with web1
-powered off, the lb serves from web2.
+runs on the worker host through the remote Redis into the remote database, over TLS; the media
+folder is the data host's, mounted on the others: an upload through web1 is served by web2 and
+read by a Celery task on the worker host; with web1 powered off, the lb serves from web2.
 
 The cluster is this module's own (tests/conftest.py's cluster_sandbox: tests on 10.216.50),
 on one Debian release (FABSTACK_SITE_SUITE).
@@ -25,6 +26,7 @@ import time
 import pytest
 
 from sandbox.cluster import Cluster
+from sandbox.tasks import ssh_key
 from tests.conftest import TEST_SUITE, Fleet, cluster_sandbox, commit, needs_root, table
 from tests.load import DOMAIN, Load, release_served
 
@@ -79,7 +81,8 @@ def site(tmp_path_factory, app_repo):
     fleet = Fleet(cluster.up(fresh=True), tmp_path_factory.mktemp("site"))
     # plain HTTP (no ACME CA here): Django must not redirect to HTTPS
     fleet.write_env(DEPLOY_REPO=str(app_repo), DEPLOY_SUBDIR="example",
-                    REDIS_PASSWORD=REDIS_PASSWORD, DJANGO_SECURE_SSL_REDIRECT="False")
+                    REDIS_PASSWORD=REDIS_PASSWORD, DJANGO_SECURE_SSL_REDIRECT="False",
+                    MEDIA_KEY=str(ssh_key(fleet.work / "media_key")))
     yield fleet
     if not os.environ.get("FABSTACK_KEEP_SANDBOX"):
         cluster.down()
@@ -115,7 +118,7 @@ def test_every_host_converges_at_once_then_a_second_run_changes_nothing(provisio
     assert total < sum(float(row[3]) for row in rows.values()), first.stdout
     assert second.returncode == 0, second.stdout + second.stderr
     assert {host: row[0] for host, row in table(second.stdout).items()} == dict.fromkeys(
-        MEMBERS, "0")
+        MEMBERS, "0"), [line for line in second.stdout.splitlines() if "] changed " in line]
     assert "Mk6rd" not in first.stdout + first.stderr + second.stdout + second.stderr
 
 
@@ -293,6 +296,35 @@ def test_celery_runs_through_the_remote_redis_into_the_remote_database(site, dep
                           "pg_stat_activity USING (pid) WHERE client_addr IS NOT NULL\"")
     total, encrypted = tls.stdout.strip().split("|")
     assert int(total) > 0 and total == encrypted, tls.stdout
+
+
+def test_an_upload_through_web1_is_served_by_web2_and_read_by_a_celery_task(site, deployed):
+    for member in ("web1", "web2", "worker"):
+        assert site.sh(member, f"mountpoint -q /var/opt/{APP}/media").returncode == 0, member
+    # as the app on web1 writes an upload
+    site.sh("web1", f"runuser -u {APP} -- sh -c 'mkdir -p /var/opt/{APP}/media/up && "
+                    f"printf \"hello, shared media\\n\" > /var/opt/{APP}/media/up/hello.txt'")
+    assert site.sh("data", f"stat -c %U:%s /var/opt/{APP}/media/up/hello.txt").stdout == (
+        f"{APP}:20\n")  # on the db host's disk, as the app's user there
+    ask = f"curl -s --max-time 5 -H 'Host: {DOMAIN}' "
+    assert site.sh("lb", ask + f"http://{ip(site, 'web2')}/media/up/hello.txt").stdout == (
+        "hello, shared media\n")
+    # a Celery task on the worker host reads it (its size into the cache, read back from web2)
+    django = (f"set -a && . /opt/{APP}/conf/{APP}.conf && cd /opt/{APP}/app && runuser -u "
+              f"{APP} -- /opt/{APP}/venv/bin/python manage.py shell -c ")
+    site.sh("web1", django + shlex.quote("from demo.tasks import media_size; "
+                                         "media_size.delay('up/hello.txt')"))
+    deadline = time.monotonic() + 30
+    while (size := site.sh("web2", django + shlex.quote(
+            "from django.core.cache import cache; "
+            "print(cache.get('demo:media:up/hello.txt'))")).stdout.split()[-1:]) != ["20"]:
+        assert time.monotonic() < deadline, f"no size from the worker: {size!r}"
+        time.sleep(1)
+    # the account that serves them has SFTP alone, with the app hosts' key
+    sftp_only = site.sh("web1", f"ssh -i /opt/{APP}/conf/media_key -o UserKnownHostsFile="
+                                f"/opt/{APP}/conf/media_known_hosts -o BatchMode=yes "
+                                f"{APP}@{ip(site, 'data')} id")
+    assert "uid=" not in sftp_only.stdout, sftp_only
 
 
 def test_with_web1_powered_off_the_lb_serves_from_web2(site, deployed):

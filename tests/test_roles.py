@@ -5,8 +5,10 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from tasks import provision
+from tasks import media, provision
 from tasks import settings as settings_mod
 from tasks.inventory import Site, load, site_of
 from tests.conftest import VALID, provision_declares
@@ -15,9 +17,24 @@ HOSTS = {"app": {"ssh": "a", "private": "10.0.0.11", "roles": ["lb", "web", "wor
          "data": {"ssh": "d", "private": "10.0.0.12", "roles": ["db", "redis"]}}
 
 
+SPREAD_SETTINGS = {**VALID, "REDIS_PASSWORD": "r" * 16}  # MEDIA_KEY: media_share's
+
+
+@pytest.fixture(autouse=True)
+def media_share(monkeypatch, tmp_path):
+    """MEDIA_KEY (a new ed25519 key), and the db host's SSH key as this machine would know it
+    (tasks/media.py reads known_hosts)."""
+    key = tmp_path / "media_key"
+    key.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()))
+    monkeypatch.setitem(SPREAD_SETTINGS, "MEDIA_KEY", str(key))
+    monkeypatch.setattr(media, "server_keys", lambda h, entry: f"{entry.private} ssh-ed25519 "
+                                                                 "AAAAC3NzaC1lZDI1NTE5AAAA\n")
+
+
 def declared(monkeypatch, site) -> list[str]:
     """The ``what`` of every resource ``provision`` declares on the host of ``site``."""
-    s = settings_mod.parse({**VALID, "REDIS_PASSWORD": "r" * 16})
+    s = settings_mod.parse(SPREAD_SETTINGS)
     host = SimpleNamespace(settings=s, check=False, site=site)
     return [r.what for r in provision_declares(monkeypatch, host)]
 
@@ -79,8 +96,7 @@ def spread():
 
 def files(monkeypatch, site) -> dict[str, str]:
     """The content of every file ``provision`` declares on the host of ``site``, by path."""
-    s = settings_mod.parse({**VALID, "REDIS_PASSWORD": "r" * 16,
-                            "ACME_SERVER": "https://acme.example/dir"})
+    s = settings_mod.parse({**SPREAD_SETTINGS, "ACME_SERVER": "https://acme.example/dir"})
     host = SimpleNamespace(settings=s, check=False, site=site)
     found = {}
     for r in provision_declares(monkeypatch, host):
@@ -136,7 +152,7 @@ def test_worker_hosts_run_celery_and_beat_runs_on_the_first_alone(monkeypatch, s
     assert "service celerybeat.service" in first and "service celerybeat.service" in second
     beat = {"k": None, "k2": None}
     for host in beat:
-        s = settings_mod.parse({**VALID, "REDIS_PASSWORD": "r" * 16})
+        s = settings_mod.parse(SPREAD_SETTINGS)
         h = SimpleNamespace(settings=s, check=False, site=site_of(spread, host))
         beat[host] = next(r for r in provision_declares(monkeypatch, h)
                           if r.what == "service celerybeat.service")
@@ -146,3 +162,52 @@ def test_worker_hosts_run_celery_and_beat_runs_on_the_first_alone(monkeypatch, s
     assert provision.firewall_rules(SimpleNamespace(site=site_of(spread, "d"))) == [
         "OpenSSH", *(f"{port}/tcp from 10.0.0.{n}" for port in (5432, 6379)
                      for n in (11, 12, 13, 15))]
+
+
+def test_several_app_hosts_share_the_db_hosts_media_folder_over_sftp(monkeypatch, spread):
+    served = files(monkeypatch, site_of(spread, "d"))
+    keys = served["/etc/ssh/fabstack-ratemyderp-media.keys"]
+    assert keys.startswith('restrict,from="10.0.0.11,10.0.0.12,10.0.0.13,10.0.0.15" '
+                           "ssh-ed25519 AAAA"), keys
+    sshd = served["/etc/ssh/sshd_config.d/fabstack-ratemyderp-media.conf"]
+    assert "Match User ratemyderp\n" in sshd
+    assert "ForceCommand internal-sftp -d /var/opt/ratemyderp/media -u 0022" in sshd
+    assert "\nMEDIA = True\n" in served["/usr/local/sbin/ratemyderp-backup"]
+    for host in ("w1", "k"):
+        mounted = files(monkeypatch, site_of(spread, host))
+        unit = mounted["/etc/systemd/system/ratemyderp-media.service"]
+        assert ("ratemyderp@10.0.0.14:/var/opt/ratemyderp/media /var/opt/ratemyderp/media'"
+                in unit), unit
+        assert mounted["/opt/ratemyderp/conf/media_known_hosts"].startswith("10.0.0.14 ")
+        assert "/etc/systemd/system/celery.service.d/fabstack-media.conf" in mounted or (
+            host == "w1")
+        whats = declared(monkeypatch, site_of(spread, host))
+        assert "service ratemyderp-media.service" in whats
+        assert "directory /var/opt/ratemyderp/media" not in whats  # the mount point's
+    assert "\nMEDIA = False\n" in files(monkeypatch, site_of(spread, "w1"))[
+        "/usr/local/sbin/ratemyderp-backup"]
+
+
+def test_one_app_host_keeps_its_media_on_its_own_disk(monkeypatch, entries):
+    whats = declared(monkeypatch, site_of(entries, "a"))
+    assert "directory /var/opt/ratemyderp/media" in whats
+    assert not any("media" in what for what in declared(monkeypatch, site_of(entries, "d"))
+                   if what.startswith(("file /etc/ssh", "service ratemyderp-media")))
+
+
+@pytest.mark.parametrize("state, outcome", [
+    ("LoadState=loaded\nUnitFileState=enabled\nNeedDaemonReload=no\nmounted=yes\n",
+     "ok: enabled, /m mounted from data"),
+    ("LoadState=loaded\nUnitFileState=enabled\nNeedDaemonReload=no\n",
+     "systemctl start --no-block -- x-media.service"),
+    ("LoadState=loaded\nUnitFileState=enabled\nNeedDaemonReload=no\nmounted=yes\npending=yes\n",
+     "systemctl restart --no-block -- x-media.service"),
+    ("LoadState=not-found\nUnitFileState=\nNeedDaemonReload=no\n",
+     "systemctl daemon-reload\nsystemctl enable --quiet -- x-media.service\n"
+     "systemctl start --no-block"),
+])
+def test_the_media_mount_is_started_without_waiting_for_the_db_host(state, outcome):
+    plan = media.Mount("x-media.service", "/m", "data").plan(state, SimpleNamespace(
+        check=False, report=SimpleNamespace(notified=set())))
+    said = f"ok: {plan.message}" if not hasattr(plan, "script") else plan.script
+    assert outcome in said, said

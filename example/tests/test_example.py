@@ -27,7 +27,8 @@ django.setup()
 
 from config.settings.base import read_release  # noqa: E402
 from demo.models import Counter, Heartbeat  # noqa: E402
-from demo.tasks import heartbeat  # noqa: E402
+from demo.tasks import heartbeat, media_size  # noqa: E402
+from django.core.cache import cache  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.test import Client  # noqa: E402
@@ -84,6 +85,12 @@ def test_heartbeat_task_writes_a_row():
     assert beat.release == settings.RELEASE
     assert beat.hostname
     assert beat.hostname in Client().get("/").text
+
+
+def test_media_size_task_reads_an_upload(tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "MEDIA_ROOT", str(tmp_path))
+    (tmp_path / "up.txt").write_text("hello media\n")
+    assert media_size("up.txt") == 12 and cache.get("demo:media:up.txt") == 12
 
 
 def test_read_release(tmp_path):
