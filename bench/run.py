@@ -1,6 +1,7 @@
 """The benchmark: fabstack beside pyinfra and Ansible, on the same sandbox host, in one run.
 
-    python bench/run.py [noop] [deploy] [fresh] [cluster]    (all by default; as root: `make bench`)
+    python bench/run.py [noop] [deploy] [fresh] [cluster] [rolling]
+                                                  (all by default; as root: `make bench`)
 
 noop    A converged sandbox: RUNS rounds, each timing one whole no-op converge of every tool
         in turn: fab provision, fab provision with its upgrade check forced (the peers
@@ -47,15 +48,22 @@ cluster CLUSTER_RUNS times: a new sandbox, `fab provision` timed; a new cluster 
         of both at once timed (no -H: the inventory); then RUNS no-op provisions of each, in
         turn. Both with the settings a user starts with. Targets (issue 13): the site's fresh
         provision at most CLUSTER_TARGET times the single host's, its no-op too.
+rolling A new cluster of five sandboxes with a site spread over them (lb; web1 and web2; a worker;
+        data: db, redis), provisioned and deployed once; then ROLLING_RUNS rolling deploys (`fab
+        deploy`, no -H) of new commits of the example app, each under the request stream of the
+        deploy section through the lb, paired with its control as there: how long each took, its
+        SSH round trips on all hosts, and the requests sent, failed, their 99th percentile and
+        the worst, beside as many with no deploy.
 
 The peers come from the `bench` extra of pyproject.toml (`make bench` installs it). Figures
 go to bench/results.json (each section with its date, machine and the load average as it
 began and ended) and the README's block between its bench markers is written anew from it.
 Environment: RUNS (default 7), DEPLOYS (5), REQ_DEPLOYS (2), ROLLBACKS (2), RATE (50),
-TAIL (4), SETTLE (5), FRESH_RUNS (5), CLUSTER_RUNS (3),
+TAIL (4), SETTLE (5), FRESH_RUNS (5), CLUSTER_RUNS (3), ROLLING_RUNS (3),
 FABSTACK_BENCH_SANDBOX=NAME:SUBNET (the one sandbox the bench
 boots, default bench:10.213.48; the fresh and cluster sections recreate it for each new host;
-the cluster's is NAMEc on SUBNET with the second octet three up, 10.216.48).
+the cluster's is NAMEc on SUBNET with the second octet three up, 10.216.48; the rolling
+section's is the first three letters of NAME and r (benr), four up, 10.217.48).
 """
 
 from __future__ import annotations
@@ -107,6 +115,10 @@ KINDS = {"deploy": "`fab deploy` of a new commit, same requirements",
 ADDED_REQUIREMENTS = ("six==1.17.0", "idna==3.10", "pyparsing==3.2.3", "packaging==25.0")
 FRESH_RUNS = int(os.environ.get("FRESH_RUNS", "5"))
 CLUSTER_RUNS = int(os.environ.get("CLUSTER_RUNS", "3"))
+ROLLING_RUNS = int(os.environ.get("ROLLING_RUNS", "3"))
+# The rolling section's site: each host's roles.
+ROLLING_SITE = {"lb": ["lb"], "web1": ["web"], "web2": ["web"], "worker": ["worker"],
+                "data": ["db", "redis"]}
 SANDBOX_NAME, SANDBOX_SUBNET = os.environ.get("FABSTACK_BENCH_SANDBOX",
                                               "bench:10.213.48").split(":")
 WORK = Path("/var/tmp/fabstack-bench") / SANDBOX_NAME
@@ -126,7 +138,7 @@ FRESH_TARGET = 1.15
 CLUSTER_TARGET = 1.5  # issue 13: a site spread over hosts beside one host, fresh and no-op
 DEPLOY_TARGET, REQ_DEPLOY_TARGET, ROLLBACK_TARGET, LATENCY_TARGET = 5.0, 15.0, 2.0, 3
 # Of each section of bench/results.json: one of another format is dropped, not merged.
-FORMATS = {"noop": 2, "deploy": 6, "fresh": 3, "cluster": 1}
+FORMATS = {"noop": 2, "deploy": 6, "fresh": 3, "cluster": 1, "rolling": 1}
 
 
 # -- running things ----------------------------------------------------------------------
@@ -385,26 +397,34 @@ def under_stream(ip: str, action: Callable[[], tuple[float, str]] | None,
     wall, output = action() if action else (time.sleep(seconds), "")
     time.sleep(TAIL)
     stop.set()
-    figures = {**out.get(timeout=60), "wall": wall or 0.0,
-               "round_trips": fab_summary(output)[3] if output else 0}
+    figures = {**out.get(timeout=60), "wall": wall or 0.0,  # round trips: on every host
+               "round_trips": sum(int(found[3]) for found in SUMMARY.findall(output))}
     stream.join()
     return figures
 
 
-def deploy(target: Target) -> dict:
-    repo = WORK / "app"
+def aside(cmd: list[str]) -> list[str]:
+    """``cmd`` at the lowest CPU priority, in a session (an autogroup) of its own: fab runs on
+    the operator's machine, not on the one that serves, whose CPU the site and the stream
+    share here."""
+    return ["setsid", "sh", "-c", 'echo 19 > /proc/self/autogroup && exec "$@"', "fab", *cmd]
+
+
+def app_clone(name: str) -> tuple[Path, list[str]]:
+    """A fresh clone of this repository (the example app to deploy) and the git command line
+    that commits in it."""
+    repo = WORK / name
     shutil.rmtree(repo, ignore_errors=True)
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(repo)], check=True)
-    git = ["git", "-C", str(repo), "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    return repo, ["git", "-C", str(repo), "-c", "user.name=bench", "-c",
+                  "user.email=bench@localhost"]
+
+
+def deploy(target: Target) -> dict:
+    repo, git = app_clone("app")
     target = Target(target.info, **BENCH_SETTINGS, DEPLOY_REPO=str(repo))
     ip = target.info.ip
     requirements = repo / "example" / "requirements.txt"
-
-    def aside(cmd: list[str]) -> list[str]:
-        """``cmd`` at the lowest CPU priority, in a session (an autogroup) of its own: fab runs
-        on the operator's machine, not on the one that serves, whose CPU the site and the
-        stream share here."""
-        return ["setsid", "sh", "-c", 'echo 19 > /proc/self/autogroup && exec "$@"', "fab", *cmd]
 
     def release(n: int, added: int = 0) -> tuple[float, str]:
         (repo / "example" / "bench-release.txt").write_text(f"{n} {time.time()}\n")
@@ -568,6 +588,54 @@ def cluster() -> dict:
     return result
 
 
+def rolling() -> dict:
+    repo, git = app_clone("rolling-app")
+    first, second, third = SANDBOX_SUBNET.split(".")
+    site = Cluster(name=f"{SANDBOX_NAME[:3]}r", members=tuple(ROLLING_SITE),
+                   subnet=f"{first}.{int(second) + 4}.{third}")
+    deploys, controls = [], []
+    print(f"\nRolling deploys of a site on {len(ROLLING_SITE)} hosts, each under {RATE:g} "
+          f"requests/s through its lb, and as long again with no deploy ({SETTLE:g} s after it):")
+    try:
+        info = site.up(fresh=True)
+        inventory = WORK / "rolling.yaml"
+        inventory.write_text(json.dumps({"fabstack": {"hosts": {  # JSON is YAML
+            name: {"ssh": member.alias, "private": member.ip, "roles": ROLLING_SITE[name]}
+            for name, member in info.members.items()}}}))
+        env = dict(os.environ, FABRIC_FABSTACK_ENV_FILE=str(write_settings(
+            info, WORK / "rolling.env", DEPLOY_REPO=str(repo))))
+        fab = [FAB, "-S", str(info.ssh_config), "-f", str(inventory)]
+        run([*fab, "provision"], env)
+        run([*fab, "deploy"], env)
+        lb = info.members["lb"].ip
+
+        def release(n: int) -> tuple[float, str]:
+            (repo / "example" / "bench-release.txt").write_text(f"{n} {time.time()}\n")
+            subprocess.run([*git, "add", "-A"], check=True)
+            subprocess.run([*git, "commit", "-qm", f"bench rolling release {n}"], check=True)
+            return run(aside([*fab, "deploy"]), env)
+
+        for n in range(ROLLING_RUNS):
+            time.sleep(-(time.time() - 1.5) % 60)  # to 1.5 s past a minute's turn (deploy's)
+            figures = under_stream(lb, lambda n=n: release(n))
+            deploys.append(figures)
+            time.sleep(SETTLE)
+            control = under_stream(lb, None, figures["wall"])
+            controls.append(control)
+            print(f"  rolling deploy: {figures['wall']:6.2f} s, {figures['round_trips']} SSH "
+                  f"round trips, {figures['sent']} requests, {figures['failed']} failed, worst "
+                  f"{figures['worst'] * 1000:.0f} ms; with no deploy: {control['failed']} "
+                  f"failed, worst {control['worst'] * 1000:.0f} ms"
+                  + (f" {figures['errors']}" if figures["errors"] else ""), flush=True)
+    finally:
+        site.down()
+    return {"rate": RATE, "hosts": len(ROLLING_SITE), "during": spread(deploys),
+            "quiet": spread(controls),
+            "rolling": {**stats([f["wall"] for f in deploys]),
+                        "round_trips": sorted({f["round_trips"] for f in deploys}),
+                        "runs": len(deploys)}}
+
+
 # -- the README's block ------------------------------------------------------------------
 
 def targets(results: dict) -> list[str]:
@@ -629,6 +697,15 @@ def targets(results: dict) -> list[str]:
             out.append(f"{what} `fab provision` of a site on 2 hosts <= {CLUSTER_TARGET}x one "
                        f"host's: {site['median']:.2f} s / {single['median']:.2f} s = "
                        f"{ratio:.2f}x: {verdict(ratio <= CLUSTER_TARGET)}")
+    if "rolling" in results:
+        r = results["rolling"]
+        during, quiet = r["during"], r["quiet"]
+        out.append(f"0 failed requests through the lb during rolling deploys (at {r['rate']:g} "
+                   f"requests/s): {during['failed']} of {during['sent']}: "
+                   f"{verdict(during['failed'] == 0)}; the rolling deploy took "
+                   f"{r['rolling']['median']:.2f} s (median), its worst request "
+                   f"{during['worst'] * 1000:.0f} ms against {quiet['worst'] * 1000:.0f} ms with "
+                   "no deploy (no target set)")
     return out
 
 
@@ -704,6 +781,18 @@ def table(results: dict) -> str:
             f"x{k['noop_ratio']:.2f}")
         notes.append(f"cluster: {k['single']['runs']} hosts and sites, {k['noop_site']['runs']} "
                      f"no-op runs each, {k['date']}{load(k)}")
+    if "rolling" in results:
+        r = results["rolling"]
+        row(f"rolling: `fab deploy` of a new commit to a site on {r['hosts']} hosts (lb; web1, "
+            f"web2; worker; data), under {r['rate']:g} requests/s through the lb", r["rolling"],
+            "", f"{', '.join(map(str, r['rolling']['round_trips']))} SSH round trips on all "
+            "hosts")
+        for name, s in (("rolling: requests during them", r["during"]),
+                        ("rolling: as many requests with no deploy (the controls)", r["quiet"])):
+            rows.append(f"| {name} | {s['median'] * 1000:.1f} ms | | {s['worst'] * 1000:.0f} ms "
+                        f"| | | {s['sent']} sent, {s['failed']} failed, 99th percentile "
+                        f"{s['p99'] * 1000:.1f} ms |")
+        notes.append(f"rolling: {r['rolling']['runs']} rolling deploys, {r['date']}{load(r)}")
     machines = sorted({r["machine"] for r in results.values()})
     text = "\n".join(rows) + "\n\n"
     if "noop" in results:
@@ -721,7 +810,7 @@ def table(results: dict) -> str:
     if lines:
         text += "Targets (issues 6, 11, 12 and 13):\n\n" + "".join(f"- {t}\n" for t in lines) + "\n"
     text += (f"Measured on {'; '.join(machines)}; {'; '.join(notes)}. Regenerate with "
-             "`make bench` (`python bench/run.py noop|deploy|fresh|cluster` for one "
+             "`make bench` (`python bench/run.py noop|deploy|fresh|cluster|rolling` for one "
              "section).\n")
     return text
 
@@ -746,7 +835,7 @@ def main(sections: list[str]) -> None:
     for name in sections:
         before = os.getloadavg()[0]
         result = {"noop": lambda: noop(target), "deploy": lambda: deploy(target),
-                  "fresh": fresh, "cluster": cluster}[name]()
+                  "fresh": fresh, "cluster": cluster, "rolling": rolling}[name]()
         load = [round(before, 2), round(os.getloadavg()[0], 2)]
         results[name] = {**result, **stamp, "load": load, "format": FORMATS[name]}
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
