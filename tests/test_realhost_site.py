@@ -1,5 +1,5 @@
 """A site spread over five hosts of a real cluster (sandbox/cluster.py), as the inventory's
-roles say: a load balancer (lb), two web hosts behind it (web1, web2), a worker host (worker)
+roles say: a load balancer (lb), two web hosts behind it (web1, web2), a worker host (work)
 and the data host (db, redis).
 
 ``fab provision`` without ``-H`` provisions them all at once and tables them, twice (the second
@@ -41,8 +41,9 @@ pytestmark = [pytest.mark.realhost, needs_root,
 APP = "ratemyderp"
 UPSTREAM = f"/etc/nginx/conf.d/fabstack-{APP}-web.conf"  # the lb's, of the web hosts
 WEB_LIVE = f"/etc/nginx/conf.d/fabstack-{APP}-upstream.conf"  # a web host's, of its instance
-MEMBERS = ("lb", "web1", "web2", "worker", "data")
-ROLES = {"lb": ["lb"], "web1": ["web"], "web2": ["web"], "worker": ["worker"],
+# with the cluster's name, 10 characters at most (tests-work)
+MEMBERS = ("lb", "web1", "web2", "work", "data")
+ROLES = {"lb": ["lb"], "web1": ["web"], "web2": ["web"], "work": ["worker"],
          "data": ["db", "redis"]}
 REDIS_PASSWORD = "Mk6rd pw'\"$\\#%@:/= "
 # A client of PostgreSQL's wire protocol on the app host: the server's first answer to a
@@ -152,9 +153,9 @@ def test_each_host_runs_the_services_of_its_roles_only(site, provisioned):
         assert "nginx.service" in units(web) and not data & units(web)
         assert files(web, *app_units) == [app_units[0]]
     # Celery's units wait for the first release to start
-    assert site.sh("worker", "systemctl is-enabled celery.service celerybeat.service"
+    assert site.sh("work", "systemctl is-enabled celery.service celerybeat.service"
                    ).returncode == 0
-    assert files("worker", *app_units, "/usr/sbin/nginx") == list(app_units[1:])
+    assert files("work", *app_units, "/usr/sbin/nginx") == list(app_units[1:])
     assert data <= units("data")
     assert files("data", *app_units, "/usr/sbin/nginx") == []
     assert site.sh("web1", "dpkg-query -W postgresql redis-server").returncode != 0
@@ -164,11 +165,11 @@ def test_each_firewall_opens_each_service_to_whom_needs_it(site, provisioned):
     def allowed(member):
         return re.findall(r"^(\S+) +ALLOW +(\S+)", site.sh(member, "ufw status").stdout, re.M)
 
-    apps = [ip(site, member) for member in ("web1", "web2", "worker")]
+    apps = [ip(site, member) for member in ("web1", "web2", "work")]
     assert ("80/tcp", "Anywhere") in allowed("lb") and ("443/tcp", "Anywhere") in allowed("lb")
     assert [rule for rule in allowed("web1") if rule[0] != "OpenSSH"] == [
         ("80/tcp", ip(site, "lb"))]
-    assert [rule for rule in allowed("worker") if rule[0] != "OpenSSH"] == []
+    assert [rule for rule in allowed("work") if rule[0] != "OpenSSH"] == []
     assert [rule for rule in allowed("data") if rule[0] != "OpenSSH"] == [
         (f"{port}/tcp", app) for port in (5432, 6379) for app in apps]
 
@@ -178,7 +179,7 @@ def test_postgres_and_redis_answer_the_app_hosts_alone(site, provisioned):
     for port in (5432, 6379):
         with pytest.raises(OSError):  # from this machine: dropped by ufw
             socket.create_connection((data, port), 2).close()
-        for member, answers in (("worker", True), ("lb", False)):
+        for member, answers in (("work", True), ("lb", False)):
             res = site.sh(member, f"python3 -c 'import socket; socket.create_connection("
                                   f"(\"{data}\", {port}), 2)'")
             assert (res.returncode == 0) is answers, (member, port, res.stderr)
@@ -189,7 +190,7 @@ def test_the_web_hosts_answer_http_from_the_lb_alone(site, provisioned):
         socket.create_connection((ip(site, "web1"), 80), 2).close()
     ask = f"curl -s -o /dev/null -w %{{http_code}} --max-time 5 -H 'Host: {DOMAIN}' "
     assert site.sh("lb", ask + f"http://{ip(site, 'web1')}/").stdout != "000"
-    assert site.sh("worker", ask + f"http://{ip(site, 'web1')}/").stdout == "000"
+    assert site.sh("work", ask + f"http://{ip(site, 'web1')}/").stdout == "000"
 
 
 def test_postgres_refuses_the_app_hosts_without_tls(site, provisioned):
@@ -200,7 +201,7 @@ def test_postgres_refuses_the_app_hosts_without_tls(site, provisioned):
 
 
 def test_redis_wants_the_apps_user_and_password(site, provisioned):
-    res = site.sh("worker", f"python3 -c {shlex.quote(REDIS_PROBE)} {ip(site, 'data')} {APP}",
+    res = site.sh("work", f"python3 -c {shlex.quote(REDIS_PROBE)} {ip(site, 'data')} {APP}",
                   stdin=REDIS_PASSWORD)
     assert res.stdout.splitlines() == ["-NOAUTH Authentication required.", "+OK", "+PONG"], \
         res.stdout + res.stderr
@@ -213,13 +214,13 @@ def test_a_deploy_dumps_once_on_the_data_host_and_every_app_host_runs_it(site, d
     assert deployed.returncode == 0, out
     assert out.count("pre-migration backup: database dumped to ") == 1, out
     assert " on data (" in out
-    assert re.search(r"^\[lb\] ok +releases: none on this host: web1, web2, worker run the "
+    assert re.search(r"^\[lb\] ok +releases: none on this host: web1, web2, work run the "
                      "app$", out, re.M), out
-    assert re.search(r"^\[worker\] changed +release \S+: current \(for Celery", out, re.M)
+    assert re.search(r"^\[work\] changed +release \S+: current \(for Celery", out, re.M)
     assert re.search(r"^deploy of \S+ on 3 app hosts in ", out, re.M), out
     assert "Mk6rd" not in out
     release = release_served(ip(site, "lb"))  # one name on every host
-    for member in ("web1", "web2", "worker"):
+    for member in ("web1", "web2", "work"):
         assert site.sh(member, f"readlink /opt/{APP}/app").stdout.strip() == f"releases/{release}"
     dumps = site.sh("data", f"ls /opt/{APP}/backup/previous-deploy/").stdout.split()
     assert len(dumps) == 1 and dumps[0].endswith(".dump"), dumps
@@ -242,7 +243,7 @@ def test_a_rolling_deploy_takes_each_web_host_out_and_fails_no_request(site, hos
     assert " down;" not in site.sh("lb", f"cat {UPSTREAM}").stdout
     rows = table_of_deploy(out)
     assert {host: row[1] for host, row in rows.items()} == dict.fromkeys(
-        ("web1", "web2", "worker"), new), out
+        ("web1", "web2", "work"), new), out
 
 
 def test_a_web_host_that_fails_its_check_stops_the_rollout_and_serves_on(site, hosts, deployed,
@@ -266,10 +267,10 @@ def test_a_web_host_that_fails_its_check_stops_the_rollout_and_serves_on(site, h
     assert "rolling deploy stopped: web2 failed" in res.stderr, out
     rows = table_of_deploy(out)
     new = rows["web1"][1]
-    assert new != before and rows["web2"][1] == rows["worker"][1] == before, out
-    for member, release in (("web1", new), ("web2", before), ("worker", before)):
+    assert new != before and rows["web2"][1] == rows["work"][1] == before, out
+    for member, release in (("web1", new), ("web2", before), ("work", before)):
         assert site.sh(member, f"readlink /opt/{APP}/app").stdout.strip() == f"releases/{release}"
-    assert site.sh("worker", f"ls /opt/{APP}/releases").stdout.split()[-1] == before
+    assert site.sh("work", f"ls /opt/{APP}/releases").stdout.split()[-1] == before
     assert " down;" not in site.sh("lb", f"cat {UPSTREAM}").stdout  # web2 serves: back in
     answered = {release_served(ip(site, "lb")) for _ in range(6)}
     assert answered == {new, before}, answered
@@ -299,7 +300,7 @@ def test_celery_runs_through_the_remote_redis_into_the_remote_database(site, dep
 
 
 def test_an_upload_through_web1_is_served_by_web2_and_read_by_a_celery_task(site, deployed):
-    for member in ("web1", "web2", "worker"):
+    for member in ("web1", "web2", "work"):
         assert site.sh(member, f"mountpoint -q /var/opt/{APP}/media").returncode == 0, member
     # as the app on web1 writes an upload
     site.sh("web1", f"runuser -u {APP} -- sh -c 'mkdir -p /var/opt/{APP}/media/up && "
