@@ -36,14 +36,12 @@ from fabric import Connection, task
 from . import celery
 from .host import StepFailed, session
 from .primitives import (
-    PENDING_DIR,
     Change,
     Command,
     Directory,
     File,
     Ok,
     Packages,
-    Resource,
     Service,
     host_notified,
     q,
@@ -137,17 +135,16 @@ def mount_resources(h) -> list:
 MOUNT_WAIT = 10  # seconds provision waits for the media folder to be mounted
 
 
-class Mount(Resource):
+class Mount(Service):
     """The unit that mounts the db host's media folder (files/media-mount.service.j2: active
     once mounted) enabled, and the folder mounted. It is started without waiting for it
     (``--no-block``): on a site provisioned at once, the db host may serve the folder only a
     little later, and the unit retries every 2 s; provision waits up to MOUNT_WAIT s."""
 
     def __init__(self, unit: str, path: str, server: str):
-        self.unit, self.path, self.server = unit, path, server
-        self.what = f"service {unit}"
-        self.markers = " ".join(f"{PENDING_DIR}/{q(name)}@*"
-                                for name in (unit, unit.removesuffix(".service")))
+        super().__init__(unit)  # its name, what and restart markers are a Service's
+        self.path, self.server = path, server
+        self.markers = self._markers
 
     def probe(self) -> str:
         unit, path = q(self.unit), q(self.path)

@@ -182,7 +182,6 @@ class Rollout:
             self.stopped = "an app host cannot be deployed; nothing was done"
             return False
         if any(m.source is None for m in self.apps):  # check mode, never mirrored
-            self.stopped = ""
             return False
         commits = {m.source.commit for m in self.apps}
         if len(commits) > 1:
