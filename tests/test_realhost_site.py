@@ -244,6 +244,10 @@ def test_a_rolling_deploy_takes_each_web_host_out_and_fails_no_request(site, hos
     rows = table_of_deploy(out)
     assert {host: row[1] for host, row in rows.items()} == dict.fromkeys(
         ("web1", "web2", "work"), new), out
+    again = site.fab(hosts, "deploy")  # the same commit again: nothing to do anywhere
+    out = again.stdout + again.stderr
+    assert again.returncode == 0 and "] changed " not in out, out
+    assert out.count("is already current") == 3, out
 
 
 def test_a_web_host_that_fails_its_check_stops_the_rollout_and_serves_on(site, hosts, deployed,
